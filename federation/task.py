@@ -1,0 +1,246 @@
+"""Task code shared by the ClientApp, the ServerApp, the benchmark and `wbc evaluate`.
+
+Everything here is built from the model contract: the transforms come from it, the class order comes
+from it, and the trained model is exported with it. No image ever leaves the process that reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+from federation.sites import Sample
+from models.contract import SHARED_CLASSES, CellCrop, ModelContract
+from models.evaluate import Metrics, compute_metrics
+from models.preprocess import finish, prepare, softmax
+from models.zoo import create_model, pretrained_cfg
+
+DEFAULT_ARCHITECTURE = "tf_efficientnet_lite0"
+DEFAULT_INPUT_SIZE = 128
+
+
+def build_contract(
+    architecture: str = DEFAULT_ARCHITECTURE,
+    input_size: int = DEFAULT_INPUT_SIZE,
+    *,
+    class_names: Sequence[str] = SHARED_CLASSES,
+    cell_crop: CellCrop | None = CellCrop(),
+    color: str = "rgb",
+) -> ModelContract:
+    cfg = pretrained_cfg(architecture)
+    return ModelContract(
+        architecture=architecture,
+        class_names=tuple(class_names),
+        input_size=input_size,
+        interpolation=cfg["interpolation"],
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        cell_crop=cell_crop,
+        color=color,
+    )
+
+
+def create_model_from_contract(contract: ModelContract, *, pretrained: bool = True) -> nn.Module:
+    return create_model(
+        contract.architecture, contract.num_classes, pretrained=pretrained, img_size=contract.input_size
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def load_image(path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return img
+
+
+def train_augmentation(input_size: int) -> Callable[[Image.Image], Image.Image]:
+    """Invariances a smear cell classifier should have: orientation, framing jitter, stain and focus.
+
+    Applied between `prepare` (cell located and centred) and `finish` (contract colour + resize), so
+    the service never sees any of it.
+    """
+    return T.Compose(
+        [
+            T.RandomResizedCrop(input_size, scale=(0.6, 1.0), ratio=(0.85, 1.18), antialias=True),
+            RandomRot90(),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.5, 0.08)], p=0.9),
+            T.RandomGrayscale(p=0.15),
+            T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.3),
+        ]
+    )
+
+
+class RandomRot90:
+    """Rotation by a multiple of 90°: exact, so no fill colour appears in the corners."""
+
+    _OPS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        op = random.choice(self._OPS)
+        return image if op is None else image.transpose(op)
+
+
+class CellDataset(Dataset):
+    """Samples → (CHW float tensor, class index). Prepared (cell-cropped) images are cached in memory."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        contract: ModelContract,
+        *,
+        augment: Callable[[Image.Image], Image.Image] | None = None,
+    ):
+        index = {name: i for i, name in enumerate(contract.class_names)}
+        unknown = sorted({s.label for s in samples} - set(index))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not in the contract's classes {contract.class_names}")
+        self.samples = list(samples)
+        self.targets = [index[s.label] for s in self.samples]
+        self.contract = contract
+        self.augment = augment
+        self._prepared: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def prepared(self, i: int) -> Image.Image:
+        if i not in self._prepared:
+            self._prepared[i] = prepare(load_image(self.samples[i].path), self.contract)
+        return self._prepared[i]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.prepared(i)
+        if self.augment is not None:
+            image = self.augment(image)
+        return torch.from_numpy(finish(image, self.contract)), self.targets[i]
+
+
+def class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (classes absent locally get weight 0: nothing to learn from)."""
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+# ---- training -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    class_balanced: bool = True
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+
+def train_local(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    contract: ModelContract,
+    config: TrainConfig,
+    *,
+    global_params: Sequence[torch.Tensor] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train in place on local samples; FedProx adds (mu/2)·‖w − w_global‖² when proximal_mu > 0."""
+    seed_everything(config.seed)
+    dataset = CellDataset(samples, contract, augment=train_augmentation(contract.input_size))
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) > config.batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    weights = class_weights(dataset.targets, contract.num_classes) if config.class_balanced else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = max(1, config.epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+    anchors = [g.detach().clone() for g in global_params] if config.proximal_mu > 0 and global_params else None
+
+    model.train()
+    seen, loss_sum, correct, step = 0, 0.0, 0, 0
+    for _epoch in range(config.epochs):
+        for images, targets in loader:
+            logits = model(images)
+            loss = F.cross_entropy(logits, targets, weight=weights, label_smoothing=config.label_smoothing)
+            if anchors is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+                loss = loss + 0.5 * config.proximal_mu * prox
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            batch = targets.numel()
+            seen += batch
+            loss_sum += float(loss.detach()) * batch
+            correct += int((logits.detach().argmax(1) == targets).sum())
+            if progress is not None:
+                progress(step, total_steps, float(loss.detach()))
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "num_examples": len(dataset),
+        "steps": step,
+    }
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, samples: Sequence[Sample], contract: ModelContract, *, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) and true class indices (N,) with the contract's deterministic preprocessing."""
+    dataset = CellDataset(samples, contract)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    model.eval()
+    logits, targets = [], []
+    for images, labels in loader:
+        logits.append(model(images).float().numpy())
+        targets.append(labels.numpy())
+    if not logits:
+        return np.zeros((0, contract.num_classes), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(logits), np.concatenate(targets)
+
+
+def evaluate_samples(
+    model: nn.Module, samples: Sequence[Sample], contract: ModelContract, *, batch_size: int = 64
+) -> Metrics:
+    logits, targets = predict_logits(model, samples, contract, batch_size=batch_size)
+    return compute_metrics(contract.class_names, targets, softmax(logits, contract.temperature))
+
+
+# ---- parameters as plain arrays (what travels between server and sites) ---------------------------
+def state_arrays(model: nn.Module) -> list[np.ndarray]:
+    return [t.detach().cpu().numpy() for t in model.state_dict().values()]
+
+
+def load_state_arrays(model: nn.Module, arrays: Iterable[np.ndarray]) -> None:
+    keys = list(model.state_dict().keys())
+    arrays = list(arrays)
+    if len(keys) != len(arrays):
+        raise ValueError(f"expected {len(keys)} tensors, got {len(arrays)}")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, arrays)}, strict=True)
