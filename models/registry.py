@@ -9,6 +9,14 @@
 A version is staged in `<root>/.staging/` and renamed into place only when complete (write, fsync,
 rename), so a crash never leaves a half version: a folder counts as a version only if it holds both
 files and its metadata parses.
+
+metadata.json carries what the caller passes plus what the registry adds (`model_name`, `version`,
+`contract`, `sha256`, `size_bytes`, `created`). The federation passes:
+    lineage:  {run_id, round, strategy, strategy_params, sites: [{site, num_examples}],
+               parent_version, weight_source, seed}
+    metrics:  {pooled_val: <Metrics.as_dict()>, per_site_val: {site: <Metrics.as_dict()>}}
+    gate:     {decision: "accepted", reason}
+    parity:   {max_abs_diff, n_images}
 """
 
 from __future__ import annotations

@@ -1,0 +1,23 @@
+"""`wbc`: the command line of the federated WBC classifier.
+
+Each command only wires task code together; the work lives in models/, federation/ and service/.
+Heavy imports (torch, flwr) happen inside the commands that need them, so `wbc --help` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cli import data_cmd, registry_cmd
+
+app = typer.Typer(
+    help="Federated white-blood-cell classification: train across hospitals, register, serve.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(data_cmd.app, name="data")
+app.add_typer(registry_cmd.app, name="registry")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,78 @@
+"""`wbc registry ...`: list versions with their lineage; promote and roll back."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli.common import ModelNameOption, RegistryOption, console, fail
+from models.registry import DEFAULT_MODEL_NAME, Registry, RegistryError, default_registry_root
+
+app = typer.Typer(help="The versioned model registry.", no_args_is_help=True)
+
+
+def _summary(info, aliases: dict) -> dict:
+    meta = info.metadata
+    tags = [name for name in ("production", "candidate") if aliases.get(name) == info.version]
+    return {
+        "version": info.version,
+        "aliases": tags,
+        "created": meta.get("created"),
+        "architecture": meta["contract"]["architecture"],
+        "lineage": meta.get("lineage", {}),
+        "metrics": meta.get("metrics", {}),
+        "sha256": meta["sha256"],
+        "path": str(info.onnx_path),
+    }
+
+
+@app.command("list")
+def list_versions(
+    registry: RegistryOption = default_registry_root(),
+    model_name: ModelNameOption = DEFAULT_MODEL_NAME,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Every whole version, oldest first, with lineage (run, round, strategy, sites) and metrics."""
+    reg = Registry(registry, model_name)
+    aliases = reg.aliases()
+    rows = [_summary(v, aliases) for v in reg.versions()]
+    if as_json:
+        print(json.dumps({"model": model_name, "registry": str(reg.root), "versions": rows}, indent=2))
+        return
+    if not rows:
+        console.print(f"no versions of {model_name} in {reg.root}")
+        return
+    table = Table(title=f"{model_name} @ {reg.root}")
+    for col in ("ver", "aliases", "created", "arch", "run / round", "strategy", "sites", "val bal.acc"):
+        table.add_column(col)
+    for row in rows:
+        lineage = row["lineage"]
+        pooled = row["metrics"].get("pooled_val", {})
+        table.add_row(
+            str(row["version"]),
+            ",".join(row["aliases"]),
+            row["created"] or "",
+            row["architecture"],
+            f"{lineage.get('run_id', '')} / {lineage.get('round', '')}",
+            str(lineage.get("strategy", "")),
+            ", ".join(f"{s['site']}({s.get('num_examples', '?')})" for s in lineage.get("sites", [])),
+            f"{pooled['balanced_accuracy']:.3f}" if "balanced_accuracy" in pooled else "",
+        )
+    console.print(table)
+
+
+@app.command("show")
+def show(
+    version: Annotated[str, typer.Argument(help="Version number, 'latest', 'production' or 'candidate'.")],
+    registry: RegistryOption = default_registry_root(),
+    model_name: ModelNameOption = DEFAULT_MODEL_NAME,
+) -> None:
+    """The full metadata.json of one version."""
+    try:
+        info = Registry(registry, model_name).resolve(version)
+    except RegistryError as exc:
+        fail(str(exc))
+    print(json.dumps(info.metadata, indent=2))
