@@ -1,0 +1,1 @@
+"""One router per resource: classify (predictions), health (KServe v2 probes), metrics (Prometheus)."""
