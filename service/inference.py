@@ -1,7 +1,8 @@
 """ONNX Runtime classifier built from the contract inside the ONNX file, and the slot the app serves from.
 
 `Classifier` owns one `InferenceSession`. It reads the contract from the file's metadata (never from a
-second copy), refuses a graph whose input or output does not match that contract, and turns batches of
+second copy), refuses a graph whose input or output does not match that contract (models.export's
+checks, plus the tensor names the registry's Triton config declares), and turns batches of
 preprocessed arrays into per-class probabilities with the contract's temperature and abstain threshold.
 
 `ModelSlot` holds the model the service answers with. Loading happens off the event loop; a failed or
@@ -23,19 +24,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import ValidationError
 
-from models.contract import ONNX_METADATA_KEY, UNIDENTIFIED, ModelContract
+from models.contract import UNIDENTIFIED, ModelContract
+from models.export import INPUT_NAME, OUTPUT_NAME, contract_from_session, graph_problems
 from models.preprocess import softmax
 from models.registry import Registry, RegistryError, VersionInfo
 from service.config import Settings
 
 log = logging.getLogger(__name__)
-
-# The tensor names the registry's Triton config.pbtxt declares; a graph with other names would load
-# here but not in Triton/KServe pointed at the same registry, so it is refused.
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 
 _OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -122,46 +118,26 @@ class Prediction:
 
 
 def read_contract(session: ort.InferenceSession, source: str) -> ModelContract:
-    metadata = session.get_modelmeta().custom_metadata_map
-    text = metadata.get(ONNX_METADATA_KEY)
-    if text is None:
-        raise ModelLoadError(
-            f"{source}: no {ONNX_METADATA_KEY!r} entry in the ONNX metadata; export the model with "
-            "models.export so the file carries its contract"
-        )
+    """The contract from the file's own metadata (models.export wrote it there)."""
     try:
-        return ModelContract.from_json(text)
-    except (ValueError, ValidationError) as exc:
-        raise ModelLoadError(f"{source}: the {ONNX_METADATA_KEY!r} metadata is not a valid contract: {exc}") from None
+        return contract_from_session(session)
+    except ValueError as exc:  # missing key, bad JSON, or a contract that fails validation
+        raise ModelLoadError(f"{source}: {exc}") from None
 
 
 def check_graph(session: ort.InferenceSession, contract: ModelContract, source: str) -> int | None:
     """Refuse a graph the contract does not describe; returns the static batch size, if the graph has one."""
+    problems = graph_problems(session, contract)
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    s, c = contract.input_size, contract.num_classes
-    if len(inputs) != 1:
-        raise ContractMismatchError(f"{source}: expected one input, the graph has {[i.name for i in inputs]}")
-    graph_in = inputs[0]
-    if graph_in.name != INPUT_NAME:
-        raise ContractMismatchError(f"{source}: input is named {graph_in.name!r}; the contract requires {INPUT_NAME!r}")
-    if graph_in.type != "tensor(float)":
-        raise ContractMismatchError(f"{source}: input {INPUT_NAME!r} is {graph_in.type}; expected tensor(float)")
-    shape = list(graph_in.shape)
-    if len(shape) != 4 or shape[1:] != [3, s, s]:
-        raise ContractMismatchError(
-            f"{source}: input {INPUT_NAME!r} has shape {shape}; the contract says [batch, 3, {s}, {s}] "
-            f"(input_size={s})"
-        )
-    logits = next((o for o in outputs if o.name == OUTPUT_NAME), None)
-    if logits is None:
-        raise ContractMismatchError(f"{source}: no output named {OUTPUT_NAME!r} (outputs: {[o.name for o in outputs]})")
-    out_shape = list(logits.shape)
-    if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != c):
-        raise ContractMismatchError(
-            f"{source}: output {OUTPUT_NAME!r} has shape {out_shape}; the contract names {c} classes "
-            f"{list(contract.class_names)}"
-        )
-    return shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    # Names too: the registry's Triton config declares them, so Triton/KServe would refuse other names.
+    if len(inputs) == 1 and inputs[0].name != INPUT_NAME:
+        problems.append(f"input is named {inputs[0].name!r}, expected {INPUT_NAME!r}")
+    if outputs and outputs[0].name != OUTPUT_NAME:
+        problems.append(f"first output is named {outputs[0].name!r}, expected {OUTPUT_NAME!r}")
+    if problems:
+        raise ContractMismatchError(f"{source}: graph does not match its contract: " + "; ".join(problems))
+    batch = inputs[0].shape[0]
+    return batch if isinstance(batch, int) and batch > 0 else None
 
 
 class Classifier:

@@ -19,25 +19,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _export_with_torch(contract: ModelContract, path: Path) -> Path:
-    """Export a randomly initialised timm test network (≈100k parameters) with the contract in metadata."""
+def export_test_model(contract: ModelContract, path: Path) -> Path:
+    """A randomly initialised timm test network (≈100k parameters) exported by models.export."""
     torch = pytest.importorskip("torch", reason="exporting the test model needs the train extras (torch)")
     timm = pytest.importorskip("timm", reason="exporting the test model needs the train extras (timm)")
-    import onnx
-
-    from models.contract import ONNX_METADATA_KEY
+    from models.export import export_onnx
 
     torch.manual_seed(0)
-    net = timm.create_model(contract.architecture, pretrained=False, num_classes=contract.num_classes).eval()
-    dummy = torch.zeros(1, 3, contract.input_size, contract.input_size)
-    torch.onnx.export(
-        net, (dummy,), str(path), input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False,
-    )
-    model = onnx.load(str(path))
-    model.metadata_props.add(key=ONNX_METADATA_KEY, value=contract.to_json())
-    onnx.save(model, str(path))
-    return path
+    net = timm.create_model(contract.architecture, pretrained=False, num_classes=contract.num_classes)
+    return export_onnx(net, contract, path)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +45,7 @@ def model_contract() -> ModelContract:
 @pytest.fixture(scope="session")
 def exported_onnx(tmp_path_factory: pytest.TempPathFactory, model_contract: ModelContract) -> Path:
     path = tmp_path_factory.mktemp("export") / "model.onnx"
-    return _export_with_torch(model_contract, path)
+    return export_test_model(model_contract, path)
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ def test_contract_mismatch_is_not_ready_with_the_reason(
     Registry(tmp_path, "wrong").register(exported_onnx, model_contract.with_updates(input_size=128), {})
     with TestClient(create_app(Settings(registry=tmp_path, model_name="wrong"))) as client:
         ready = client.get("/v2/health/ready")
-    assert ready.status_code == 503 and "input_size=128" in ready.json()["reason"]
+    assert ready.status_code == 503 and "128×128" in ready.json()["reason"]
 
 
 def test_pinned_version_is_served(tmp_path: Path, exported_onnx: Path, model_contract: ModelContract) -> None:

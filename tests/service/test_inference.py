@@ -71,7 +71,7 @@ def _rewrite_contract(src: Path, dest: Path, contract: ModelContract | None) -> 
 def test_refuses_contract_with_other_input_size(tmp_path: Path, exported_onnx: Path,
                                                 model_contract: ModelContract) -> None:
     wrong = _rewrite_contract(exported_onnx, tmp_path / "m.onnx", model_contract.with_updates(input_size=96))
-    with pytest.raises(ContractMismatchError, match=r"\[batch, 3, 96, 96\]"):
+    with pytest.raises(ContractMismatchError, match="96×96"):
         Classifier(wrong)
 
 
