@@ -160,7 +160,10 @@ class Classifier:
     def _check_output_width(self, source: str) -> None:
         """Run one blank input: proves the graph executes and that its output width is the class count."""
         s = self.contract.input_size
-        out = self.logits(np.zeros((1, 3, s, s), dtype=np.float32))
+        try:
+            out = self.logits(np.zeros((1, 3, s, s), dtype=np.float32))
+        except Exception as exc:  # ORT's runtime errors: an op it cannot run, a shape it cannot infer
+            raise ModelLoadError(f"{source}: a test run on a blank image failed: {exc}") from None
         if out.shape != (1, self.contract.num_classes):
             raise ContractMismatchError(
                 f"{source}: a 1-image batch gave logits of shape {out.shape}; the contract expects "
@@ -168,20 +171,16 @@ class Classifier:
             )
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 → (N, C) logits; a graph with a fixed batch size is fed in chunks."""
+        """(N, 3, S, S) float32 → (N, C) logits."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        step = self.static_batch or len(batch) or 1
-        parts = []
-        for start in range(0, len(batch), step):
-            chunk = batch[start : start + step]
-            if self.static_batch and len(chunk) < step:  # pad the last chunk of a fixed-batch graph
-                pad = np.zeros((step - len(chunk), *chunk.shape[1:]), dtype=np.float32)
-                parts.append(self.session.run([OUTPUT_NAME], {INPUT_NAME: np.concatenate([chunk, pad])})[0][: len(chunk)])
-            else:
-                parts.append(self.session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0])
-        if not parts:
+        if len(batch) == 0:
             return np.zeros((0, self.contract.num_classes), dtype=np.float32)
-        return np.concatenate(parts)
+        if self.static_batch == 1 and len(batch) > 1:  # a graph exported with a fixed batch of one
+            return np.concatenate([self._run(batch[i : i + 1]) for i in range(len(batch))])
+        return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.logits(batch), self.contract.temperature)
@@ -272,6 +271,10 @@ class ModelSlot:
             except ModelLoadError as exc:
                 self.last_error = str(exc)
                 log.error("no model served: %s", exc)
+                return None
+            except Exception as exc:  # e.g. a metadata.json without a valid contract: stay up, say why
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("no model served: unexpected error while loading")
                 return None
             self.current, self.last_error = loaded, None
             if self.on_load is not None:

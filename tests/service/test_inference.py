@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx_builders import build_tiny_classifier
 from PIL import Image
 
 from models.contract import ONNX_METADATA_KEY, UNIDENTIFIED, ModelContract
@@ -128,3 +129,18 @@ def test_session_options_are_recorded(settings: Settings) -> None:
     described = loaded.describe()["session"]
     assert described == {"providers": ["CPUExecutionProvider"], "intra_op_threads": 1, "inter_op_threads": 1,
                          "execution_mode": "sequential", "graph_optimization": "all", "allow_spinning": False}
+
+
+def test_fixed_batch_of_one_graph_is_fed_one_image_at_a_time(tmp_path: Path, tiny_contract: ModelContract) -> None:
+    path = build_tiny_classifier(tiny_contract, tmp_path / "tiny.onnx")
+    model = onnx.load(str(path))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(path))
+    classifier = Classifier(path)
+    assert classifier.static_batch == 1
+    s = tiny_contract.input_size
+    batch = np.random.default_rng(0).normal(size=(3, 3, s, s)).astype(np.float32)
+    together = classifier.logits(batch)
+    assert together.shape == (3, tiny_contract.num_classes)
+    np.testing.assert_allclose(together[2], classifier.logits(batch[2:3])[0], atol=1e-6)
