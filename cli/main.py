@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data_cmd, registry_cmd
+from cli import data_cmd, registry_cmd, serve_cmd
 
 app = typer.Typer(
     help="Federated white-blood-cell classification: train across hospitals, register, serve.",
@@ -17,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(registry_cmd.app, name="registry")
+serve_cmd.register(app)
 
 
 if __name__ == "__main__":
