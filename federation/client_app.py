@@ -1,0 +1,164 @@
+"""The ClientApp: one hospital's local training and validation, wired to `federation.task`.
+
+Node config (per SuperNode, set by whoever runs the site): `site="<name>" data-root="/abs/path"`
+(a data root that holds this site; `federation.sites.materialize_site` makes one holding only it),
+optionally `threads=<n>` for torch. Flower starts a fresh process for every message, so nothing is kept
+in module globals: everything a step needs arrives in the message (weights, the model contract as JSON,
+training settings) or is read from the site's own folder.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from federation.strategies import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
+
+app = ClientApp()
+_STARTED = time.time()  # for the log only (a fresh process serves each message)
+
+
+class SiteConfigError(ValueError):
+    """The SuperNode was started without a usable site / data root."""
+
+
+def site_of(context: Context) -> tuple[str, Path]:
+    site = str(context.node_config.get("site", "")).strip()
+    root = str(context.node_config.get("data-root", "")).strip()
+    if not site or not root:
+        raise SiteConfigError(
+            "this SuperNode has no site: start it with --node-config 'site=\"NAME\" data-root=\"/abs/path\"'"
+        )
+    if not Path(root).is_absolute():
+        raise SiteConfigError(f"data-root must be an absolute path, got {root!r}")
+    return site, Path(root)
+
+
+def site_seed(seed: int, server_round: int, site: str) -> int:
+    """Different for every site and round (a rerun after a rejected round is not a replay), reproducible."""
+    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(site.encode())) % (2**31)
+
+
+def _log(site: str, text: str) -> None:
+    """Goes to the SuperNode's log (the only place ClientApp output appears)."""
+    print(f"{time.strftime('%H:%M:%S')} [{site}] {text}", file=sys.stdout, flush=True)
+
+
+def _setup(msg: Message, context: Context):
+    import torch
+
+    from federation.sites import DataError, DataRoot
+    from federation.task import create_model_from_contract
+    from models.contract import ModelContract
+
+    threads = int(context.node_config.get("threads", 0) or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    site, root = site_of(context)
+    _log(site, f"{msg.metadata.message_type} message received (app module loaded {time.time() - _STARTED:.1f} s ago)")
+    config = msg.content[CONFIG_KEY]
+    contract = ModelContract.from_json(str(config["contract"]))
+    split = "train" if msg.metadata.message_type == "train" else "val"
+    samples = DataRoot(root).select([site], [split], classes=contract.class_names)
+    if not samples:
+        raise DataError(f"site {site}: no {split} samples of classes {list(contract.class_names)} in {root}")
+    model = create_model_from_contract(contract, pretrained=False)  # weights come from the message
+    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict(), strict=True)
+    return site, config, contract, samples, model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from federation.task import TrainConfig, train_local
+
+    site, config, contract, samples, model = _setup(msg, context)
+    server_round = int(config.get("server-round", 0))
+    mu = float(config.get("proximal-mu", 0.0))  # set by FedProx only
+    global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad] if mu > 0 else None
+    train_config = TrainConfig(
+        epochs=int(config["local-epochs"]),
+        lr=float(config["lr"]),
+        batch_size=int(config["batch-size"]),
+        proximal_mu=mu,
+        seed=site_seed(int(config["seed"]), server_round, site),
+    )
+    t0 = time.time()
+    result = train_local(
+        model, samples, contract, train_config, global_params=global_params, progress=_progress(site, server_round)
+    )
+    seconds = time.time() - t0
+    counts = Counter(s.label for s in samples)
+    _log(site, f"round {server_round}: trained on {len(samples)} cells in {seconds:.1f} s: {result}")
+    content = RecordDict(
+        {
+            ARRAYS_KEY: ArrayRecord(model.state_dict()),
+            METRICS_KEY: MetricRecord(
+                {
+                    WEIGHT_KEY: len(samples),
+                    "train-loss": float(result["train_loss"]),
+                    "train-accuracy": float(result["train_accuracy"]),
+                    "steps": int(result["steps"]),
+                    "seconds": float(seconds),
+                }
+            ),
+            SITE_KEY: ConfigRecord(
+                {
+                    "site": site,
+                    "class-names": list(contract.class_names),
+                    "class-counts": [int(counts[c]) for c in contract.class_names],
+                }
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    from federation.task import evaluate_samples
+
+    site, config, contract, samples, model = _setup(msg, context)
+    metrics = evaluate_samples(model, samples, contract, batch_size=int(config.get("batch-size", 64)))
+    recall = [float(r) for r in metrics.recall]  # NaN for classes absent from this site's val split
+    _log(site, f"round {config.get('server-round')}: val n={metrics.n} balanced accuracy {metrics.balanced_accuracy:.4f}")
+    content = RecordDict(
+        {
+            METRICS_KEY: MetricRecord(
+                {
+                    WEIGHT_KEY: metrics.n,
+                    "loss": _finite(metrics.extra.get("nll")),
+                    "ece": _finite(metrics.extra.get("ece")),
+                    "balanced-accuracy": _finite(metrics.balanced_accuracy),
+                    "accuracy": _finite(metrics.accuracy),
+                    "macro-f1": _finite(metrics.macro_f1),
+                    "recall": recall,
+                    "confusion": [int(v) for v in metrics.confusion.reshape(-1)],
+                }
+            ),
+            SITE_KEY: ConfigRecord({"site": site, "class-names": list(contract.class_names)}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _finite(value: float | None) -> float:
+    return float(value) if value is not None and math.isfinite(value) else float("nan")
+
+
+def _progress(site: str, server_round: int):
+    last = [0.0]
+
+    def report(step: int, total: int, loss: float) -> None:
+        now = time.time()
+        if step == total or now - last[0] > 10:  # the SuperNode log, not a flood
+            last[0] = now
+            _log(site, f"round {server_round}: step {step}/{total} loss {loss:.4f}")
+
+    return report

@@ -1,0 +1,593 @@
+"""Run a real Flower deployment on this machine: one SuperLink, one SuperNode per hospital site.
+
+    result = run_federation("/data/wbc", ["tehran-lisc", "jiangxi-tecom", "bccd"], "/srv/registry",
+                            {"num-server-rounds": 5, "strategy": "fedprox"}, "var/federation/run1")
+
+Every Flower process is a separate OS process on loopback with free ports chosen at start, telemetry and
+update checks off, runtime dependency installation off, and its own FLWR_HOME under `workdir/flwr/`.
+Each SuperNode is given only its own site: a data root made by `materialize_site` that holds that
+site's class folders (symlinks) and manifest, nothing else. The app is submitted with
+`flwr run <project root> <connection> --stream`; its outcome is read back with `flwr ls` (`flwr run`
+exits 0 even when the ServerApp crashed). Progress is drawn from the ServerApp's event log.
+
+Teardown order: the `flwr run` client, then the SuperNodes, then the SuperLink (a SuperNode whose
+SuperLink vanished keeps retrying). Each process runs in its own session; stopping one signals its
+whole process group and then any descendant that left it (Flower's launchers start their
+`flwr-serverapp` / `flwr-clientapp` children in sessions of their own). This runs on success, on error,
+on Ctrl-C and on SIGTERM, and once more at interpreter exit as a last resort.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from federation import events as ev
+from federation.server_app import RunSettings
+from federation.sites import DataError, DataRoot, materialize_site, resolve_data_root
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the Flower app (root pyproject.toml)
+CONNECTION = "wbc-local"
+_BIN = Path(sys.executable).parent
+
+
+class FederationError(RuntimeError):
+    """The deployment could not be started or the run could not be followed; the message says why."""
+
+
+# ---- results ---------------------------------------------------------------------------------------
+@dataclass
+class FederationResult:
+    run_id: int | None
+    status: str  # Flower's run status, e.g. "finished:completed", "finished:failed: <reason>"
+    wall_seconds: float
+    run_dir: Path
+    workdir: Path
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # rounds/round-NNN.json, in order
+    registered: list[dict[str, Any]] = field(default_factory=list)  # {round, version, path}
+    error: str | None = None
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed" and self.error is None
+
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        return [
+            {"round": r["round"], "accepted": r.get("gate", {}).get("accepted"), "reason": r.get("gate", {}).get("reason")}
+            for r in self.rounds
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "run_id": self.run_id,
+            "status": self.status,
+            "error": self.error,
+            "rounds": len(self.rounds),
+            "decisions": self.decisions,
+            "registered": self.registered,
+            "wall_seconds": round(self.wall_seconds, 1),
+            "run_dir": str(self.run_dir),
+        }
+
+
+# ---- processes -------------------------------------------------------------------------------------
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid → (ppid, start time in clock ticks) for every process we can read."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) "
+        table[int(entry)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """pid → start time of every live descendant (start time guards against a reused pid)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, stack = {}, list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        if child not in found:
+            found[child] = table[child][1]
+            stack.extend(children.get(child, []))
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    info = _proc_table().get(pid)
+    return info is not None and info[1] == start
+
+
+class ManagedProcess:
+    def __init__(self, name: str, argv: list[str], *, cwd: Path, env: dict[str, str], log: Path):
+        self.name, self.argv, self.log = name, argv, log
+        cwd.mkdir(parents=True, exist_ok=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_fh = log.open("ab")
+        self.proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        self._known: dict[int, int] = {}
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def remember_children(self) -> None:
+        if self.running:
+            self._known.update(_descendants(self.proc.pid))
+
+    def stop(self, grace: float = 10.0) -> None:
+        self.remember_children()
+        if self.running:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        # Children in sessions of their own (Flower's launchers) are not in the group.
+        leftovers = {p: s for p, s in self._known.items() if _alive(p, s)}
+        for pid in leftovers:
+            _signal_pid(pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        while leftovers and time.time() < deadline:
+            time.sleep(0.2)
+            leftovers = {p: s for p, s in leftovers.items() if _alive(p, s)}
+        for pid in leftovers:
+            _signal_pid(pid, signal.SIGKILL)
+        self._log_fh.close()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+_LIVE: list[ManagedProcess] = []  # for the atexit last resort only
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for proc in reversed(_LIVE):
+        proc.stop(grace=3.0)
+    _LIVE.clear()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (e.g. from a job runner) unwinds like Ctrl-C so that the teardown runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ---- the deployment --------------------------------------------------------------------------------
+@dataclass
+class SiteNode:
+    site: str
+    data_root: Path
+    port: int = 0
+    process: ManagedProcess | None = None
+
+
+class LocalDeployment:
+    """SuperLink + SuperNodes + CLI config under `workdir`; use as a context manager."""
+
+    def __init__(
+        self,
+        site_roots: Mapping[str, Path],
+        workdir: Path,
+        *,
+        insecure: bool = True,
+        threads_per_site: int | None = None,
+        start_timeout: float = 90.0,
+    ):
+        self.workdir = workdir
+        self.nodes = [SiteNode(site, root) for site, root in site_roots.items()]
+        self.insecure = insecure
+        self.threads = threads_per_site or max(1, (os.cpu_count() or 1) // max(1, len(self.nodes)))
+        self.start_timeout = start_timeout
+        self.superlink: ManagedProcess | None = None
+        self.port = 0
+        self.flwr_dir = workdir / "flwr"
+        self.log_dir = workdir / "logs"
+        self.cli_home = self.flwr_dir / "cli"
+        self.certs: dict[str, Path] = {}
+
+    # -- environment --
+    def env(self, flwr_home: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            FLWR_HOME=str(flwr_home),
+            FLWR_TELEMETRY_ENABLED="0",  # on by default; nothing may leave a hospital network unasked
+            FLWR_DISABLE_UPDATE_CHECK="1",  # the CLI and launchers would ask PyPI otherwise
+            HF_HUB_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
+            PATH=f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # launchers spawn flower-superexec by name
+        )
+        env.pop("PYTHONPATH", None)  # the app comes from the FAB, everything else from this environment
+        return env
+
+    @property
+    def logs(self) -> dict[str, Path]:
+        out = {"superlink": self.log_dir / "superlink.log"}
+        out.update({f"supernode-{n.site}": self.log_dir / f"supernode-{n.site}.log" for n in self.nodes})
+        return out
+
+    # -- lifecycle --
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if not (_BIN / "flower-superlink").exists():
+            raise FederationError(f"flower-superlink not found beside {sys.executable}; is flwr installed?")
+        self.flwr_dir.mkdir(parents=True, exist_ok=True)
+        if not self.insecure:
+            from federation.tls import make_local_certificates
+
+            self.certs = make_local_certificates(self.workdir / "certs")
+        self._start_superlink()
+        self._write_cli_config()
+        for node in self.nodes:
+            self._start_supernode(node)
+        self.wait_for_nodes()
+
+    def _start_superlink(self) -> None:
+        for _attempt in range(3):
+            self.port = free_port()
+            argv = [str(_BIN / "flower-superlink"), "--port", str(self.port), "--disable-runtime-dependency-installation"]
+            argv += self._tls_server_args()
+            proc = ManagedProcess(
+                "superlink", argv, cwd=self.flwr_dir / "superlink-cwd", env=self.env(self.flwr_dir / "superlink"),
+                log=self.logs["superlink"],
+            )  # fmt: skip
+            _LIVE.append(proc)
+            if self._wait_port(proc, self.port):
+                self.superlink = proc
+                return
+            proc.stop(grace=3)
+            _forget(proc)
+        raise FederationError(f"the SuperLink did not start; see {self.logs['superlink']}")
+
+    def _start_supernode(self, node: SiteNode) -> None:
+        for _attempt in range(3):
+            node.port = free_port()
+            node_config = f'site="{node.site}" data-root="{node.data_root}" threads={self.threads}'
+            argv = [
+                str(_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(node.port),
+                "--node-config", node_config,
+            ]  # fmt: skip
+            argv += ["--insecure"] if self.insecure else ["--root-certificates", str(self.certs["ca"])]
+            home = self.flwr_dir / "nodes" / node.site
+            proc = ManagedProcess(
+                f"supernode-{node.site}", argv, cwd=home / "cwd", env=self.env(home),
+                log=self.logs[f"supernode-{node.site}"],
+            )  # fmt: skip
+            _LIVE.append(proc)
+            if self._wait_port(proc, node.port):
+                node.process = proc
+                return
+            proc.stop(grace=3)
+            _forget(proc)
+        raise FederationError(f"SuperNode for {node.site} did not start; see {self.logs[f'supernode-{node.site}']}")
+
+    def _tls_server_args(self) -> list[str]:
+        if self.insecure:
+            return ["--insecure"]
+        return [
+            "--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["server_cert"]),
+            "--ssl-keyfile", str(self.certs["server_key"]),
+        ]  # fmt: skip
+
+    def _wait_port(self, proc: ManagedProcess, port: int) -> bool:
+        deadline = time.time() + self.start_timeout
+        while time.time() < deadline:
+            if not proc.running:
+                return False
+            if _port_open(port):
+                time.sleep(0.3)
+                return proc.running  # a port taken by someone else: our process exits instead
+            time.sleep(0.2)
+        return False
+
+    def _write_cli_config(self) -> None:
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
+        lines.append(f'address = "127.0.0.1:{self.port}"')
+        if self.insecure:
+            lines.append("insecure = true")
+        else:
+            lines.append(f'root-certificates = "{self.certs["ca"]}"')
+        (self.cli_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(_BIN / "flwr"), *args], env=self.env(self.cli_home), cwd=self.cli_home, capture_output=True,
+            text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def flwr_json(self, *args: str) -> dict[str, Any]:
+        out = self.flwr(*args, "--format", "json")
+        try:
+            return json.loads(out.stdout)
+        except json.JSONDecodeError:
+            return {"success": False, "error-message": (out.stdout + out.stderr).strip()[-2000:]}
+
+    def online_nodes(self) -> int:
+        data = self.flwr_json("supernode", "list", CONNECTION)
+        return sum(1 for n in data.get("nodes", []) if n.get("status") == "online")
+
+    def wait_for_nodes(self) -> None:
+        deadline = time.time() + self.start_timeout
+        online = 0
+        while time.time() < deadline:
+            dead = [n.site for n in self.nodes if n.process is None or not n.process.running]
+            if dead:
+                raise FederationError(f"SuperNode(s) for {', '.join(dead)} exited; see {self.log_dir}")
+            online = self.online_nodes()
+            if online >= len(self.nodes):
+                for proc in self.processes():
+                    proc.remember_children()
+                return
+            time.sleep(0.5)
+        raise FederationError(f"only {online} of {len(self.nodes)} SuperNodes came online; see {self.log_dir}")
+
+    def processes(self) -> list[ManagedProcess]:
+        procs = [n.process for n in self.nodes if n.process is not None]
+        return procs + ([self.superlink] if self.superlink else [])
+
+    def stop(self) -> None:
+        nodes = [n.process for n in self.nodes if n.process is not None]
+        for proc in nodes:  # signal all SuperNodes first, then wait: they stop in parallel
+            proc.remember_children()
+            if proc.running:
+                _signal_group(proc.proc.pid, signal.SIGTERM)
+        for proc in nodes:
+            proc.stop()
+            _forget(proc)
+        for node in self.nodes:
+            node.process = None
+        if self.superlink is not None:
+            self.superlink.stop()
+            _forget(self.superlink)
+            self.superlink = None
+
+
+def _forget(proc: ManagedProcess) -> None:
+    if proc in _LIVE:
+        _LIVE.remove(proc)
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def app_defaults(project_root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    with (project_root / "pyproject.toml").open("rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def build_run_config(run_config: Mapping[str, Any], **paths: Any) -> dict[str, Any]:
+    """Defaults from pyproject.toml ← deploy's paths ← the caller's values; checked by RunSettings."""
+    defaults = app_defaults()
+    unknown = sorted(set(run_config) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown run-config key(s) {unknown}; known: {sorted(defaults)}")
+    merged = {**defaults, **{k: v for k, v in paths.items() if v is not None}, **dict(run_config)}
+    RunSettings.from_run_config(merged)  # fail here, not after the deployment started
+    return merged
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def run_federation(
+    data_root: str | Path | None,
+    sites: Sequence[str],
+    registry: str | Path,
+    run_config: Mapping[str, Any],
+    workdir: str | Path,
+    *,
+    insecure: bool = True,
+    show_progress: bool = True,
+    timeout: float | None = None,
+) -> FederationResult:
+    """Start the deployment, run the app once, tear everything down; returns what happened.
+
+    `run_config` overrides `[tool.flwr.app.config]`; `registry`, `run-dir` (a new folder under
+    `workdir/runs/`), `min-nodes` (= number of sites) and `parity-images` (= the data root) are filled in
+    unless given. `timeout` bounds the whole run (default: rounds × 2 steps × round-timeout + 5 min).
+    """
+    t0 = time.time()
+    sites = list(dict.fromkeys(sites))
+    if not sites:
+        raise ValueError("no sites given")
+    source = DataRoot(resolve_data_root(data_root))
+    missing = sorted(set(sites) - set(source.sites))
+    if missing:
+        raise DataError(f"{source.root}: no site(s) {missing}; present: {list(source.sites)}")
+    workdir = Path(workdir).expanduser().resolve()
+    run_dir = workdir / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    config = build_run_config(
+        run_config,
+        **{
+            "registry": str(Path(registry).expanduser().resolve()),
+            "run-dir": str(run_dir),
+            "min-nodes": len(sites),
+            "parity-images": str(source.root),
+        },
+    )
+    settings = RunSettings.from_run_config(config)
+    limit = timeout or settings.num_server_rounds * 2 * settings.round_timeout + 300
+
+    site_roots = {site: materialize_site(source, site, workdir / "sites" / site) for site in sites}
+    run_dir.mkdir(parents=True)
+    config_file = run_dir / "run-config.toml"
+    config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
+
+    result = FederationResult(None, "not-started", 0.0, run_dir, workdir)
+    deployment = LocalDeployment(site_roots, workdir, insecure=insecure)
+    result.logs = {**deployment.logs, "flwr-run": run_dir / "flwr-run.log"}
+    with _sigterm_as_interrupt():
+        try:
+            with deployment:
+                result.run_id, result.status = _submit_and_follow(
+                    deployment, config_file, run_dir, settings, limit, show_progress
+                )
+        except KeyboardInterrupt as exc:
+            result.error = f"interrupted ({exc or 'Ctrl-C'}); all Flower processes stopped"
+            result.status = "interrupted"
+        except (FederationError, subprocess.TimeoutExpired, TimeoutError) as exc:
+            result.error = str(exc)
+    result.wall_seconds = time.time() - t0
+    _collect(result)
+    if result.error is None and result.status != "finished:completed":
+        result.error = _failure_reason(result)
+    return result
+
+
+def _submit_and_follow(
+    deployment: LocalDeployment,
+    config_file: Path,
+    run_dir: Path,
+    settings: RunSettings,
+    limit: float,
+    show_progress: bool,
+) -> tuple[int | None, str]:
+    log_path = run_dir / "flwr-run.log"
+    argv = [str(_BIN / "flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--run-config", str(config_file)]
+    client = ManagedProcess(
+        "flwr-run", argv, cwd=deployment.cli_home, env=deployment.env(deployment.cli_home), log=log_path
+    )
+    _LIVE.append(client)
+    deadline = time.time() + limit
+    try:
+        from federation.progress import ProgressView
+
+        view = ProgressView(settings.num_server_rounds, [n.site for n in deployment.nodes], enabled=show_progress)
+        follower = ev.EventFollower(run_dir / ev.EVENTS_FILE)
+        with view:
+            while client.running:
+                view.update(follower.poll())
+                dead = [p.name for p in deployment.processes() if not p.running]
+                if dead:
+                    raise FederationError(f"{', '.join(dead)} exited during the run; see {deployment.log_dir}")
+                if time.time() > deadline:
+                    raise FederationError(f"the run took longer than {limit:.0f} s; stopped")
+                time.sleep(0.5)
+            view.update(follower.poll())
+        run_id = _run_id_from_log(log_path)
+        if run_id is None:
+            raise FederationError(f"`flwr run` did not start a run; see {log_path}")
+        status = _final_status(deployment, run_id, deadline)
+        view.finish(status)
+        return run_id, status
+    finally:
+        client.stop(grace=5)
+        _forget(client)
+
+
+def _run_id_from_log(log_path: Path) -> int | None:
+    match = re.search(r"Successfully started run (\d+)", log_path.read_text(errors="replace"))
+    return int(match.group(1)) if match else None
+
+
+def _final_status(deployment: LocalDeployment, run_id: int, deadline: float) -> str:
+    """`flwr run --stream` can return before the SuperLink marks the run finished: poll `flwr ls`."""
+    status = "unknown"
+    while time.time() < deadline:
+        data = deployment.flwr_json("ls", CONNECTION, "--run-id", str(run_id))
+        runs = data.get("runs") or []
+        if runs:
+            status = str(runs[0].get("status", "unknown"))
+            details = runs[0].get("status-details")
+            if status.startswith("finished"):
+                return f"{status}: {details}" if status != "finished:completed" and details not in (None, "N/A") else status
+        time.sleep(1.0)
+    return status
+
+
+def _collect(result: FederationResult) -> None:
+    from federation.rounds import ROUNDS_DIR
+
+    rounds_dir = result.run_dir / ROUNDS_DIR
+    result.rounds = [json.loads(p.read_text()) for p in sorted(rounds_dir.glob("round-*.json"))]
+    result.registered = [
+        {"round": r["round"], "version": r["publish"]["version"], "path": r["publish"]["path"]}
+        for r in result.rounds
+        if (r.get("publish") or {}).get("status") == "registered"
+    ]
+
+
+def _failure_reason(result: FederationResult) -> str:
+    for event in reversed(ev.read_events(result.run_dir / ev.EVENTS_FILE)):
+        if event.get("kind") == ev.RUN_FAILED:
+            return f"ServerApp failed: {event.get('error')}"
+    return f"run status {result.status}; see {result.logs.get('flwr-run')}"

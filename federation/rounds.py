@@ -1,0 +1,376 @@
+"""What happens around each round on the server: live reply events, per-site records, pooling, the gate.
+
+`RoundBook` is the strategy's observer (see `federation.strategies.SiteTracking`) and Flower's
+`evaluate_fn`, which `Strategy.start` calls after each round's federated evaluation with that round's
+global arrays. It keeps every site's raw train and validation results, pools validation by summing the
+sites' confusion matrices, asks `federation.gate` for a decision and, when accepted, hands the weights to
+the publisher. It writes `<run-dir>/rounds/round-NNN.json` and events to `<run-dir>/events.jsonl`.
+
+Rejected rounds: every round starts from the last *accepted* global weights (the initial weights until a
+round is accepted). A rejected aggregate is never trained on further, so one bad round (a site with
+corrupted labels, a diverging server step) cannot drag the federation down; the next round reruns local
+training from the accepted point with a new per-round seed, so it is not a replay of the rejected one.
+FedOpt's server moments keep their history across a rejection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from federation import events as ev
+from federation.gate import decide
+from federation.strategies import CONFIG_KEY, SiteReply
+from models.evaluate import Metrics
+
+ROUNDS_DIR = "rounds"
+
+
+def round_record_path(run_dir: str | Path, server_round: int) -> Path:
+    return Path(run_dir) / ROUNDS_DIR / f"round-{server_round:03d}.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(ev.json_safe(obj), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class Accepted:
+    round: int  # 0: the initial (pretrained) weights
+    balanced_accuracy: float | None
+    arrays: ArrayRecord
+    version: int | None = None
+
+
+# What the publisher gets: (server_round, arrays, lineage metadata) → outcome dict (see federation.publish).
+PublishFn = Callable[[int, ArrayRecord, dict[str, Any]], dict[str, Any]]
+
+
+class RoundBook:
+    def __init__(
+        self,
+        *,
+        run_dir: str | Path,
+        events: ev.EventLog,
+        class_names: tuple[str, ...],
+        initial_arrays: ArrayRecord,
+        gate_tolerance: float,
+        min_sites: int,
+        publish: PublishFn | None,
+        lineage: dict[str, Any],
+    ):
+        self.run_dir = Path(run_dir)
+        self.events = events
+        self.class_names = tuple(class_names)
+        self.gate_tolerance = gate_tolerance
+        self.min_sites = min_sites
+        self.publish = publish
+        self.lineage = lineage  # run id, strategy, training settings, contract, weight source
+        self.node_sites: dict[int, str] = {}
+        self.records: dict[int, dict[str, Any]] = {}
+        self.accepted = Accepted(0, None, initial_arrays)
+        self._candidates: dict[int, ArrayRecord | None] = {}
+        self._t0: dict[int, float] = {}
+
+    # ---- strategy hooks ----------------------------------------------------------------------------
+    def start_weights(self, server_round: int, proposed: ArrayRecord) -> ArrayRecord:
+        """Every round trains from the last accepted global weights (see the module docstring)."""
+        self._t0[server_round] = time.time()
+        record = self._record(server_round)
+        previous = self.records.get(server_round - 1, {}).get("gate", {})
+        record["start_weights"] = {
+            "from_round": self.accepted.round,
+            "registered_version": self.accepted.version,
+            "why": (
+                "initial weights"
+                if server_round == 1
+                else "previous round accepted"
+                if previous.get("accepted")
+                else f"round {server_round - 1} not accepted: back to the last accepted weights"
+            ),
+        }
+        self.events.emit(ev.ROUND_STARTED, round=server_round, start_weights=record["start_weights"])
+        return self.accepted.arrays
+
+    def record_replies(self, server_round: int, phase: str, replies: list[SiteReply]) -> None:
+        record = self._record(server_round)
+        for reply in replies:
+            site = reply.site or f"node-{reply.node_id}"
+            entry = record["sites"].setdefault(site, {"node_id": reply.node_id})
+            entry[phase] = self._site_result(phase, reply)
+            if not entry[phase]["ok"]:
+                record["failures"].append({"site": site, "node_id": reply.node_id, "phase": phase, "error": entry[phase]["error"]})
+
+    def record_aggregate(self, server_round: int, arrays: ArrayRecord | None) -> None:
+        self._candidates[server_round] = arrays
+
+    def record_no_reply(self, server_round: int, phase: str, node_ids: Iterable[int], timeout: float | None) -> None:
+        record = self._record(server_round)
+        for node_id in node_ids:
+            site = self.node_sites.get(node_id, f"node-{node_id}")
+            error = f"no reply within the round timeout ({timeout:g} s)" if timeout else "no reply"
+            record["failures"].append({"site": site, "node_id": node_id, "phase": phase, "error": error})
+            self.events.emit(
+                ev.SITE_REPLIED, round=server_round, phase=phase, site=site, node_id=node_id, ok=False, error=error
+            )
+
+    def live_reply(self, server_round: int | None, msg: Message) -> None:
+        """One reply as it arrives (before the whole round is in): an event for the progress display."""
+        reply = SiteReply.from_message(msg, self.node_sites)
+        summary: dict[str, Any] = {}
+        if reply.ok and reply.phase == "train":
+            summary = {k: reply.metrics.get(k) for k in ("num-examples", "train-loss", "seconds")}
+        elif reply.ok:
+            summary = {k: reply.metrics.get(k) for k in ("num-examples", "balanced-accuracy", "loss")}
+        self.events.emit(
+            ev.SITE_REPLIED,
+            round=server_round,
+            phase=reply.phase,
+            site=reply.site or f"node-{reply.node_id}",
+            node_id=reply.node_id,
+            ok=reply.ok,
+            error=reply.error,
+            summary=summary,
+        )
+
+    # ---- Flower's evaluate_fn: the end of a round ----------------------------------------------------
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None  # Strategy.start calls it once before round 1; the initial weights are not a candidate
+        record = self._record(server_round)
+        site_metrics = self._site_metrics(record)
+        pooled = self._pooled(site_metrics)
+        record["pooled"] = pooled
+        per_site_ba = {s: m["balanced_accuracy"] for s, m in site_metrics.items()}
+        self.events.emit(
+            ev.ROUND_EVALUATED,
+            round=server_round,
+            balanced_accuracy=pooled.get("balanced_accuracy"),
+            sites=per_site_ba,
+            n=pooled.get("n", 0),
+        )
+
+        candidate = self._candidates.get(server_round)
+        decision = decide(
+            balanced_accuracy=pooled.get("balanced_accuracy") if candidate is not None else None,
+            recall=pooled.get("recall", {}),
+            tolerance=self.gate_tolerance,
+            reference_balanced_accuracy=self.accepted.balanced_accuracy if self.accepted.round else None,
+            reference_round=self.accepted.round or None,
+            evaluated_sites=list(site_metrics),
+            expected_sites=sorted(set(self.node_sites.values())),
+            min_sites=self.min_sites,
+        )
+        gate = decision.as_dict()
+        if candidate is None:
+            gate.update(accepted=False, reason="no site returned a trained model this round")
+        record["gate"] = gate
+        self.events.emit(ev.GATE_DECISION, round=server_round, accepted=gate["accepted"], reason=gate["reason"])
+
+        record["publish"] = None
+        if gate["accepted"]:
+            self.accepted = Accepted(server_round, decision.balanced_accuracy, arrays)
+            record["publish"] = self._publish(server_round, arrays, record, site_metrics)
+            if record["publish"].get("status") == "registered":
+                self.accepted.version = record["publish"]["version"]
+        record["finished_at"] = time.time()
+        record["seconds"] = round(record["finished_at"] - self._t0.get(server_round, record["finished_at"]), 3)
+        write_json_atomic(round_record_path(self.run_dir, server_round), record)
+
+        out = MetricRecord({"n": int(pooled.get("n", 0)), "accepted": int(gate["accepted"])})
+        if pooled.get("balanced_accuracy") is not None:
+            out["balanced-accuracy"] = float(pooled["balanced_accuracy"])
+        return out
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def _record(self, server_round: int) -> dict[str, Any]:
+        if server_round not in self.records:
+            self.records[server_round] = {
+                "round": server_round,
+                "run_id": self.lineage.get("run_id"),
+                "strategy": self.lineage.get("strategy"),
+                "started_at": time.time(),
+                "class_names": list(self.class_names),
+                "sites": {},
+                "failures": [],
+            }
+        return self.records[server_round]
+
+    def _site_result(self, phase: str, reply: SiteReply) -> dict[str, Any]:
+        if not reply.ok:
+            return {"ok": False, "error": reply.error}
+        m, info = reply.metrics, reply.info
+        names = tuple(info.get("class-names") or self.class_names)
+        if names != self.class_names:
+            return {"ok": False, "error": f"site answered for classes {list(names)}, expected {list(self.class_names)}"}
+        if phase == "train":
+            counts = info.get("class-counts") or []
+            return {
+                "ok": True,
+                "num_examples": int(m.get("num-examples", 0)),
+                "train_loss": m.get("train-loss"),
+                "train_accuracy": m.get("train-accuracy"),
+                "steps": m.get("steps"),
+                "seconds": m.get("seconds"),
+                "class_counts": dict(zip(self.class_names, (int(c) for c in counts))),
+            }
+        c = len(self.class_names)
+        flat = list(m.get("confusion") or [])
+        if len(flat) != c * c:
+            return {"ok": False, "error": f"confusion matrix with {len(flat)} cells, expected {c * c}"}
+        metrics = Metrics.from_confusion(self.class_names, np.asarray(flat, dtype=np.int64).reshape(c, c))
+        return {
+            "ok": True,
+            **metrics.as_dict(),
+            "loss": m.get("loss"),
+            "ece": m.get("ece"),
+            "reported_balanced_accuracy": m.get("balanced-accuracy"),
+        }
+
+    @staticmethod
+    def _site_metrics(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {
+            site: entry["evaluate"]
+            for site, entry in sorted(record["sites"].items())
+            if entry.get("evaluate", {}).get("ok")
+        }
+
+    def _pooled(self, site_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        if not site_metrics:
+            return {"n": 0, "balanced_accuracy": None, "recall": {}, "sites": []}
+        confusion = sum(np.asarray(m["confusion"], dtype=np.int64) for m in site_metrics.values())
+        pooled = Metrics.from_confusion(self.class_names, confusion).as_dict()
+        weighted = [(m["n"], m["loss"]) for m in site_metrics.values() if m.get("loss") is not None and m["n"]]
+        total = sum(n for n, _ in weighted)
+        pooled["loss"] = sum(n * float(loss) for n, loss in weighted) / total if total else None
+        pooled["sites"] = list(site_metrics)
+        return pooled
+
+    def _publish(
+        self, server_round: int, arrays: ArrayRecord, record: dict[str, Any], site_metrics: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        if self.publish is None:
+            return {"status": "not-configured", "reason": "no registry configured"}
+        sites = {
+            site: {
+                "train_examples": entry.get("train", {}).get("num_examples"),
+                "class_counts": entry.get("train", {}).get("class_counts"),
+                "val_examples": entry.get("evaluate", {}).get("n"),
+            }
+            for site, entry in sorted(record["sites"].items())
+        }
+        metadata = {
+            **self.lineage,
+            "source": "federated",
+            "round": server_round,
+            "sites": sites,
+            "metrics": {"pooled_val": record["pooled"], "per_site_val": site_metrics},
+            "gate": record["gate"],
+            "start_weights": record.get("start_weights"),
+        }
+        try:
+            outcome = self.publish(server_round, arrays, metadata)
+        except Exception as exc:  # a failed export must not end the federation; it is recorded
+            outcome = {"status": "export-failed", "reason": f"{type(exc).__name__}: {exc}"}
+        if outcome.get("status") == "registered":
+            self.events.emit(
+                ev.VERSION_REGISTERED,
+                round=server_round,
+                model_name=self.lineage.get("model_name"),
+                version=outcome.get("version"),
+                path=outcome.get("path"),
+                parity_max_abs_diff=outcome.get("parity", {}).get("max_abs_diff"),
+            )
+        else:
+            self.events.emit(ev.REGISTRATION_SKIPPED, round=server_round, reason=outcome.get("reason"))
+        return outcome
+
+    def summary(self) -> dict[str, Any]:
+        rounds = [self.records[r] for r in sorted(self.records)]
+        return {
+            "rounds": len(rounds),
+            "decisions": [
+                {"round": r["round"], "accepted": r.get("gate", {}).get("accepted"), "reason": r.get("gate", {}).get("reason")}
+                for r in rounds
+            ],
+            "registered": [
+                {"round": r["round"], "version": r["publish"]["version"], "path": r["publish"]["path"]}
+                for r in rounds
+                if (r.get("publish") or {}).get("status") == "registered"
+            ],
+            "last_accepted_round": self.accepted.round or None,
+        }
+
+
+class ReportingGrid(Grid):
+    """Flower's Grid with a `send_and_receive` that reports each reply as it arrives.
+
+    Everything else is delegated. Flower's own loop pulls every 3 s; this one pulls every
+    `poll_interval` seconds (loopback, a handful of nodes) and tells the book about every reply and
+    about nodes that did not answer before the timeout.
+    """
+
+    def __init__(self, inner: Grid, book: RoundBook, poll_interval: float = 1.0):
+        self.inner = inner
+        self.book = book
+        self.poll_interval = poll_interval
+
+    def set_run(self, run: Any) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        server_round = _round_of(messages[0])
+        phase = "train" if "train" in messages[0].metadata.message_type else "evaluate"
+        pending_nodes = {int(m.metadata.dst_node_id) for m in messages}
+        pending = set(self.push_messages(messages))
+        del messages
+        deadline = None if timeout is None else time.time() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.time() < deadline):
+            for msg in self.pull_messages(pending):
+                replies.append(msg)
+                pending.discard(msg.metadata.reply_to_message_id)
+                pending_nodes.discard(int(msg.metadata.src_node_id))
+                self.book.live_reply(server_round, msg)
+            if pending:
+                time.sleep(self.poll_interval)
+        if pending_nodes and server_round is not None:
+            self.book.record_no_reply(server_round, phase, sorted(pending_nodes), timeout)
+        return replies
+
+
+def _round_of(msg: Message) -> int | None:
+    try:
+        return int(msg.content[CONFIG_KEY]["server-round"])
+    except (KeyError, TypeError, ValueError):
+        return None

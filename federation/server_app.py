@@ -1,0 +1,242 @@
+"""The ServerApp: builds the contract and the initial model, runs the chosen strategy, closes each round.
+
+Run config (flat, `[tool.flwr.app.config]` in the root pyproject.toml): see `RunSettings`. Paths are
+absolute because the ServerApp runs in the SuperLink's working directory.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from federation import events as ev
+from federation.strategies import STRATEGY_NAMES, make_strategy, strategy_params
+
+app = ServerApp()
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run config, typed and checked (keys are the run-config keys with `-` → `_`)."""
+
+    num_server_rounds: int = 5
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01  # FedProx only
+    server_lr: float = 0.01  # FedAdam / FedYogi / FedAdagrad only
+    local_epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 32
+    architecture: str = "tf_efficientnet_lite0"
+    input_size: int = 128
+    classes: str = ""  # comma-separated; "" = the five shared leukocyte classes
+    color: str = "rgb"
+    cell_crop: float = 2.0  # CellCrop scale; 0 = no cell crop
+    seed: int = 0
+    min_nodes: int = 3
+    round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes
+    gate_tolerance: float = 0.02
+    registry: str = ""
+    model_name: str = "wbc-classifier"
+    run_dir: str = ""
+    parity_images: str = ""
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        fields = cls.__dataclass_fields__
+        values: dict[str, Any] = {}
+        for key, raw in config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ValueError(f"unknown run-config key {key!r}")
+            kind = type(fields[name].default)
+            try:
+                values[name] = kind(raw) if kind is not bool else bool(raw)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"run-config {key}={raw!r}: expected {kind.__name__}") from exc
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        problems = []
+        if self.strategy.lower() not in STRATEGY_NAMES:
+            problems.append(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGY_NAMES)}")
+        for key in ("num_server_rounds", "local_epochs", "batch_size", "min_nodes", "input_size"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key.replace('_', '-')} must be >= 1")
+        for key in ("lr", "server_lr", "round_timeout"):
+            if not getattr(self, key) > 0:
+                problems.append(f"{key.replace('_', '-')} must be > 0")
+        if self.proximal_mu < 0 or self.gate_tolerance < 0:
+            problems.append("proximal-mu and gate-tolerance must be >= 0")
+        for key in ("run_dir", "registry", "parity_images"):
+            value = getattr(self, key)
+            if not value or not Path(value).is_absolute():
+                problems.append(f"{key.replace('_', '-')} must be an absolute path (got {value!r})")
+        if problems:
+            raise ValueError("bad run config: " + "; ".join(problems))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        from models.contract import SHARED_CLASSES
+
+        names = tuple(c.strip() for c in self.classes.split(",") if c.strip())
+        return names or SHARED_CLASSES
+
+    def training(self) -> dict[str, Any]:
+        return {
+            "local_epochs": self.local_epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "num_server_rounds": self.num_server_rounds,
+            "min_nodes": self.min_nodes,
+            "gate_tolerance": self.gate_tolerance,
+        }
+
+
+def build_contract_from_settings(settings: RunSettings):
+    from federation.task import build_contract
+    from models.contract import CellCrop
+
+    return build_contract(
+        settings.architecture,
+        settings.input_size,
+        class_names=settings.class_names,
+        cell_crop=CellCrop(scale=settings.cell_crop) if settings.cell_crop > 0 else None,
+        color=settings.color,
+    )
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, events: ev.EventLog) -> list[int]:
+    """Flower's own sampler waits forever; a federation whose hospitals never connect must fail instead."""
+    deadline = time.time() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            events.emit(ev.NODES_READY, nodes=len(nodes))
+            return nodes
+        if time.time() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {minimum} SuperNodes connected within {timeout:g} s")
+        time.sleep(1.0)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(context.run_config)
+    run_dir = Path(settings.run_dir)
+    events = ev.EventLog(run_dir)
+    t0 = time.time()
+    try:
+        summary = _run(grid, context, settings, events)
+    except BaseException as exc:
+        events.emit(ev.RUN_FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        raise
+    events.emit(ev.RUN_FINISHED, seconds=round(time.time() - t0, 3), **summary)
+
+
+def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLog) -> dict[str, Any]:
+    # Heavy imports here, not at module level: `deploy.py` imports RunSettings without torch.
+    from federation.publish import Publisher, find_parity_images
+    from federation.rounds import ReportingGrid, RoundBook, write_json_atomic
+    from federation.task import create_model_from_contract, seed_everything
+    from models.zoo import weight_source
+
+    params = strategy_params(settings.strategy, proximal_mu=settings.proximal_mu, server_lr=settings.server_lr)
+    strategy_info = {"name": settings.strategy.lower(), **params}
+    events.emit(
+        ev.RUN_STARTED,
+        run_id=context.run_id,
+        strategy=strategy_info,
+        rounds=settings.num_server_rounds,
+        min_nodes=settings.min_nodes,
+    )
+    wait_for_nodes(grid, settings.min_nodes, settings.round_timeout, events)
+
+    seed_everything(settings.seed)  # the new head's initial weights depend on it
+    contract = build_contract_from_settings(settings)
+    model = create_model_from_contract(contract, pretrained=True)
+    source = weight_source(model).as_dict()
+    initial = ArrayRecord(model.state_dict())
+    buffers = set(model.state_dict()) - {name for name, _ in model.named_parameters()}
+
+    parity_paths = find_parity_images(settings.parity_images, contract)
+    publisher = Publisher(
+        registry_root=settings.registry,
+        model_name=settings.model_name,
+        contract=contract,
+        model=model,
+        parity_images=parity_paths,
+        work_dir=Path(settings.run_dir) / "export",
+    )
+    if not publisher.images:
+        raise ValueError(f"parity-images {settings.parity_images}: no images found for the export parity check")
+
+    def publish(server_round: int, arrays: ArrayRecord, metadata: dict[str, Any]) -> dict[str, Any]:
+        return publisher.publish(arrays.to_torch_state_dict(), metadata).as_dict()
+
+    lineage = {
+        "run_id": context.run_id,
+        "model_name": settings.model_name,
+        "strategy": strategy_info,
+        "training": settings.training(),
+        "weight_source": source,
+        "flower": {"version": _flwr_version(), "run_config": dict(context.run_config)},
+    }
+    book = RoundBook(
+        run_dir=settings.run_dir,
+        events=events,
+        class_names=contract.class_names,
+        initial_arrays=initial,
+        gate_tolerance=settings.gate_tolerance,
+        min_sites=settings.min_nodes,
+        publish=publish,
+        lineage=lineage,
+    )
+    strategy = make_strategy(
+        settings.strategy,
+        min_nodes=settings.min_nodes,
+        proximal_mu=settings.proximal_mu,
+        server_lr=settings.server_lr,
+        client_lr=settings.lr,
+        observer=book,
+        buffer_keys=buffers,
+    )
+    contract_json = contract.to_json()
+    train_config = ConfigRecord(
+        {
+            "contract": contract_json,
+            "local-epochs": settings.local_epochs,
+            "lr": settings.lr,
+            "batch-size": settings.batch_size,
+            "seed": settings.seed,
+        }
+    )
+    evaluate_config = ConfigRecord({"contract": contract_json, "batch-size": settings.batch_size})
+    strategy.start(
+        grid=ReportingGrid(grid, book),
+        initial_arrays=initial,
+        num_rounds=settings.num_server_rounds,
+        timeout=settings.round_timeout,
+        train_config=train_config,
+        evaluate_config=evaluate_config,
+        evaluate_fn=book,
+    )
+    summary = book.summary()
+    write_json_atomic(
+        Path(settings.run_dir) / "summary.json",
+        {**summary, "run_id": context.run_id, "strategy": strategy_info, "settings": asdict(settings)},
+    )
+    return summary
+
+
+def _flwr_version() -> str:
+    import importlib.metadata as md
+
+    return md.version("flwr")
