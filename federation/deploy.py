@@ -20,6 +20,7 @@ on Ctrl-C and on SIGTERM, and once more at interpreter exit as a last resort.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import os
 import re
@@ -206,6 +207,21 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _exclusive(workdir: Path) -> Iterator[None]:
+    """One deployment per workdir at a time: its FLWR_HOMEs and site folders are shared between runs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with (workdir / ".deploy.lock").open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FederationError(f"{workdir} is in use by another federation run; use another workdir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -235,6 +251,7 @@ class LocalDeployment:
         site_roots: Mapping[str, Path],
         workdir: Path,
         *,
+        log_dir: Path | None = None,
         insecure: bool = True,
         threads_per_site: int | None = None,
         start_timeout: float = 90.0,
@@ -247,7 +264,7 @@ class LocalDeployment:
         self.superlink: ManagedProcess | None = None
         self.port = 0
         self.flwr_dir = workdir / "flwr"
-        self.log_dir = workdir / "logs"
+        self.log_dir = log_dir or workdir / "logs"
         self.cli_home = self.flwr_dir / "cli"
         self.certs: dict[str, Path] = {}
 
@@ -487,15 +504,14 @@ def run_federation(
     settings = RunSettings.from_run_config(config)
     limit = timeout or settings.num_server_rounds * 2 * settings.round_timeout + 300
 
-    site_roots = {site: materialize_site(source, site, workdir / "sites" / site) for site in sites}
-    run_dir.mkdir(parents=True)
-    config_file = run_dir / "run-config.toml"
-    config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-
     result = FederationResult(None, "not-started", 0.0, run_dir, workdir)
-    deployment = LocalDeployment(site_roots, workdir, insecure=insecure)
-    result.logs = {**deployment.logs, "flwr-run": run_dir / "flwr-run.log"}
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), _exclusive(workdir):
+        site_roots = {site: materialize_site(source, site, workdir / "sites" / site) for site in sites}
+        run_dir.mkdir(parents=True)
+        config_file = run_dir / "run-config.toml"
+        config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
+        deployment = LocalDeployment(site_roots, workdir, log_dir=run_dir / "logs", insecure=insecure)
+        result.logs = {**deployment.logs, "flwr-run": run_dir / "flwr-run.log"}
         try:
             with deployment:
                 result.run_id, result.status = _submit_and_follow(

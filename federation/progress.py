@@ -92,7 +92,9 @@ class ProgressView:
 
     def finish(self, status: str) -> None:
         if self.enabled:
-            self.console.print(f"Flower run status: {status}")
+            if not self.console.is_terminal:
+                self.console.line()  # rich leaves a piped Live's last frame without its newline
+            self.console.print(f"Flower run status: {escape(status)}")
 
 
 def _num(value: Any, digits: int = 4) -> str:

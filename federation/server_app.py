@@ -55,8 +55,10 @@ class RunSettings:
             if name not in fields:
                 raise ValueError(f"unknown run-config key {key!r}")
             kind = type(fields[name].default)
+            if kind is int and isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(f"run-config {key}={raw!r}: expected a whole number")
             try:
-                values[name] = kind(raw) if kind is not bool else bool(raw)
+                values[name] = kind(raw)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"run-config {key}={raw!r}: expected {kind.__name__}") from exc
         settings = cls(**values)

@@ -142,12 +142,14 @@ def test_three_site_federation_registers_verified_versions(data_root: DataRoot, 
 _INTERRUPTED_RUN = """
 import sys
 from federation.deploy import run_federation
-result = run_federation(sys.argv[1], sys.argv[2].split(","), sys.argv[3], {run_config!r}, sys.argv[4], show_progress=False)
+result = run_federation(
+    sys.argv[1], sys.argv[2].split(","), sys.argv[3], {run_config!r}, sys.argv[4], show_progress=False, insecure=False
+)
 print("RESULT", result.status, result.error, flush=True)
 """
 
 
-def test_ctrl_c_during_a_round_stops_every_flower_process(data_root: DataRoot, tiny_root_factory, tmp_path: Path) -> None:
+def test_ctrl_c_during_a_round_stops_every_flower_process_tls_on(data_root: DataRoot, tiny_root_factory, tmp_path: Path) -> None:
     sites = list(DEFAULT_TRAINING_SITES)
     root = tiny_root_factory(data_root, tmp_path / "data", sites, CLASSES, train_per_class=2, val_per_class=1)
     work = tmp_path / "work"
@@ -172,3 +174,12 @@ def test_ctrl_c_during_a_round_stops_every_flower_process(data_root: DataRoot, t
             proc.kill()
     assert "RESULT interrupted" in output, output[-2000:]
     assert flower_processes_under(work) == []
+    assert (work / "certs" / "ca.crt").is_file()  # the deployment ran with TLS (insecure=False)
+
+
+def test_one_run_per_workdir_at_a_time(data_root: DataRoot, tmp_path: Path) -> None:
+    from federation.deploy import FederationError, _exclusive
+
+    with _exclusive(tmp_path / "work"):
+        with pytest.raises(FederationError, match="in use by another federation run"):
+            run_federation(data_root.root, ["bccd"], tmp_path / "reg", {}, tmp_path / "work", show_progress=False)
