@@ -34,7 +34,7 @@ def site_of(context: Context) -> tuple[str, Path]:
     root = str(context.node_config.get("data-root", "")).strip()
     if not site or not root:
         raise SiteConfigError(
-            "this SuperNode has no site: start it with --node-config 'site=\"NAME\" data-root=\"/abs/path\"'"
+            'this SuperNode has no site: start it with --node-config \'site="NAME" data-root="/abs/path"\''
         )
     if not Path(root).is_absolute():
         raise SiteConfigError(f"data-root must be an absolute path, got {root!r}")
@@ -62,7 +62,10 @@ def _setup(msg: Message, context: Context):
     if threads > 0:
         torch.set_num_threads(threads)
     site, root = site_of(context)
-    _log(site, f"{msg.metadata.message_type} message received (app module loaded {time.time() - _STARTED:.1f} s ago)")
+    _log(
+        site,
+        f"{msg.metadata.message_type} message received (app module loaded {time.time() - _STARTED:.1f} s ago)",
+    )
     config = msg.content[CONFIG_KEY]
     contract = ModelContract.from_json(str(config["contract"]))
     split = "train" if msg.metadata.message_type == "train" else "val"
@@ -91,7 +94,12 @@ def train(msg: Message, context: Context) -> Message:
     )
     t0 = time.time()
     result = train_local(
-        model, samples, contract, train_config, global_params=global_params, progress=_progress(site, server_round)
+        model,
+        samples,
+        contract,
+        train_config,
+        global_params=global_params,
+        progress=_progress(site, server_round),
     )
     seconds = time.time() - t0
     counts = Counter(s.label for s in samples)
@@ -127,7 +135,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     site, config, contract, samples, model = _setup(msg, context)
     metrics = evaluate_samples(model, samples, contract, batch_size=int(config.get("batch-size", 64)))
     recall = [float(r) for r in metrics.recall]  # NaN for classes absent from this site's val split
-    _log(site, f"round {config.get('server-round')}: val n={metrics.n} balanced accuracy {metrics.balanced_accuracy:.4f}")
+    _log(
+        site,
+        f"round {config.get('server-round')}: val n={metrics.n} balanced accuracy {metrics.balanced_accuracy:.4f}",
+    )
     content = RecordDict(
         {
             METRICS_KEY: MetricRecord(

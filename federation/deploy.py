@@ -31,11 +31,12 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Self
 
 from federation import events as ev
 from federation.server_app import RunSettings
@@ -70,7 +71,11 @@ class FederationResult:
     @property
     def decisions(self) -> list[dict[str, Any]]:
         return [
-            {"round": r["round"], "accepted": r.get("gate", {}).get("accepted"), "reason": r.get("gate", {}).get("reason")}
+            {
+                "round": r["round"],
+                "accepted": r.get("gate", {}).get("accepted"),
+                "reason": r.get("gate", {}).get("reason"),
+            }
             for r in self.rounds
         ]
 
@@ -131,9 +136,14 @@ class ManagedProcess:
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log_fh = log.open("ab")
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
-        )  # fmt: skip
+        )
         self._known: dict[int, int] = {}
 
     @property
@@ -215,7 +225,9 @@ def _exclusive(workdir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FederationError(f"{workdir} is in use by another federation run; use another workdir") from None
+            raise FederationError(
+                f"{workdir} is in use by another federation run; use another workdir"
+            ) from None
         try:
             yield
         finally:
@@ -289,7 +301,7 @@ class LocalDeployment:
         return out
 
     # -- lifecycle --
-    def __enter__(self) -> LocalDeployment:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -297,7 +309,7 @@ class LocalDeployment:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -317,12 +329,20 @@ class LocalDeployment:
     def _start_superlink(self) -> None:
         for _attempt in range(3):
             self.port = free_port()
-            argv = [str(_BIN / "flower-superlink"), "--port", str(self.port), "--disable-runtime-dependency-installation"]
+            argv = [
+                str(_BIN / "flower-superlink"),
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ]
             argv += self._tls_server_args()
             proc = ManagedProcess(
-                "superlink", argv, cwd=self.flwr_dir / "superlink-cwd", env=self.env(self.flwr_dir / "superlink"),
+                "superlink",
+                argv,
+                cwd=self.flwr_dir / "superlink-cwd",
+                env=self.env(self.flwr_dir / "superlink"),
                 log=self.logs["superlink"],
-            )  # fmt: skip
+            )
             _LIVE.append(proc)
             if self._wait_port(proc, self.port):
                 self.superlink = proc
@@ -334,32 +354,46 @@ class LocalDeployment:
     def _start_supernode(self, node: SiteNode) -> None:
         for _attempt in range(3):
             node.port = free_port()
-            node_config = f'site="{node.site}" data-root="{node.data_root}" threads={self.threads}'
+            node_config = f"site={_node_value(node.site)} data-root={_node_value(str(node.data_root))} threads={self.threads}"
             argv = [
-                str(_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(node.port),
-                "--node-config", node_config,
-            ]  # fmt: skip
+                str(_BIN / "flower-supernode"),
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--port",
+                str(node.port),
+                "--node-config",
+                node_config,
+            ]
             argv += ["--insecure"] if self.insecure else ["--root-certificates", str(self.certs["ca"])]
             home = self.flwr_dir / "nodes" / node.site
             proc = ManagedProcess(
-                f"supernode-{node.site}", argv, cwd=home / "cwd", env=self.env(home),
+                f"supernode-{node.site}",
+                argv,
+                cwd=home / "cwd",
+                env=self.env(home),
                 log=self.logs[f"supernode-{node.site}"],
-            )  # fmt: skip
+            )
             _LIVE.append(proc)
             if self._wait_port(proc, node.port):
                 node.process = proc
                 return
             proc.stop(grace=3)
             _forget(proc)
-        raise FederationError(f"SuperNode for {node.site} did not start; see {self.logs[f'supernode-{node.site}']}")
+        raise FederationError(
+            f"SuperNode for {node.site} did not start; see {self.logs[f'supernode-{node.site}']}"
+        )
 
     def _tls_server_args(self) -> list[str]:
         if self.insecure:
             return ["--insecure"]
         return [
-            "--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["server_cert"]),
-            "--ssl-keyfile", str(self.certs["server_key"]),
-        ]  # fmt: skip
+            "--ssl-ca-certfile",
+            str(self.certs["ca"]),
+            "--ssl-certfile",
+            str(self.certs["server_cert"]),
+            "--ssl-keyfile",
+            str(self.certs["server_key"]),
+        ]
 
     def _wait_port(self, proc: ManagedProcess, port: int) -> bool:
         deadline = time.time() + self.start_timeout
@@ -384,9 +418,14 @@ class LocalDeployment:
 
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(_BIN / "flwr"), *args], env=self.env(self.cli_home), cwd=self.cli_home, capture_output=True,
-            text=True, timeout=timeout,
-        )  # fmt: skip
+            [str(_BIN / "flwr"), *args],
+            env=self.env(self.cli_home),
+            cwd=self.cli_home,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def flwr_json(self, *args: str) -> dict[str, Any]:
         out = self.flwr(*args, "--format", "json")
@@ -412,7 +451,9 @@ class LocalDeployment:
                     proc.remember_children()
                 return
             time.sleep(0.5)
-        raise FederationError(f"only {online} of {len(self.nodes)} SuperNodes came online; see {self.log_dir}")
+        raise FederationError(
+            f"only {online} of {len(self.nodes)} SuperNodes came online; see {self.log_dir}"
+        )
 
     def processes(self) -> list[ManagedProcess]:
         procs = [n.process for n in self.nodes if n.process is not None]
@@ -433,6 +474,15 @@ class LocalDeployment:
             self.superlink.stop()
             _forget(self.superlink)
             self.superlink = None
+
+
+def _node_value(text: str) -> str:
+    """A TOML string for --node-config, whose parser splits on whitespace outside plain double quotes."""
+    if any(c in text for c in '"\\\n'):
+        raise FederationError(
+            f"cannot pass {text!r} in --node-config: no double quotes, backslashes or newlines"
+        )
+    return f'"{text}"'
 
 
 def _forget(proc: ManagedProcess) -> None:
@@ -538,7 +588,15 @@ def _submit_and_follow(
     show_progress: bool,
 ) -> tuple[int | None, str]:
     log_path = run_dir / "flwr-run.log"
-    argv = [str(_BIN / "flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--run-config", str(config_file)]
+    argv = [
+        str(_BIN / "flwr"),
+        "run",
+        str(PROJECT_ROOT),
+        CONNECTION,
+        "--stream",
+        "--run-config",
+        str(config_file),
+    ]
     client = ManagedProcess(
         "flwr-run", argv, cwd=deployment.cli_home, env=deployment.env(deployment.cli_home), log=log_path
     )
@@ -547,14 +605,18 @@ def _submit_and_follow(
     try:
         from federation.progress import ProgressView
 
-        view = ProgressView(settings.num_server_rounds, [n.site for n in deployment.nodes], enabled=show_progress)
+        view = ProgressView(
+            settings.num_server_rounds, [n.site for n in deployment.nodes], enabled=show_progress
+        )
         follower = ev.EventFollower(run_dir / ev.EVENTS_FILE)
         with view:
             while client.running:
                 view.update(follower.poll())
                 dead = [p.name for p in deployment.processes() if not p.running]
                 if dead:
-                    raise FederationError(f"{', '.join(dead)} exited during the run; see {deployment.log_dir}")
+                    raise FederationError(
+                        f"{', '.join(dead)} exited during the run; see {deployment.log_dir}"
+                    )
                 if time.time() > deadline:
                     raise FederationError(f"the run took longer than {limit:.0f} s; stopped")
                 time.sleep(0.5)
@@ -585,7 +647,11 @@ def _final_status(deployment: LocalDeployment, run_id: int, deadline: float) -> 
             status = str(runs[0].get("status", "unknown"))
             details = runs[0].get("status-details")
             if status.startswith("finished"):
-                return f"{status}: {details}" if status != "finished:completed" and details not in (None, "N/A") else status
+                return (
+                    f"{status}: {details}"
+                    if status != "finished:completed" and details not in (None, "N/A")
+                    else status
+                )
         time.sleep(1.0)
     return status
 

@@ -13,8 +13,9 @@ Pure: numbers in, a decision with its reason out; the ServerApp records one for 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,15 @@ def decide(
         "not_worse": ba is not None
         and (reference_balanced_accuracy is None or ba >= reference_balanced_accuracy - tolerance),
     }
-    common = dict(
-        balanced_accuracy=ba,
-        reference_balanced_accuracy=reference_balanced_accuracy,
-        reference_round=reference_round,
-        tolerance=tolerance,
-        zero_recall_classes=zero,
-        missing_sites=missing,
-        checks=checks,
-    )
+    common = {
+        "balanced_accuracy": ba,
+        "reference_balanced_accuracy": reference_balanced_accuracy,
+        "reference_round": reference_round,
+        "tolerance": tolerance,
+        "zero_recall_classes": zero,
+        "missing_sites": missing,
+        "checks": checks,
+    }
 
     if not checks["enough_sites"]:
         who = f" (missing: {', '.join(missing)})" if missing else ""

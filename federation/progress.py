@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any, Self
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -16,7 +17,9 @@ from federation import events as ev
 class ProgressView:
     """Rounds, and per site what it did in the current round; decisions and versions below."""
 
-    def __init__(self, rounds: int, sites: Iterable[str], *, enabled: bool = True, console: Console | None = None):
+    def __init__(
+        self, rounds: int, sites: Iterable[str], *, enabled: bool = True, console: Console | None = None
+    ):
         self.rounds = rounds
         self.sites = list(sites)
         self.enabled = enabled
@@ -27,13 +30,13 @@ class ProgressView:
         self.header = "waiting for the ServerApp"
         self._live: Live | None = None
 
-    def __enter__(self) -> ProgressView:
+    def __enter__(self) -> Self:
         if self.enabled:
             self._live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
             self._live.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._live is not None:
             self._live.update(self.render())
             self._live.__exit__(*exc)
@@ -62,19 +65,31 @@ class ProgressView:
             if not event.get("ok"):
                 row[event.get("phase", "train")] = f"[red]failed: {escape(str(event.get('error'))[:60])}"
             elif event.get("phase") == "train":
-                row["train"] = f"{summary.get('num-examples')} cells, loss {_num(summary.get('train-loss'))}, {_num(summary.get('seconds'), 1)} s"
+                row["train"] = (
+                    f"{summary.get('num-examples')} cells, loss {_num(summary.get('train-loss'))}, {_num(summary.get('seconds'), 1)} s"
+                )
                 row["evaluate"] = row.get("evaluate") or "…"
             else:
-                row["evaluate"] = f"n={summary.get('num-examples')}, bal. acc {_num(summary.get('balanced-accuracy'))}"
+                row["evaluate"] = (
+                    f"n={summary.get('num-examples')}, bal. acc {_num(summary.get('balanced-accuracy'))}"
+                )
         elif kind == ev.ROUND_EVALUATED:
-            self.lines.append(f"round {event.get('round')}: pooled val balanced accuracy {_num(event.get('balanced_accuracy'))}")
+            self.lines.append(
+                f"round {event.get('round')}: pooled val balanced accuracy {_num(event.get('balanced_accuracy'))}"
+            )
         elif kind == ev.GATE_DECISION:
             verdict = "[green]accepted" if event.get("accepted") else "[yellow]rejected"
-            self.lines.append(f"round {event.get('round')}: {verdict}[/] — {escape(str(event.get('reason')))}")
+            self.lines.append(
+                f"round {event.get('round')}: {verdict}[/] — {escape(str(event.get('reason')))}"
+            )
         elif kind == ev.VERSION_REGISTERED:
-            self.lines.append(f"round {event.get('round')}: [bold green]registered {event.get('model_name')} v{event.get('version')}")
+            self.lines.append(
+                f"round {event.get('round')}: [bold green]registered {event.get('model_name')} v{event.get('version')}"
+            )
         elif kind == ev.REGISTRATION_SKIPPED:
-            self.lines.append(f"round {event.get('round')}: [red]not registered[/] — {escape(str(event.get('reason')))}")
+            self.lines.append(
+                f"round {event.get('round')}: [red]not registered[/] — {escape(str(event.get('reason')))}"
+            )
         elif kind == ev.RUN_FINISHED:
             self.header += f" · finished in {_num(event.get('seconds'), 1)} s"
         elif kind == ev.RUN_FAILED:
@@ -88,7 +103,9 @@ class ProgressView:
         for site in sorted(self.state):
             row = self.state[site]
             table.add_row(site, row.get("train", ""), row.get("evaluate", ""))
-        return Group(Text(self.header, style="bold"), table, *(Text.from_markup(line) for line in self.lines[-12:]))
+        return Group(
+            Text(self.header, style="bold"), table, *(Text.from_markup(line) for line in self.lines[-12:])
+        )
 
     def finish(self, status: str) -> None:
         if self.enabled:

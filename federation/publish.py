@@ -22,7 +22,9 @@ PARITY_IMAGE_COUNT = 8
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-def find_parity_images(source: str | Path, contract: ModelContract, limit: int = PARITY_IMAGE_COUNT) -> list[Path]:
+def find_parity_images(
+    source: str | Path, contract: ModelContract, limit: int = PARITY_IMAGE_COUNT
+) -> list[Path]:
     """A few images from a data root (spread over the contract's classes) or from a plain folder."""
     root = Path(source)
     if (root / MANIFEST).is_file():
@@ -111,7 +113,7 @@ class Publisher:
             onnx_path = tmp / "model.onnx"
             try:
                 export_onnx(self.model, self.contract, onnx_path)
-            except Exception as exc:  # recorded in the round record; the run goes on
+            except Exception as exc:  # noqa: BLE001 - recorded in the round record; the run goes on
                 return PublishOutcome("export-failed", f"ONNX export failed: {type(exc).__name__}: {exc}")
             report = check_parity(self.model, onnx_path, self.images, self.contract, atol=self.atol)
             parity = {**report.as_dict(), "images": [str(p) for p in self.parity_paths]}
@@ -120,7 +122,7 @@ class Publisher:
                 return PublishOutcome("parity-failed", f"parity check failed: {why}", parity=parity)
             try:
                 info = self.registry.register(onnx_path, self.contract, {**metadata, "parity": parity})
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the same: recorded, not fatal
                 return PublishOutcome(
                     "register-failed", f"registry refused: {type(exc).__name__}: {exc}", parity=parity
                 )

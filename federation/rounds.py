@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -110,19 +111,29 @@ class RoundBook:
             entry = record["sites"].setdefault(site, {"node_id": reply.node_id})
             entry[phase] = self._site_result(phase, reply)
             if not entry[phase]["ok"]:
-                record["failures"].append({"site": site, "node_id": reply.node_id, "phase": phase, "error": entry[phase]["error"]})
+                record["failures"].append(
+                    {"site": site, "node_id": reply.node_id, "phase": phase, "error": entry[phase]["error"]}
+                )
 
     def record_aggregate(self, server_round: int, arrays: ArrayRecord | None) -> None:
         self._candidates[server_round] = arrays
 
-    def record_no_reply(self, server_round: int, phase: str, node_ids: Iterable[int], timeout: float | None) -> None:
+    def record_no_reply(
+        self, server_round: int, phase: str, node_ids: Iterable[int], timeout: float | None
+    ) -> None:
         record = self._record(server_round)
         for node_id in node_ids:
             site = self.node_sites.get(node_id, f"node-{node_id}")
             error = f"no reply within the round timeout ({timeout:g} s)" if timeout else "no reply"
             record["failures"].append({"site": site, "node_id": node_id, "phase": phase, "error": error})
             self.events.emit(
-                ev.SITE_REPLIED, round=server_round, phase=phase, site=site, node_id=node_id, ok=False, error=error
+                ev.SITE_REPLIED,
+                round=server_round,
+                phase=phase,
+                site=site,
+                node_id=node_id,
+                ok=False,
+                error=error,
             )
 
     def live_reply(self, server_round: int | None, msg: Message) -> None:
@@ -147,7 +158,9 @@ class RoundBook:
     # ---- Flower's evaluate_fn: the end of a round ----------------------------------------------------
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
-            return None  # Strategy.start calls it once before round 1; the initial weights are not a candidate
+            return (
+                None  # Strategy.start calls it once before round 1; the initial weights are not a candidate
+            )
         record = self._record(server_round)
         site_metrics = self._site_metrics(record)
         pooled = self._pooled(site_metrics)
@@ -176,7 +189,9 @@ class RoundBook:
         if candidate is None:
             gate.update(accepted=False, reason="no site returned a trained model this round")
         record["gate"] = gate
-        self.events.emit(ev.GATE_DECISION, round=server_round, accepted=gate["accepted"], reason=gate["reason"])
+        self.events.emit(
+            ev.GATE_DECISION, round=server_round, accepted=gate["accepted"], reason=gate["reason"]
+        )
 
         record["publish"] = None
         if gate["accepted"]:
@@ -185,7 +200,9 @@ class RoundBook:
             if record["publish"].get("status") == "registered":
                 self.accepted.version = record["publish"]["version"]
         record["finished_at"] = time.time()
-        record["seconds"] = round(record["finished_at"] - self._t0.get(server_round, record["finished_at"]), 3)
+        record["seconds"] = round(
+            record["finished_at"] - self._t0.get(server_round, record["finished_at"]), 3
+        )
         write_json_atomic(round_record_path(self.run_dir, server_round), record)
 
         out = MetricRecord({"n": int(pooled.get("n", 0)), "accepted": int(gate["accepted"])})
@@ -213,7 +230,10 @@ class RoundBook:
         m, info = reply.metrics, reply.info
         names = tuple(info.get("class-names") or self.class_names)
         if names != self.class_names:
-            return {"ok": False, "error": f"site answered for classes {list(names)}, expected {list(self.class_names)}"}
+            return {
+                "ok": False,
+                "error": f"site answered for classes {list(names)}, expected {list(self.class_names)}",
+            }
         if phase == "train":
             counts = info.get("class-counts") or []
             return {
@@ -251,14 +271,20 @@ class RoundBook:
             return {"n": 0, "balanced_accuracy": None, "recall": {}, "sites": []}
         confusion = sum(np.asarray(m["confusion"], dtype=np.int64) for m in site_metrics.values())
         pooled = Metrics.from_confusion(self.class_names, confusion).as_dict()
-        weighted = [(m["n"], m["loss"]) for m in site_metrics.values() if m.get("loss") is not None and m["n"]]
+        weighted = [
+            (m["n"], m["loss"]) for m in site_metrics.values() if m.get("loss") is not None and m["n"]
+        ]
         total = sum(n for n, _ in weighted)
         pooled["loss"] = sum(n * float(loss) for n, loss in weighted) / total if total else None
         pooled["sites"] = list(site_metrics)
         return pooled
 
     def _publish(
-        self, server_round: int, arrays: ArrayRecord, record: dict[str, Any], site_metrics: dict[str, dict[str, Any]]
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        record: dict[str, Any],
+        site_metrics: dict[str, dict[str, Any]],
     ) -> dict[str, Any]:
         if self.publish is None:
             return {"status": "not-configured", "reason": "no registry configured"}
@@ -281,7 +307,7 @@ class RoundBook:
         }
         try:
             outcome = self.publish(server_round, arrays, metadata)
-        except Exception as exc:  # a failed export must not end the federation; it is recorded
+        except Exception as exc:  # noqa: BLE001 - a failed export must not end the federation; recorded
             outcome = {"status": "export-failed", "reason": f"{type(exc).__name__}: {exc}"}
         if outcome.get("status") == "registered":
             self.events.emit(
@@ -301,7 +327,11 @@ class RoundBook:
         return {
             "rounds": len(rounds),
             "decisions": [
-                {"round": r["round"], "accepted": r.get("gate", {}).get("accepted"), "reason": r.get("gate", {}).get("reason")}
+                {
+                    "round": r["round"],
+                    "accepted": r.get("gate", {}).get("accepted"),
+                    "reason": r.get("gate", {}).get("reason"),
+                }
                 for r in rounds
             ],
             "registered": [
@@ -333,7 +363,14 @@ class ReportingGrid(Grid):
     def run(self) -> Any:
         return self.inner.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -345,7 +382,9 @@ class ReportingGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         messages = list(messages)
         if not messages:
             return []

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -150,7 +151,9 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
     from federation.task import create_model_from_contract, seed_everything
     from models.zoo import weight_source
 
-    params = strategy_params(settings.strategy, proximal_mu=settings.proximal_mu, server_lr=settings.server_lr)
+    params = strategy_params(
+        settings.strategy, proximal_mu=settings.proximal_mu, server_lr=settings.server_lr
+    )
     strategy_info = {"name": settings.strategy.lower(), **params}
     events.emit(
         ev.RUN_STARTED,
@@ -178,7 +181,9 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         work_dir=Path(settings.run_dir) / "export",
     )
     if not publisher.images:
-        raise ValueError(f"parity-images {settings.parity_images}: no images found for the export parity check")
+        raise ValueError(
+            f"parity-images {settings.parity_images}: no images found for the export parity check"
+        )
 
     def publish(server_round: int, arrays: ArrayRecord, metadata: dict[str, Any]) -> dict[str, Any]:
         return publisher.publish(arrays.to_torch_state_dict(), metadata).as_dict()

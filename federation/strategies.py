@@ -16,8 +16,9 @@ Every aggregate is cast back to the dtypes that were sent, so float32 stays floa
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -95,10 +96,14 @@ class SiteTracking:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # Aggregate in site order, not arrival order: float sums then do not depend on which hospital
+        # answered first, so the same seed gives the same global model.
+        replies = sorted(replies, key=_site_order)
         self._report(server_round, "train", replies)
         valid = [m for m in replies if not m.has_error()]
-        plain = _weighted_average(valid, self.averaged_keys, WEIGHT_KEY) if self.averaged_keys and valid else {}
+        plain = (
+            _weighted_average(valid, self.averaged_keys, WEIGHT_KEY) if self.averaged_keys and valid else {}
+        )
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is not None:
             arrays = self._restore(arrays, plain)
@@ -128,6 +133,13 @@ class SiteTracking:
             value = np.asarray(value.astype(dtype, copy=False))
             out[key] = Array(value if value.flags.c_contiguous else value.copy(order="C"))
         return out
+
+
+def _site_order(msg: Message) -> tuple[str, int]:
+    site = ""
+    if not msg.has_error() and SITE_KEY in msg.content.config_records:
+        site = str(msg.content[SITE_KEY].get("site", ""))
+    return site, int(msg.metadata.src_node_id)
 
 
 def _weighted_average(replies: list[Message], keys: frozenset[str], weight_key: str) -> dict[str, np.ndarray]:
@@ -205,16 +217,16 @@ def make_strategy(
     name = _check_name(name)
     if min_nodes < 1:
         raise ValueError(f"min-nodes must be at least 1, got {min_nodes}")
-    common: dict[str, Any] = dict(
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_train_nodes=min_nodes,
-        min_evaluate_nodes=min_nodes,
-        min_available_nodes=min_nodes,
-        weighted_by_key=WEIGHT_KEY,
-        arrayrecord_key=ARRAYS_KEY,
-        configrecord_key=CONFIG_KEY,
-    )
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": min_nodes,
+        "min_evaluate_nodes": min_nodes,
+        "min_available_nodes": min_nodes,
+        "weighted_by_key": WEIGHT_KEY,
+        "arrayrecord_key": ARRAYS_KEY,
+        "configrecord_key": CONFIG_KEY,
+    }
     if name == "fedprox":
         if proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {proximal_mu}")

@@ -18,7 +18,9 @@ from cryptography.x509.oid import NameOID
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     path.chmod(0o600)
 
@@ -27,7 +29,7 @@ def make_local_certificates(folder: str | Path, days: int = 7) -> dict[str, Path
     """CA + server certificate for 127.0.0.1/localhost; returns paths {ca, server_cert, server_key}."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     not_after = now + dt.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -54,14 +56,20 @@ def make_local_certificates(folder: str | Path, days: int = 7) -> dict[str, Path
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(not_after)
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
 
-    paths = {"ca": folder / "ca.crt", "server_cert": folder / "server.pem", "server_key": folder / "server.key"}
+    paths = {
+        "ca": folder / "ca.crt",
+        "server_cert": folder / "server.pem",
+        "server_key": folder / "server.key",
+    }
     paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths["server_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(paths["server_key"], key)

@@ -51,7 +51,9 @@ def flower_processes_under(folder: Path) -> list[str]:
             continue
         try:
             environ = Path(f"/proc/{entry}/environ").read_bytes()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (
+                Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
             state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
@@ -62,7 +64,11 @@ def flower_processes_under(folder: Path) -> list[str]:
 
 # ---- run config ----------------------------------------------------------------------------------------
 def test_run_config_defaults_come_from_pyproject_and_bad_values_fail_early(tmp_path: Path) -> None:
-    paths = {"registry": str(tmp_path / "r"), "run-dir": str(tmp_path / "run"), "parity-images": str(tmp_path)}
+    paths = {
+        "registry": str(tmp_path / "r"),
+        "run-dir": str(tmp_path / "run"),
+        "parity-images": str(tmp_path),
+    }
     config = build_run_config({"strategy": "fedadam", "server-lr": 0.001}, **paths)
     settings = RunSettings.from_run_config(config)
     assert settings.strategy == "fedadam" and settings.server_lr == 0.001 and settings.num_server_rounds == 5
@@ -79,12 +85,16 @@ def test_run_config_defaults_come_from_pyproject_and_bad_values_fail_early(tmp_p
 
 def test_unknown_site_is_refused_before_anything_starts(data_root: DataRoot, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no site"):
-        run_federation(data_root.root, ["st-elsewhere"], tmp_path / "reg", {}, tmp_path / "work", show_progress=False)
+        run_federation(
+            data_root.root, ["st-elsewhere"], tmp_path / "reg", {}, tmp_path / "work", show_progress=False
+        )
     assert not (tmp_path / "work" / "flwr").exists()
 
 
 # ---- the real thing ------------------------------------------------------------------------------------
-def test_three_site_federation_registers_verified_versions(data_root: DataRoot, tiny_root_factory, tmp_path: Path) -> None:
+def test_three_site_federation_registers_verified_versions(
+    data_root: DataRoot, tiny_root_factory, tmp_path: Path
+) -> None:
     sites = list(DEFAULT_TRAINING_SITES)
     root = tiny_root_factory(data_root, tmp_path / "data", sites, CLASSES, train_per_class=4, val_per_class=2)
     work = tmp_path / "work"
@@ -109,7 +119,9 @@ def test_three_site_federation_registers_verified_versions(data_root: DataRoot, 
         summed = sum(np.asarray(e["evaluate"]["confusion"]) for e in record["sites"].values())
         assert record["pooled"]["confusion"] == summed.tolist() and record["pooled"]["n"] == 12
         assert isinstance(record["gate"]["accepted"], bool) and record["gate"]["reason"]
-    assert result.rounds[1]["start_weights"]["from_round"] == (1 if result.rounds[0]["gate"]["accepted"] else 0)
+    assert result.rounds[1]["start_weights"]["from_round"] == (
+        1 if result.rounds[0]["gate"]["accepted"] else 0
+    )
 
     # At least one accepted round became a registry version, with its lineage and a passed parity check.
     assert result.registered, f"no version registered: {result.decisions}"
@@ -121,15 +133,22 @@ def test_three_site_federation_registers_verified_versions(data_root: DataRoot, 
         meta = info.metadata
         record = result.rounds[meta["round"] - 1]
         assert record["gate"]["accepted"] and record["publish"]["version"] == info.version
-        assert meta["run_id"] == result.run_id and meta["strategy"] == {"name": "fedprox", "proximal_mu": 0.01}
+        assert meta["run_id"] == result.run_id and meta["strategy"] == {
+            "name": "fedprox",
+            "proximal_mu": 0.01,
+        }
         assert meta["sites"]["bccd"]["train_examples"] == 8
         assert set(meta["metrics"]["per_site_val"]) == set(sites)
         assert meta["metrics"]["pooled_val"]["confusion"] == record["pooled"]["confusion"]
         assert meta["gate"]["accepted"] is True
         assert meta["weight_source"]["kind"] in ("pypi-wheel", "timm-hub")
-        assert meta["parity"]["ok"] and meta["parity"]["max_abs_diff"] <= 1e-4 and meta["parity"]["n_images"] > 0
+        assert (
+            meta["parity"]["ok"] and meta["parity"]["max_abs_diff"] <= 1e-4 and meta["parity"]["n_images"] > 0
+        )
         contract = read_contract(info.onnx_path)
-        assert contract.class_names == CLASSES and contract.input_size == 64 and contract.version == info.version
+        assert (
+            contract.class_names == CLASSES and contract.input_size == 64 and contract.version == info.version
+        )
 
     # The event log tells the same story.
     kinds = [e["kind"] for e in ev.read_events(result.run_dir / ev.EVENTS_FILE)]
@@ -149,15 +168,19 @@ print("RESULT", result.status, result.error, flush=True)
 """
 
 
-def test_ctrl_c_during_a_round_stops_every_flower_process_tls_on(data_root: DataRoot, tiny_root_factory, tmp_path: Path) -> None:
+def test_ctrl_c_during_a_round_stops_every_flower_process_tls_on(
+    data_root: DataRoot, tiny_root_factory, tmp_path: Path
+) -> None:
     sites = list(DEFAULT_TRAINING_SITES)
     root = tiny_root_factory(data_root, tmp_path / "data", sites, CLASSES, train_per_class=2, val_per_class=1)
     work = tmp_path / "work"
     script = _INTERRUPTED_RUN.format(run_config={**TINY_RUN, "num-server-rounds": 1})
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(root), ",".join(sites), str(tmp_path / "registry"), str(work)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         started = False
@@ -165,7 +188,9 @@ def test_ctrl_c_during_a_round_stops_every_flower_process_tls_on(data_root: Data
             time.sleep(0.5)
             for events in (work / "runs").glob(f"*/{ev.EVENTS_FILE}"):
                 started = any(e["kind"] == ev.ROUND_STARTED for e in ev.read_events(events))
-        assert started, f"round 1 never started: {proc.communicate(timeout=30)[0] if proc.poll() is not None else ''}"
+        assert started, (
+            f"round 1 never started: {proc.communicate(timeout=30)[0] if proc.poll() is not None else ''}"
+        )
         assert flower_processes_under(work), "the deployment should be running now"
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
@@ -180,6 +205,8 @@ def test_ctrl_c_during_a_round_stops_every_flower_process_tls_on(data_root: Data
 def test_one_run_per_workdir_at_a_time(data_root: DataRoot, tmp_path: Path) -> None:
     from federation.deploy import FederationError, _exclusive
 
-    with _exclusive(tmp_path / "work"):
-        with pytest.raises(FederationError, match="in use by another federation run"):
-            run_federation(data_root.root, ["bccd"], tmp_path / "reg", {}, tmp_path / "work", show_progress=False)
+    with (
+        _exclusive(tmp_path / "work"),
+        pytest.raises(FederationError, match="in use by another federation run"),
+    ):
+        run_federation(data_root.root, ["bccd"], tmp_path / "reg", {}, tmp_path / "work", show_progress=False)

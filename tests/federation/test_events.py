@@ -22,9 +22,15 @@ def test_follower_reads_only_whole_new_lines(tmp_path: Path) -> None:
 
 
 def test_events_are_strict_json_even_with_nan(tmp_path: Path) -> None:
-    EventLog(tmp_path).emit("round-evaluated", balanced_accuracy=float("nan"), sites={"a": float("inf")}, path=tmp_path)
+    EventLog(tmp_path).emit(
+        "round-evaluated", balanced_accuracy=float("nan"), sites={"a": float("inf")}, path=tmp_path
+    )
     line = (tmp_path / EVENTS_FILE).read_text()
     event = json.loads(line)  # would fail on NaN
-    assert event["balanced_accuracy"] is None and event["sites"] == {"a": None} and event["path"] == str(tmp_path)
+    assert (
+        event["balanced_accuracy"] is None
+        and event["sites"] == {"a": None}
+        and event["path"] == str(tmp_path)
+    )
     assert read_events(tmp_path / EVENTS_FILE)[0]["kind"] == "round-evaluated"
     assert json_safe((1.0, float("nan"))) == [1.0, None]

@@ -16,7 +16,9 @@ def test_first_round_compares_to_nothing() -> None:
 
 
 def test_within_tolerance_is_accepted_and_beyond_is_rejected() -> None:
-    common = dict(recall=RECALLED, tolerance=0.02, reference_balanced_accuracy=0.70, reference_round=2, **SITES)
+    common = dict(
+        recall=RECALLED, tolerance=0.02, reference_balanced_accuracy=0.70, reference_round=2, **SITES
+    )
     assert decide(balanced_accuracy=0.685, **common).accepted
     assert decide(balanced_accuracy=0.68, **common).accepted  # exactly at the tolerance
     worse = decide(balanced_accuracy=0.6799, **common)
@@ -32,7 +34,9 @@ def test_zero_recall_rejects_even_the_first_round_and_absent_classes_do_not_coun
     assert d.zero_recall_classes == ("monocyte",)
     assert "zero recall for monocyte" in d.reason
     # basophil absent from the pooled val data (None) is not "zero recall"
-    assert decide(balanced_accuracy=0.9, recall={**RECALLED, "basophil": None}, tolerance=0.0, **SITES).accepted
+    assert decide(
+        balanced_accuracy=0.9, recall={**RECALLED, "basophil": None}, tolerance=0.0, **SITES
+    ).accepted
 
 
 def test_too_few_reporting_sites_rejects_and_names_the_missing() -> None:
@@ -70,7 +74,9 @@ def test_no_metrics_is_rejected() -> None:
 
 def test_decision_serialises_to_plain_json_types() -> None:
     d = decide(balanced_accuracy=0.5, recall=RECALLED, tolerance=0.02, **SITES).as_dict()
-    assert d["accepted"] is True and isinstance(d["zero_recall_classes"], list) and isinstance(d["checks"], dict)
+    assert (
+        d["accepted"] is True and isinstance(d["zero_recall_classes"], list) and isinstance(d["checks"], dict)
+    )
 
 
 def test_bad_tolerance_is_refused() -> None:

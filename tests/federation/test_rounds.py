@@ -22,34 +22,55 @@ def weights(value: float) -> ArrayRecord:
 def evaluation(node_id: int, site: str, confusion: list[list[int]], loss: float) -> SiteReply:
     m = np.asarray(confusion)
     return SiteReply(
-        "evaluate", node_id, site, True,
-        metrics={"num-examples": int(m.sum()), "loss": loss, "confusion": m.reshape(-1).tolist(), "balanced-accuracy": 0.0},
+        "evaluate",
+        node_id,
+        site,
+        True,
+        metrics={
+            "num-examples": int(m.sum()),
+            "loss": loss,
+            "confusion": m.reshape(-1).tolist(),
+            "balanced-accuracy": 0.0,
+        },
         info={"site": site, "class-names": list(CLASSES)},
-    )  # fmt: skip
+    )
 
 
 def training(node_id: int, site: str, n: int) -> SiteReply:
     return SiteReply(
-        "train", node_id, site, True,
+        "train",
+        node_id,
+        site,
+        True,
         metrics={"num-examples": n, "train-loss": 0.4, "train-accuracy": 0.9, "steps": 2, "seconds": 1.5},
         info={"site": site, "class-names": list(CLASSES), "class-counts": [n - 1, 1]},
-    )  # fmt: skip
+    )
 
 
-def play_round(book: RoundBook, r: int, aggregate: ArrayRecord, confusions: dict[str, list[list[int]]]) -> ArrayRecord:
+def play_round(
+    book: RoundBook, r: int, aggregate: ArrayRecord, confusions: dict[str, list[list[int]]]
+) -> ArrayRecord:
     start = book.start_weights(r, aggregate)
     book.record_replies(r, "train", [training(i, s, 10) for i, s in enumerate(confusions)])
     book.record_aggregate(r, aggregate)
-    book.record_replies(r, "evaluate", [evaluation(i, s, c, 0.5 + i) for i, (s, c) in enumerate(confusions.items())])
+    book.record_replies(
+        r, "evaluate", [evaluation(i, s, c, 0.5 + i) for i, (s, c) in enumerate(confusions.items())]
+    )
     book(r, aggregate)
     return start
 
 
 def test_rounds_pool_gate_roll_back_and_leave_records(tmp_path: Path) -> None:
     book = RoundBook(
-        run_dir=tmp_path, events=ev.EventLog(tmp_path), class_names=CLASSES, initial_arrays=weights(0.0),
-        gate_tolerance=0.05, min_sites=2, publish=None, lineage={"run_id": 7, "strategy": {"name": "fedavg"}},
-    )  # fmt: skip
+        run_dir=tmp_path,
+        events=ev.EventLog(tmp_path),
+        class_names=CLASSES,
+        initial_arrays=weights(0.0),
+        gate_tolerance=0.05,
+        min_sites=2,
+        publish=None,
+        lineage={"run_id": 7, "strategy": {"name": "fedavg"}},
+    )
     assert book(0, weights(0.0)) is None  # Flower's call before round 1 is not a round
 
     # Round 1: pooled recall eosinophil 3/4, lymphocyte 3/4 → accepted.
@@ -77,8 +98,10 @@ def test_rounds_pool_gate_roll_back_and_leave_records(tmp_path: Path) -> None:
 
     r3 = json.loads(round_record_path(tmp_path, 3).read_text())
     assert r3["start_weights"] == {
-        "from_round": 1, "registered_version": None, "why": "round 2 not accepted: back to the last accepted weights"
-    }  # fmt: skip
+        "from_round": 1,
+        "registered_version": None,
+        "why": "round 2 not accepted: back to the last accepted weights",
+    }
     assert r3["gate"]["accepted"] and r3["gate"]["reference_round"] == 1
 
     kinds = [e["kind"] for e in ev.read_events(tmp_path / ev.EVENTS_FILE)]
@@ -88,11 +111,23 @@ def test_rounds_pool_gate_roll_back_and_leave_records(tmp_path: Path) -> None:
 
 def test_a_site_that_answers_for_other_classes_is_a_failure_not_a_metric(tmp_path: Path) -> None:
     book = RoundBook(
-        run_dir=tmp_path, events=ev.EventLog(tmp_path), class_names=CLASSES, initial_arrays=weights(0.0),
-        gate_tolerance=0.05, min_sites=1, publish=None, lineage={},
-    )  # fmt: skip
-    wrong = SiteReply("evaluate", 5, "x", True, metrics={"confusion": [1, 0, 0, 1], "num-examples": 2},
-                      info={"site": "x", "class-names": ["lymphocyte", "eosinophil"]})  # fmt: skip
+        run_dir=tmp_path,
+        events=ev.EventLog(tmp_path),
+        class_names=CLASSES,
+        initial_arrays=weights(0.0),
+        gate_tolerance=0.05,
+        min_sites=1,
+        publish=None,
+        lineage={},
+    )
+    wrong = SiteReply(
+        "evaluate",
+        5,
+        "x",
+        True,
+        metrics={"confusion": [1, 0, 0, 1], "num-examples": 2},
+        info={"site": "x", "class-names": ["lymphocyte", "eosinophil"]},
+    )
     book.start_weights(1, weights(1.0))
     book.record_replies(1, "evaluate", [wrong])
     assert book.records[1]["sites"]["x"]["evaluate"]["ok"] is False

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedYogi
 
@@ -99,14 +108,25 @@ def state(w: float, var: float, count: int) -> ArrayRecord:
 
 def reply(node_id: int, site: str, arrays: ArrayRecord, n: int, phase: str = MessageType.TRAIN) -> Message:
     metadata = Metadata(
-        run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0, reply_to_message_id=f"q{node_id}",
-        group_id="1", created_at=time.time(), ttl=60.0, message_type=phase,
-    )  # fmt: skip
+        run_id=1,
+        message_id=f"m{node_id}",
+        src_node_id=node_id,
+        dst_node_id=0,
+        reply_to_message_id=f"q{node_id}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=phase,
+    )
     content = RecordDict(
         {
             "arrays": arrays,
-            "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5, "train-accuracy": 0.8, "steps": 1, "seconds": 1.0}),
-            "site": ConfigRecord({"site": site, "class-names": list(CLASSES), "class-counts": [n // 2, n - n // 2]}),
+            "metrics": MetricRecord(
+                {"num-examples": n, "train-loss": 0.5, "train-accuracy": 0.8, "steps": 1, "seconds": 1.0}
+            ),
+            "site": ConfigRecord(
+                {"site": site, "class-names": list(CLASSES), "class-counts": [n // 2, n - n // 2]}
+            ),
         }
     )
     return Message(metadata=metadata, content=content)
@@ -116,9 +136,16 @@ def error_reply(node_id: int) -> Message:
     from flwr.app import Error
 
     metadata = Metadata(
-        run_id=1, message_id=f"e{node_id}", src_node_id=node_id, dst_node_id=0, reply_to_message_id=f"q{node_id}",
-        group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN,
-    )  # fmt: skip
+        run_id=1,
+        message_id=f"e{node_id}",
+        src_node_id=node_id,
+        dst_node_id=0,
+        reply_to_message_id=f"q{node_id}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
     return Message(metadata=metadata, error=Error(code=0, reason="ClientApp crashed: out of memory"))
 
 
@@ -134,19 +161,33 @@ def server_process(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def book(tmp_path: Path, initial: ArrayRecord) -> RoundBook:
     return RoundBook(
-        run_dir=tmp_path, events=EventLog(tmp_path), class_names=CLASSES, initial_arrays=initial,
-        gate_tolerance=0.02, min_sites=2, publish=None, lineage={"run_id": 1, "strategy": {"name": "test"}},
-    )  # fmt: skip
+        run_dir=tmp_path,
+        events=EventLog(tmp_path),
+        class_names=CLASSES,
+        initial_arrays=initial,
+        gate_tolerance=0.02,
+        min_sites=2,
+        publish=None,
+        lineage={"run_id": 1, "strategy": {"name": "test"}},
+    )
 
 
-def test_fedadam_steps_parameters_but_averages_buffers_and_keeps_dtypes(tmp_path: Path, server_process: None) -> None:
+def test_fedadam_steps_parameters_but_averages_buffers_and_keeps_dtypes(
+    tmp_path: Path, server_process: None
+) -> None:
     initial = state(0.0, 1.0, 0)
     observer = book(tmp_path, initial)
     strategy = make_strategy(
-        "fedadam", min_nodes=2, server_lr=0.1, observer=observer, buffer_keys={"bn.running_var", "bn.num_batches_tracked"}
+        "fedadam",
+        min_nodes=2,
+        server_lr=0.1,
+        observer=observer,
+        buffer_keys={"bn.running_var", "bn.num_batches_tracked"},
     )
     list(strategy.configure_train(1, initial, ConfigRecord(), NodesOnly([11, 12])))
-    arrays, _ = strategy.aggregate_train(1, [reply(11, "a", state(1.0, 1.0, 4), 1), reply(12, "b", state(3.0, 3.0, 4), 3)])
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(11, "a", state(1.0, 1.0, 4), 1), reply(12, "b", state(3.0, 3.0, 4), 3)]
+    )
 
     var = arrays["bn.running_var"].numpy()
     assert var.dtype == np.float32 and np.allclose(var, 2.5)  # (1·1 + 3·3) / 4, not an Adam step
@@ -158,7 +199,9 @@ def test_fedadam_steps_parameters_but_averages_buffers_and_keeps_dtypes(tmp_path
     assert np.all(weight > 0)
 
 
-def test_replies_are_recorded_per_site_before_fedmedian_consumes_them(tmp_path: Path, server_process: None) -> None:
+def test_replies_are_recorded_per_site_before_fedmedian_consumes_them(
+    tmp_path: Path, server_process: None
+) -> None:
     initial = state(0.0, 1.0, 0)
     observer = book(tmp_path, initial)
     strategy = make_strategy("fedmedian", min_nodes=2, observer=observer)
