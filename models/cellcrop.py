@@ -12,10 +12,17 @@ colours strongly, so the locator measures the nucleus and derives the frame from
 3. a three-class Otsu split of that score (background / red cells or cytoplasm / nucleus); the core is
    the upper class's component that is large and near the centre (labelled crops are centred);
 4. the paler parts of the same nucleus (other lobes, the rim of a dark nucleus) join the core: pixels
-   at least about half as stained as the core, in components that touch it or lie within a lobe gap;
+   at least about half as stained as the core, in components that touch it, or that lie within a lobe
+   gap, are not specks and have the core's stain colour (optical-density direction: not red cells);
 5. the scale is the nucleus's spread (the diameter of the disc with the same second moments), which
    grows with a lobed nucleus spread over the cell as it does with a round one filling it; the cell
    diameter reported is a fixed multiple of it, so every site is framed by the same rule.
+
+`crop_cell` cuts the square of side `scale` x diameter around the cell; what falls outside the image
+(or on a black bar) is filled with the border's median colour.
+
+Two colour normalisations for after the crop, same machinery: `white_balance` (background to white, one
+contrast stretch) and `normalise_stain` (the nucleus's optical density mapped to one reference colour).
 
 NumPy + scipy.ndimage + Pillow only: the service runs this per request (about 1-2 ms on a 360 px JPEG).
 """
@@ -50,6 +57,10 @@ _SAME_STAIN = 0.97
 _CELL_PER_NUCLEUS = 1.25
 # Nothing is stained when the best nucleus score is below this (blank or grey field).
 _MIN_SCORE = 0.1
+# normalise_stain: the nucleus's optical density per channel after normalisation (an MGG-like purple,
+# about the middle of the four public sites), and the limits on the per-channel gain.
+_REFERENCE_DENSITY = np.array([0.9, 1.5, 0.4], np.float32)
+_GAIN_RANGE = (0.25, 4.0)
 # Fallback when no nucleus is found: centre of the unpadded image, a cell half its short side across.
 _FALLBACK_FRACTION = 0.5
 
@@ -93,6 +104,40 @@ def crop_cell(image: Image.Image, spec: CellCrop) -> Image.Image:
     if ix1 > ix0 and iy1 > iy0:
         out.paste(rgb.crop((ix0, iy0, ix1, iy1)), (ix0 - x0, iy0 - y0))
     return out
+
+
+def white_balance(image: Image.Image) -> Image.Image:
+    """Divide by the slide background's colour (so it turns white), then stretch all channels together
+    so the darkest 1 % reach black: removes a site's colour cast and exposure, keeps the stain's hue."""
+    a = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.float32) + 1.0
+    balanced = np.minimum(a / _background(a), 1.0)
+    low = float(np.percentile(balanced, 1))
+    out = (balanced - low) * (255.0 / max(1.0 - low, 1e-3))
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+
+
+def normalise_stain(image: Image.Image) -> Image.Image:
+    """Re-render `image` so that its slide background is white and its white cell's nucleus has one
+    reference colour, whatever the site's stain, camera and white balance.
+
+    In optical density (which Beer-Lambert makes proportional to the amount of stain) each channel is
+    scaled so that the nucleus's median density matches `_REFERENCE_DENSITY`; everything else (cytoplasm,
+    granules, red cells) is scaled by the same factors. Without a nucleus only the white balance applies.
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    factor = max(1, int(round(max(rgb.size) / _WORK_SIDE)))
+    small = np.asarray(rgb.reduce(factor) if factor > 1 else rgb)
+    a = np.asarray(rgb, dtype=np.float32) + 1.0
+    background = _background(small.astype(np.float32) + 1.0)
+    density = -np.log(np.minimum(a / background, 1.0))
+    gain = np.ones(3, np.float32)
+    nucleus = _nucleus_mask(small) if min(small.shape[:2]) >= 4 else None
+    if nucleus is not None:
+        _, small_density = _stain(small)
+        core = np.median(small_density[nucleus], axis=0)
+        gain = np.clip(_REFERENCE_DENSITY / np.maximum(core, 1e-3), *_GAIN_RANGE).astype(np.float32)
+    out = np.exp(-density * gain) * 255.0
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
 
 
 # --- internals ------------------------------------------------------------------------------------
@@ -160,15 +205,19 @@ def _stain(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Beer-Lambert makes additive: its direction is the stain's colour, whatever the darkness.
     """
     a = arr.astype(np.float32) + 1.0
-    lum = a.sum(axis=2)
-    bright = lum >= np.percentile(lum, 85)
-    balanced = np.minimum(a / np.median(a[bright], axis=0), 1.0)
+    balanced = np.minimum(a / _background(a), 1.0)
     density = -np.log(balanced)
     r, g, b = balanced[..., 0], balanced[..., 1], balanced[..., 2]
     saturation = 1.0 - np.minimum(np.minimum(r, g), b) / np.maximum(np.maximum(r, g), b)
     # Capped so that a nearly black core does not dwarf the paler lobes of the same nucleus.
     score = np.minimum(density[..., 1], _MAX_DENSITY) * (0.5 + saturation)
     return score, density
+
+
+def _background(a: np.ndarray) -> np.ndarray:
+    """Slide background colour: the median of the brightest 15 % of pixels."""
+    lum = a.sum(axis=2)
+    return np.median(a[lum >= np.percentile(lum, 85)], axis=0)
 
 
 def _nucleus_mask(arr: np.ndarray) -> np.ndarray | None:

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/cellcrop_montage.py                      # -> var/cellcrop/montage.png
     .venv/bin/python scripts/cellcrop_montage.py --per-class 2 --tile 80 --out docs/img/cellcrop-montage.png
+    .venv/bin/python scripts/cellcrop_montage.py --colour wb          # crops white-balanced
 
 One row per site and class, `--per-class` pairs per row. On each original the located cell is drawn as
 a green circle and the crop square (side = scale x diameter) in orange.
@@ -19,10 +20,11 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from federation.sites import DataRoot, resolve_data_root  # noqa: E402
-from models.cellcrop import crop_cell, locate_cell  # noqa: E402
+from models.cellcrop import crop_cell, locate_cell, normalise_stain, white_balance  # noqa: E402
 from models.contract import SHARED_CLASSES, CellCrop  # noqa: E402
 
 SITES = ("barcelona-pbc", "tehran-lisc", "jiangxi-tecom", "bccd")
+COLOURS = {"wb": white_balance, "stain": normalise_stain}
 
 
 def annotated_original(image: Image.Image, scale: float, tile: int) -> Image.Image:
@@ -47,6 +49,9 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=3)
     parser.add_argument("--tile", type=int, default=96)
     parser.add_argument("--scale", type=float, default=1.5)
+    parser.add_argument(
+        "--colour", choices=["rgb", *COLOURS], default="rgb", help="crops as cut, white-balanced or stain-normalised"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("var/cellcrop/montage.png"))
     args = parser.parse_args()
@@ -65,7 +70,10 @@ def main() -> None:
                 with Image.open(sample.path) as im:
                     image = im.convert("RGB")
                 row.append(annotated_original(image, args.scale, args.tile))
-                row.append(crop_cell(image, spec).resize((args.tile, args.tile)))
+                crop = crop_cell(image, spec)
+                if args.colour != "rgb":
+                    crop = COLOURS[args.colour](crop)
+                row.append(crop.resize((args.tile, args.tile)))
             rows.append(row)
 
     label_w = 4

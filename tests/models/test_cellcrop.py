@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from federation.sites import DataRoot
-from models.cellcrop import crop_cell, locate_cell
+from models.cellcrop import crop_cell, locate_cell, normalise_stain, white_balance
 from models.contract import SHARED_CLASSES, CellCrop
 
 SITES = ("barcelona-pbc", "tehran-lisc", "jiangxi-tecom", "bccd")
@@ -124,6 +124,34 @@ def test_grayscale_cell_is_still_found():
     ImageDraw.Draw(image).ellipse((60, 40, 100, 80), fill=70)
     cx, cy, _ = locate_cell(image)
     assert math.hypot(cx - 80, cy - 60) <= 3.0
+
+
+def test_normalise_stain_whitens_background_and_fixes_nucleus_colour():
+    """Two very different stains of the same scene come out alike."""
+    outputs = []
+    for background, nucleus in (((250, 245, 170), (120, 40, 60)), ((235, 235, 250), (150, 90, 200))):
+        image = Image.new("RGB", (120, 120), background)
+        _disc(image, 60, 60, 20, fill=nucleus)
+        out = np.asarray(normalise_stain(image)).astype(int)
+        assert out.shape == (120, 120, 3)
+        assert (out[5, 5] >= 250).all()  # background -> white
+        outputs.append(out[60, 60])
+    assert np.abs(outputs[0] - outputs[1]).max() <= 6  # both nuclei -> the reference colour
+
+
+def test_white_balance_removes_a_colour_cast():
+    image = Image.new("RGB", (60, 60), (250, 245, 170))  # yellow background
+    _disc(image, 30, 30, 12, fill=(120, 40, 60))
+    out = np.asarray(white_balance(image)).astype(int)
+    assert (out[3, 3] >= 250).all()  # background -> white
+    assert out[30, 30].min() <= 10  # the darkest 1 % of values -> black: the stretch
+
+
+@pytest.mark.parametrize("normalise", [normalise_stain, white_balance])
+@pytest.mark.parametrize("image", [Image.new("RGB", (50, 50), "white"), Image.new("L", (8, 8), 30)])
+def test_colour_normalisations_do_not_raise_on_blank_or_odd_images(normalise, image):
+    out = normalise(image)
+    assert out.mode == "RGB" and out.size == image.size
 
 
 # --- real crops -----------------------------------------------------------------------------------
