@@ -40,7 +40,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the probe never goes online
 
 import torch  # noqa: E402
 
-from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, DataRoot, Sample, resolve_data_root  # noqa: E402
+from federation.sites import (  # noqa: E402
+    DEFAULT_TRAINING_SITES,
+    EXTERNAL_SITE,
+    DataRoot,
+    Sample,
+    resolve_data_root,
+)
 from models.cellcrop import crop_cell, locate_cell, normalise_stain, white_balance  # noqa: E402
 from models.contract import SHARED_CLASSES, CellCrop  # noqa: E402
 from models.evaluate import Metrics, confusion_matrix  # noqa: E402
@@ -73,7 +79,9 @@ def load_backbone() -> torch.nn.Module:
         for (src, tensor), key in zip(shipped.items(), target):
             # Same module order in both; names differ, the last part (weight/bias/running_mean) must not.
             if tensor.shape != target[key].shape or src.rsplit(".", 1)[1] != key.rsplit(".", 1)[1]:
-                raise RuntimeError(f"{src} {tuple(tensor.shape)} does not fit {key} {tuple(target[key].shape)}")
+                raise RuntimeError(
+                    f"{src} {tuple(tensor.shape)} does not fit {key} {tuple(target[key].shape)}"
+                )
             mapped[key] = tensor
         model.load_state_dict(mapped)
     return model.eval()
@@ -90,7 +98,8 @@ def frame(image: Image.Image, sample: Sample, framing: str) -> Image.Image:
             return image
         w, h = image.size
         side = 0.55 * min(w, h)
-        return image.crop((round((w - side) / 2), round((h - side) / 2), round((w + side) / 2), round((h + side) / 2)))
+        box = (round((w - side) / 2), round((h - side) / 2), round((w + side) / 2), round((h + side) / 2))
+        return image.crop(box)
     if framing.startswith("cell"):
         return crop_cell(image, CellCrop(scale=float(framing[4:])))
     if framing.startswith("keep"):  # keepF@S: side = max(F x short side, S x cell diameter)
@@ -148,7 +157,11 @@ def cache_path(framing: str, colour: str, size: int, samples: list[Sample]) -> P
 
 
 def features(
-    load_model: Callable[[], torch.nn.Module], samples: list[Sample], framing: str, colours: list[str], size: int
+    load_model: Callable[[], torch.nn.Module],
+    samples: list[Sample],
+    framing: str,
+    colours: list[str],
+    size: int,
 ) -> dict[str, np.ndarray]:
     """Pooled features per colour, (N, 1280), from the cache or computed (all colours in one pass)."""
     paths = {c: cache_path(framing, c, size, samples) for c in colours}
@@ -193,7 +206,9 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, l2: float, classes: int) -> torch.n
     weights = torch.tensor(np.where(counts > 0, counts.sum() / (classes * np.maximum(counts, 1)), 0.0))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     head = torch.nn.Linear(x.shape[1], classes)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        head.parameters(), lr=1.0, max_iter=300, history_size=20, line_search_fn="strong_wolfe"
+    )
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights.float())
 
     def closure() -> torch.Tensor:
@@ -240,9 +255,13 @@ def probe(feats: np.ndarray, parts: dict[str, np.ndarray], y: np.ndarray, heads:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--framings", nargs="+", default=["none", "centre55", "cell1.0", "cell1.3", "cell1.6"])
+    parser.add_argument(
+        "--framings", nargs="+", default=["none", "centre55", "cell1.0", "cell1.3", "cell1.6"]
+    )
     parser.add_argument("--colours", nargs="+", default=["rgb", "gray", "wb", "stain"], choices=COLOURS)
     parser.add_argument("--size", type=int, default=128, help="network input side (default 128)")
     parser.add_argument(
@@ -268,7 +287,8 @@ def main() -> None:
     y = np.array([SHARED_CLASSES.index(s.label) for s in samples])
     n_int = len(internal)
     parts = {
-        split: np.array([i for i, s in enumerate(internal) if s.split == split]) for split in ("train", "val", "test")
+        split: np.array([i for i, s in enumerate(internal) if s.split == split])
+        for split in ("train", "val", "test")
     }
     parts["ext"] = np.arange(n_int, len(samples))
     print(
@@ -286,7 +306,10 @@ def main() -> None:
 
     short = "/".join(c[:4] for c in SHARED_CLASSES)
     print(f"\nbalanced accuracy, mean ± sd over {args.heads} bootstrap heads (L2 picked on internal val)\n")
-    print(f"| framing | colour | internal test | Barcelona | Barcelona macro-F1 | Barcelona recall {short} | L2 |")
+    print(
+        "| framing | colour | internal test | Barcelona | Barcelona macro-F1 | "
+        f"Barcelona recall {short} | L2 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for framing in args.framings:
         feats = features(load_model, samples, framing, args.colours, args.size)

@@ -42,7 +42,9 @@ def annotated_original(image: Image.Image, scale: float, tile: int) -> Image.Ima
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--sites", nargs="+", default=list(SITES))
     parser.add_argument("--classes", nargs="+", default=list(SHARED_CLASSES))
@@ -50,7 +52,10 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=96)
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument(
-        "--colour", choices=["rgb", *COLOURS], default="rgb", help="crops as cut, white-balanced or stain-normalised"
+        "--colour",
+        choices=["rgb", *COLOURS],
+        default="rgb",
+        help="crops as cut, white-balanced or stain-normalised",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("var/cellcrop/montage.png"))
