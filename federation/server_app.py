@@ -37,7 +37,8 @@ class RunSettings:
     input_size: int = 128
     classes: str = ""  # comma-separated; "" = the five shared leukocyte classes
     color: str = "rgb"
-    cell_crop: float = 2.0  # CellCrop scale; 0 = no cell crop
+    cell_crop: float = 1.3  # CellCrop scale; 0 = no cell crop
+    color_norm: str = "white-balance"  # none | white-balance | stain
     seed: int = 0
     min_nodes: int = 3
     round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes
@@ -114,6 +115,7 @@ def build_contract_from_settings(settings: RunSettings):
         class_names=settings.class_names,
         cell_crop=CellCrop(scale=settings.cell_crop) if settings.cell_crop > 0 else None,
         color=settings.color,
+        color_norm=settings.color_norm,
     )
 
 

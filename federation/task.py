@@ -36,6 +36,7 @@ def build_contract(
     class_names: Sequence[str] = SHARED_CLASSES,
     cell_crop: CellCrop | None = CellCrop(),
     color: str = "rgb",
+    color_norm: str = "white-balance",
 ) -> ModelContract:
     cfg = pretrained_cfg(architecture)
     return ModelContract(
@@ -47,6 +48,7 @@ def build_contract(
         std=tuple(cfg["std"]),
         cell_crop=cell_crop,
         color=color,
+        color_norm=color_norm,
     )
 
 

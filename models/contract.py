@@ -32,7 +32,7 @@ class CellCrop(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     method: Literal["nucleus"] = "nucleus"
-    scale: float = Field(2.0, gt=0.5, le=6.0)
+    scale: float = Field(1.3, gt=0.5, le=6.0)
 
 
 class ModelContract(BaseModel):
@@ -49,6 +49,9 @@ class ModelContract(BaseModel):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     color: Literal["rgb", "gray"] = "rgb"
+    # Colour normalisation on the located cell, before any augmentation: "white-balance" divides by the
+    # slide background (removes a site's cast and exposure), "stain" also maps the nucleus to one colour.
+    color_norm: Literal["none", "white-balance", "stain"] = "none"
     cell_crop: CellCrop | None = None
     # Calibration: logits are divided by `temperature` before the softmax; the service answers
     # "unidentified" when the top probability is below `abstain_threshold`.

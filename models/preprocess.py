@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-from models.cellcrop import crop_cell
+from models.cellcrop import crop_cell, normalise_stain, white_balance
 from models.contract import ModelContract
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -36,10 +36,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def prepare(image: Image.Image, contract: ModelContract) -> Image.Image:
-    """Deterministic, geometry-level part: RGB, then the cell crop when the contract asks for one."""
+    """Deterministic part: RGB, the cell crop and the colour normalisation the contract asks for."""
     rgb = to_rgb(image)
     if contract.cell_crop is not None:
         rgb = crop_cell(rgb, contract.cell_crop)
+    if contract.color_norm == "white-balance":
+        rgb = white_balance(rgb)
+    elif contract.color_norm == "stain":
+        rgb = normalise_stain(rgb)
     return rgb
 
 
