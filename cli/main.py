@@ -9,6 +9,9 @@ from __future__ import annotations
 import typer
 
 from cli import data_cmd, registry_cmd, serve_cmd
+from cli.demo_cmd import demo
+from cli.evaluate_cmd import evaluate
+from cli.federate_cmd import federate
 
 app = typer.Typer(
     help="Federated white-blood-cell classification: train across hospitals, register, serve.",
@@ -18,6 +21,9 @@ app = typer.Typer(
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(registry_cmd.app, name="registry")
 serve_cmd.register(app)
+app.command("federate")(federate)
+app.command("evaluate")(evaluate)
+app.command("demo")(demo)
 
 
 if __name__ == "__main__":

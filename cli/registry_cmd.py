@@ -14,16 +14,32 @@ from models.registry import DEFAULT_MODEL_NAME, Registry, RegistryError, default
 app = typer.Typer(help="The versioned model registry.", no_args_is_help=True)
 
 
+def _strategy_name(strategy) -> str:
+    return strategy.get("name", "") if isinstance(strategy, dict) else str(strategy or "")
+
+
 def _summary(info, aliases: dict) -> dict:
+    """One version's lineage (where its weights came from) and metrics, flattened for listing."""
     meta = info.metadata
     tags = [name for name in ("production", "candidate") if aliases.get(name) == info.version]
+    sites = meta.get("sites") or {}
     return {
         "version": info.version,
         "aliases": tags,
         "created": meta.get("created"),
         "architecture": meta["contract"]["architecture"],
-        "lineage": meta.get("lineage", {}),
-        "metrics": meta.get("metrics", {}),
+        "lineage": {
+            "source": meta.get("source"),
+            "run_id": meta.get("run_id"),
+            "round": meta.get("round"),
+            "strategy": meta.get("strategy"),
+            "start_weights": meta.get("start_weights"),
+            "weight_source": meta.get("weight_source"),
+            "sites": {site: {"train_examples": v.get("train_examples")} for site, v in sites.items()},
+        },
+        "gate": meta.get("gate"),
+        "metrics": {"pooled_val": {k: v for k, v in (meta.get("metrics", {}).get("pooled_val") or {}).items()
+                                   if k in ("n", "balanced_accuracy", "macro_f1", "recall")}},
         "sha256": meta["sha256"],
         "path": str(info.onnx_path),
     }
@@ -57,9 +73,9 @@ def list_versions(
             row["created"] or "",
             row["architecture"],
             f"{lineage.get('run_id', '')} / {lineage.get('round', '')}",
-            str(lineage.get("strategy", "")),
-            ", ".join(f"{s['site']}({s.get('num_examples', '?')})" for s in lineage.get("sites", [])),
-            f"{pooled['balanced_accuracy']:.3f}" if "balanced_accuracy" in pooled else "",
+            _strategy_name(lineage.get("strategy")),
+            ", ".join(f"{site}({v['train_examples']})" for site, v in lineage["sites"].items()),
+            f"{pooled['balanced_accuracy']:.3f}" if pooled.get("balanced_accuracy") is not None else "",
         )
     console.print(table)
 
