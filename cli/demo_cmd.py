@@ -146,7 +146,8 @@ def demo(
             f"Query it:\n  .venv/bin/wbc classify --url {url} {images[0]}\n"
             f"  curl -F files=@{images[0]} {url}/v1/classify\n"
             f"  curl {url}/v2/health/ready    curl {url}/metrics\n"
-            "  .venv/bin/wbc registry list --json"
+            "  .venv/bin/wbc registry list --json",
+            soft_wrap=True,
         )
         if exit_after_demo:
             return

@@ -15,13 +15,17 @@ from models.evaluate import Metrics
 from models.registry import DEFAULT_MODEL_NAME, Registry, RegistryError, default_registry_root
 
 
+def _fmt(value: float | None) -> str:
+    return "—" if value is None or value != value else f"{value:.3f}"
+
+
 def metrics_tables(metrics: Metrics, title: str) -> tuple[Table, Table]:
     summary = Table(title=title)
     for col in ("n", "balanced acc.", "accuracy", "macro-F1", "ECE"):
         summary.add_column(col, justify="right")
     summary.add_row(
         str(metrics.n), f"{metrics.balanced_accuracy:.3f}", f"{metrics.accuracy:.3f}",
-        f"{metrics.macro_f1:.3f}", f"{metrics.extra.get('ece', float('nan')):.3f}",
+        f"{metrics.macro_f1:.3f}", _fmt(metrics.extra.get("ece")),
     )
     confusion = Table(title="confusion (rows: true, columns: predicted) and recall")
     confusion.add_column("true \\ pred")

@@ -39,26 +39,31 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def rounds_table(result) -> Table:
     """Per round: each site's validation balanced accuracy, the pooled one, the gate, the version."""
     sites = sorted({site for r in result.rounds for site in r.get("sites", {})})
-    table = Table(title=f"run {result.run_id}: {result.status}  ({result.wall_seconds:.0f} s)")
+    table = Table(title=f"run {result.run_id}: {result.status} ({result.wall_seconds:.0f} s); "
+                        "validation balanced accuracy", caption=_rejections(result) or None)
     table.add_column("round", justify="right")
     for site in sites:
-        table.add_column(f"{site}\nval bal.acc", justify="right")
-    table.add_column("pooled\nval bal.acc", justify="right")
+        table.add_column(site, justify="right")
+    table.add_column("pooled", justify="right")
     table.add_column("gate")
-    table.add_column("registered")
+    table.add_column("version")
     for r in result.rounds:
         cells = []
         for site in sites:
             ev = r.get("sites", {}).get(site, {}).get("evaluate", {})
             cells.append(f"{ev['balanced_accuracy']:.3f}" if ev.get("ok") else "[red]—[/]")
         pooled = (r.get("pooled") or {}).get("balanced_accuracy")
-        gate = r.get("gate") or {}
-        decision = "[green]accepted[/]" if gate.get("accepted") else "[red]rejected[/]"
+        decision = "[green]accepted[/]" if (r.get("gate") or {}).get("accepted") else "[red]rejected[/]"
         publish = r.get("publish") or {}
         registered = f"v{publish['version']}" if publish.get("status") == "registered" else publish.get("status", "")
-        table.add_row(str(r["round"]), *cells, f"{pooled:.3f}" if pooled is not None else "—",
-                      f"{decision}: {gate.get('reason', '')}", registered)
+        table.add_row(str(r["round"]), *cells, f"{pooled:.3f}" if pooled is not None else "—", decision,
+                      registered or "")
     return table
+
+
+def _rejections(result) -> str:
+    return "\n".join(f"round {r['round']} rejected: {(r.get('gate') or {}).get('reason', '')}"
+                     for r in result.rounds if not (r.get("gate") or {}).get("accepted"))
 
 
 def federate(

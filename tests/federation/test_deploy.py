@@ -157,6 +157,48 @@ def test_three_site_federation_registers_verified_versions(
     assert kinds.count(ev.SITE_REPLIED) == 2 * 2 * len(sites)
     assert kinds.count(ev.VERSION_REGISTERED) == len(versions)
 
+    # The registered model is served and classifies a real external-site image over real HTTP.
+    served = serve_and_classify(tmp_path / "registry", data_root)
+    assert served["model"] == "wbc-classifier" and served["version"] == versions[-1].version
+    (cell,) = served["results"]
+    assert cell["label"] in CLASSES and abs(sum(cell["probabilities"].values()) - 1) < 1e-4
+
+
+def serve_and_classify(registry: Path, data_root: DataRoot) -> dict:
+    """`wbc serve` in its own process on a free port; one Barcelona crop through POST /v1/classify."""
+    import httpx
+
+    from federation.deploy import free_port
+
+    port = free_port()
+    image = data_root.select(["barcelona-pbc"], ["test"], ["lymphocyte"])[0].path
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", "--registry", str(registry), "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, "wbc serve exited"
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "service not ready within 60 s"
+            time.sleep(0.3)
+        response = httpx.post(
+            f"{url}/v1/classify", files=[("files", (image.name, image.read_bytes(), "image/jpeg"))], timeout=30
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
 
 _INTERRUPTED_RUN = """
 import sys
