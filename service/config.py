@@ -3,16 +3,26 @@ validated once at start-up (a bad value stops the process before it binds a port
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.registry import ALIASES, DEFAULT_MODEL_NAME
 
 MiB = 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def usable_cores() -> int:
@@ -43,19 +53,58 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="int8: serve the INT8 variant registered for the resolved version (models.quantize); "
+        "a version that is itself a variant is served as it is",
+    )
+    watch_seconds: float = Field(
+        0.0, ge=0.0, description="Poll the registry this often and swap when the resolved version changes; 0 = off"
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /v1/admin/*; unset = admin endpoints answer 403"
+    )
+
     # ---- ONNX Runtime ----------------------------------------------------------------------------
-    # Placeholder for the device policy: 'cpu' now; 'auto' takes CUDA when the installed ONNX Runtime
-    # offers it; 'cuda' refuses to start without it.
-    device: Literal["cpu", "auto", "cuda"] = "cpu"
+    # auto: TensorRT, else CUDA, when the installed ONNX Runtime offers them and a GPU answers; else CPU.
+    # cuda: a GPU provider or the process refuses to start (never a silent CPU fallback).
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    trt_cache: Path = Field(Path("var/trt-cache"), description="TensorRT engine cache (device=auto/cuda)")
     intra_op_threads: int = Field(0, ge=0, description="0 = one per usable core")
     inter_op_threads: int = Field(1, ge=1, description="Parallelism between graph nodes; 1 for CNNs")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+    # ---- dynamic batching -------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Images per ONNX Runtime run")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0.0, le=1000.0,
+        description="How long a batch may wait for more images once the runner is free; 0 = run what is "
+        "queued at once (images pile up while a batch runs, so batches still form under load)",
+    )
+    max_queue_images: int = Field(512, ge=1, description="Images waiting for inference before requests get 503")
+    preprocess_threads: int = Field(0, ge=0, description="Decode + preprocess workers; 0 = one per usable core")
 
     # ---- input limits -----------------------------------------------------------------------------
     max_files: int = Field(32, ge=1, description="Files per request")
     max_file_bytes: int = Field(16 * MiB, ge=1, description="Bytes per uploaded file")
     max_request_bytes: int = Field(64 * MiB, ge=1, description="Bytes per request body, all files together")
     max_pixels: int = Field(25_000_000, ge=1, description="Width x height per image, checked before decoding")
+
+    # ---- review loop: database, stored cells, accounts, audit (service/review, service/auth.py) -------------
+    site: str = Field("local", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="This site's name; cells are recorded under it (wbc review export --site)")
+    database_url: SecretStr = Field(SecretStr("sqlite:///var/wbc.db"),
+                                    description="SQLAlchemy URL; postgresql://user:pw@host/db for deployments")
+    image_store: Path = Field(Path("var/cells"), description="Where classified images are kept (never leave the site)")
+    record_predictions: bool = Field(True, description="Store every classified cell for review and audit")
+    auth_required: bool | None = Field(
+        None, description="Credentials on every API and page; unset = required unless bound to a loopback host")
+    session_hours: float = Field(12.0, gt=0, description="Lifetime of a reviewer's browser session")
+    secure_cookies: bool = Field(False, description="Mark the session cookie Secure (set behind HTTPS)")
+    audit_key: SecretStr | None = Field(None, description="HMAC key of the audit chain (keep it outside the DB)")
+    low_confidence: float = Field(0.7, gt=0.0, le=1.0, description="Below this, a cell shows as low confidence")
+    review_extra_labels: str = Field(
+        "", description="Comma-separated labels reviewers may give besides the model's classes (e.g. erythroblast,ig,platelet)")
 
     @field_validator("version", mode="before")
     @classmethod
@@ -76,6 +125,24 @@ class Settings(BaseSettings):
             raise ValueError("max_request_bytes must be at least max_file_bytes")
         return self
 
+    @model_validator(mode="after")
+    def _no_open_service_beyond_loopback(self) -> Settings:
+        if self.auth_required is False and not is_loopback(self.host):
+            raise ValueError(f"WBC_AUTH_REQUIRED=false is only allowed on a loopback host, not {self.host!r}")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_required if self.auth_required is not None else not is_loopback(self.host)
+
+    @property
+    def extra_review_labels(self) -> tuple[str, ...]:
+        return tuple(label.strip() for label in self.review_extra_labels.split(",") if label.strip())
+
     @property
     def onnx_intra_op_threads(self) -> int:
         return self.intra_op_threads or usable_cores()
+
+    @property
+    def preprocess_workers(self) -> int:
+        return self.preprocess_threads or usable_cores()

@@ -1,6 +1,7 @@
 """Uploaded bytes → a fully decoded Pillow image, or a `DecodeError` that says what is wrong.
 
-Only JPEG, PNG, BMP and TIFF are opened (Pillow is told so, so no other decoder ever sees the bytes).
+DICOM Part-10 files (recognised by their `DICM` magic) go to `service.dicom`; of everything else only
+JPEG, PNG, BMP and TIFF are opened (Pillow is told so, so no other decoder ever sees the bytes).
 The pixel count is checked from the header, before any pixel is decoded, so a small file that claims
 a huge image (a decompression bomb) costs nothing. Every failure is a `DecodeError` with a stable
 `code` for clients and metrics and a message a person can act on.
@@ -9,11 +10,14 @@ a huge image (a decompression bomb) costs nothing. Every failure is a `DecodeErr
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from service.dicom import DicomError, decode_dicom, is_dicom
+
 SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF")
-SUPPORTED_TEXT = "JPEG, PNG, BMP or TIFF"
+SUPPORTED_TEXT = "JPEG, PNG, BMP, TIFF or DICOM"
 
 # Leading bytes of formats people send by mistake, so the message can name what was sent.
 _KNOWN_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
@@ -22,7 +26,6 @@ _KNOWN_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (8, b"WEBP", "a WebP image"),
     (4, b"ftypheic", "a HEIC image"),
     (4, b"ftypavif", "an AVIF image"),
-    (128, b"DICM", "a DICOM file"),
     (0, b"%PDF", "a PDF document"),
     (0, b"PK\x03\x04", "a ZIP archive"),
     (0, b"\x1f\x8b", "a gzip archive"),
@@ -66,8 +69,28 @@ def _looks_like_text(head: bytes) -> bool:
     return all(ch.isprintable() or ch in "\r\n\t" for ch in text)
 
 
+@dataclass(frozen=True)
+class DecodedUpload:
+    image: Image.Image
+    format: str  # JPEG | PNG | BMP | TIFF | DICOM
+    sop_instance_uid: str | None = None  # DICOM only: answered beside the prediction
+
+
+def decode_upload(data: bytes, *, max_pixels: int) -> DecodedUpload:
+    """An image file or a DICOM file → the decoded image and what identifies it."""
+    if is_dicom(data):
+        try:
+            dicom = decode_dicom(data, max_pixels=max_pixels)
+        except DicomError as exc:
+            raise DecodeError(exc.code, exc.message) from None
+        return DecodedUpload(dicom.image, "DICOM", dicom.sop_instance_uid)
+    image = decode_image(data, max_pixels=max_pixels)
+    return DecodedUpload(image, str(image.format))
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Open and fully decode `data` (first frame of a multi-page TIFF); raise DecodeError if unusable."""
+    """Open and fully decode `data` (first frame of a multi-page TIFF); raise DecodeError if unusable.
+    For DICOM as well, use `decode_upload`."""
     if not data:
         raise DecodeError("empty", "the file is empty (0 bytes)")
     try:

@@ -7,9 +7,16 @@ preprocessed arrays into per-class probabilities with the contract's temperature
 
 `ModelSlot` holds the model the service answers with. Loading happens off the event loop; a failed or
 impossible load leaves the slot empty with a reason (the service stays up, `ready` says 503 and why),
-and while it is empty the registry is tried again at most every `model_retry_seconds`. The later
-hot-swap on promotion replaces `ModelSlot.current` in one assignment, so requests in flight keep the
-`LoadedModel` they started with.
+and while it is empty the registry is tried again at most every `model_retry_seconds`.
+
+Swapping (`ModelSlot.refresh` / `activate`): the new version is loaded and warmed beside the old one,
+then `ModelSlot.current` is replaced in one assignment. Every request takes `slot.current` once at its
+start and carries that `LoadedModel` through preprocessing and the batcher, so requests in flight finish
+on the session they started with; the old session is freed when the last of them lets go of it.
+
+Device policy (`WBC_DEVICE`): `cpu`; `auto` = TensorRT, else CUDA, when this ONNX Runtime offers them
+and the session really runs on them, else CPU; `cuda` = a GPU provider or `DeviceUnavailableError`,
+which stops start-up (never a silent CPU fallback).
 """
 
 from __future__ import annotations
@@ -49,6 +56,14 @@ class ContractMismatchError(ModelLoadError):
     """The contract in the file does not describe its graph (or disagrees with the registry's record)."""
 
 
+class DeviceUnavailableError(ModelLoadError):
+    """WBC_DEVICE=cuda but no GPU provider can run the model: the service must not start on the CPU."""
+
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+INT8 = "int8"
+
+
 # ---- session options -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SessionConfig:
@@ -57,6 +72,7 @@ class SessionConfig:
     Defaults suit a small CPU box (2 cores here): one intra-op thread per usable core, no inter-op
     parallelism (CNN graphs are a chain), all graph optimisations, and no spin-waiting so idle
     inference threads do not steal the cores that decode and preprocess the next request.
+    `providers` is what is asked for, in preference order; `Classifier.provider` is what ORT granted.
     """
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
@@ -64,6 +80,8 @@ class SessionConfig:
     inter_op_threads: int = 1
     graph_optimization: str = "all"
     allow_spinning: bool = False
+    device: str = "cpu"  # the policy the providers came from: cpu | auto | cuda
+    trt_cache: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SessionConfig:
@@ -72,6 +90,8 @@ class SessionConfig:
             intra_op_threads=settings.onnx_intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             graph_optimization=settings.graph_optimization,
+            device=settings.device,
+            trt_cache=str(settings.trt_cache),
         )
 
     def session_options(self) -> ort.SessionOptions:
@@ -83,6 +103,18 @@ class SessionConfig:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise
         return options
+
+    def provider_options(self) -> list[tuple[str, dict[str, str]]]:
+        """Providers with their options: TensorRT caches its engines (building one takes minutes)."""
+        chosen = []
+        for name in self.providers:
+            options: dict[str, str] = {}
+            if name == "TensorrtExecutionProvider" and self.trt_cache:
+                Path(self.trt_cache).mkdir(parents=True, exist_ok=True)
+                options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": self.trt_cache,
+                           "trt_timing_cache_enable": "True"}
+            chosen.append((name, options))
+        return chosen
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -96,17 +128,21 @@ class SessionConfig:
 
 
 def providers_for(device: str) -> tuple[str, ...]:
-    """Execution providers for the device policy (placeholder until the CUDA policy lands)."""
+    """Execution providers to ask for under the device policy, best first (CPU last as ORT requires).
+
+    Whether a GPU really answers is known only when a session is built (onnxruntime-gpu lists CUDA even
+    on a machine without one); `Classifier` checks what it was granted against the policy.
+    """
     available = ort.get_available_providers()
     if device == "cpu":
         return ("CPUExecutionProvider",)
-    if "CUDAExecutionProvider" in available:
-        return ("CUDAExecutionProvider", "CPUExecutionProvider")
-    if device == "cuda":
-        raise ModelLoadError(
-            f"WBC_DEVICE=cuda but this ONNX Runtime offers only {available} (install onnxruntime-gpu)"
+    gpu = tuple(p for p in GPU_PROVIDERS if p in available)
+    if not gpu and device == "cuda":
+        raise DeviceUnavailableError(
+            f"WBC_DEVICE=cuda but this ONNX Runtime offers only {available}: install the gpu extra "
+            "(onnxruntime-gpu), or set WBC_DEVICE=auto or cpu"
         )
-    return ("CPUExecutionProvider",)
+    return (*gpu, "CPUExecutionProvider")
 
 
 # ---- the classifier -----------------------------------------------------------------------------------
@@ -147,15 +183,40 @@ class Classifier:
         self.path = Path(onnx_path)
         self.config = config or SessionConfig()
         source = str(self.path)
-        try:
-            self.session = ort.InferenceSession(
-                source, self.config.session_options(), providers=list(self.config.providers)
+        self.session = self._open(source)
+        self.provider = self.session.get_providers()[0]
+        if self.config.device == "cuda" and self.provider not in GPU_PROVIDERS:
+            raise DeviceUnavailableError(
+                f"{source}: WBC_DEVICE=cuda but ONNX Runtime granted only {self.session.get_providers()} "
+                "(no usable GPU, or its CUDA/cuDNN libraries are missing)"
             )
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
-            raise ModelLoadError(f"{source}: ONNX Runtime cannot load it: {exc}") from None
         self.contract = read_contract(self.session, source)
         self.static_batch = check_graph(self.session, self.contract, source)
         self._check_output_width(source)
+
+    def _open(self, source: str) -> ort.InferenceSession:
+        options = self.config.session_options()
+        providers = self.config.provider_options()
+        try:
+            return ort.InferenceSession(source, options, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
+            first_error = exc
+        # TensorRT is offered by onnxruntime-gpu even where libnvinfer is missing: try without it.
+        if any(name == "TensorrtExecutionProvider" for name, _ in providers):
+            try:
+                session = ort.InferenceSession(
+                    source, options, providers=[p for p in providers if p[0] != "TensorrtExecutionProvider"]
+                )
+                log.warning("%s: TensorRT refused the model (%s); using %s", source, first_error,
+                            session.get_providers()[0])
+                return session
+            except Exception:
+                pass
+        raise ModelLoadError(f"{source}: ONNX Runtime cannot load it: {first_error}") from None
+
+    @property
+    def input_type(self) -> str:
+        return self.session.get_inputs()[0].type  # 'tensor(float)'
 
     def _check_output_width(self, source: str) -> None:
         """Run one blank input: proves the graph executes and that its output width is the class count."""
@@ -185,11 +246,22 @@ class Classifier:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.logits(batch), self.contract.temperature)
 
-    def predict(self, arrays: Sequence[np.ndarray]) -> list[Prediction]:
-        """Preprocessed images (each (3, S, S)) → one Prediction each, in order."""
-        if not arrays:
+    def warm(self, max_batch_size: int) -> None:
+        """Run the batch sizes the batcher will form first, so the first requests do not pay for
+        allocations (and, on a GPU, kernel selection)."""
+        s = self.contract.input_size
+        for n in sorted({1, min(2, max_batch_size), max_batch_size}):
+            self.logits(np.zeros((n, 3, s, s), dtype=np.float32))
+
+    def predict(self, arrays: Sequence[np.ndarray] | np.ndarray) -> list[Prediction]:
+        """Preprocessed images (each (3, S, S), or one (N, 3, S, S) array) → one Prediction each, in order."""
+        if len(arrays) == 0:
             return []
-        probs = self.probabilities(np.stack(arrays))
+        batch = arrays if isinstance(arrays, np.ndarray) else np.stack(arrays)
+        return self.predictions_from(self.probabilities(batch))
+
+    def predictions_from(self, probs: np.ndarray) -> list[Prediction]:
+        """Probability rows → Predictions, abstaining below the contract's threshold."""
         names = self.contract.class_names
         threshold = self.contract.abstain_threshold
         predictions = []
@@ -202,6 +274,11 @@ class Classifier:
 
 
 # ---- what the app serves ------------------------------------------------------------------------------------
+def variant_of(info: VersionInfo) -> str:
+    """'int8' for a quantized variant registered by models.quantize, else 'fp32'."""
+    return str(info.metadata.get("variant", "fp32"))
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     classifier: Classifier
@@ -220,6 +297,14 @@ class LoadedModel:
     def contract(self) -> ModelContract:
         return self.classifier.contract
 
+    @property
+    def provider(self) -> str:
+        return self.classifier.provider
+
+    @property
+    def precision(self) -> str:
+        return variant_of(self.info)
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.name,
@@ -227,6 +312,9 @@ class LoadedModel:
             "architecture": self.contract.architecture,
             "classes": list(self.contract.class_names),
             "input_size": self.contract.input_size,
+            "abstain_threshold": self.contract.abstain_threshold,
+            "precision": self.precision,
+            "provider": self.provider,
             "path": str(self.info.onnx_path),
             "sha256": self.info.sha256,
             "loaded_at": self.loaded_at,
@@ -234,40 +322,119 @@ class LoadedModel:
         }
 
 
-def load_from_registry(settings: Settings) -> LoadedModel:
-    """Resolve the configured version, check its checksum, build the session, cross-check contracts."""
+def resolve_target(registry: Registry, reference: str | None, precision: str) -> VersionInfo:
+    """The version to serve: `reference` as Registry.resolve reads it, then the precision policy.
+
+    'latest' (and an unset reference without a production alias) means the newest fp32 version, never
+    an INT8 variant that happens to be newer; with precision int8 the newest INT8 variant quantized
+    from the resolved version is served (a reference that names a variant directly is served as it is).
+    """
     try:
-        info = Registry(settings.registry, settings.model_name).resolve(settings.version)
-        if settings.verify_sha256:
-            info.verify()
-    except RegistryError as exc:  # includes IntegrityError
+        aliases = registry.aliases()
+        follows_latest = reference == "latest" or (reference is None and aliases.get("production") is None)
+        if follows_latest:
+            plain = [v for v in registry.versions() if variant_of(v) == "fp32"]
+            if not plain:
+                raise RegistryError(f"{registry.model_name}: no versions in {registry.root}")
+            info = plain[-1]
+        else:
+            info = registry.resolve(reference)
+    except RegistryError as exc:
         raise ModelLoadError(str(exc)) from None
+    return apply_precision(registry, info, precision)
+
+
+def apply_precision(registry: Registry, info: VersionInfo, precision: str) -> VersionInfo:
+    if precision != INT8 or variant_of(info) == INT8:
+        return info
+    variants = [v for v in registry.versions()
+                if variant_of(v) == INT8 and v.metadata.get("quantization", {}).get("source_version") == info.version]
+    if not variants:
+        raise ModelLoadError(
+            f"{registry.model_name} v{info.version}: WBC_PRECISION=int8 but no INT8 variant of it is "
+            f"registered (python -m models.quantize --registry {registry.root} --version {info.version})"
+        )
+    return variants[-1]
+
+
+def load_version(info: VersionInfo, settings: Settings) -> LoadedModel:
+    """Check the checksum, build the session, cross-check contracts, warm it."""
+    if settings.verify_sha256:
+        try:
+            info.verify()
+        except RegistryError as exc:  # IntegrityError
+            raise ModelLoadError(str(exc)) from None
     classifier = Classifier(info.onnx_path, SessionConfig.from_settings(settings))
     recorded = info.contract
     if classifier.contract != recorded:
         raise ContractMismatchError(
             f"{info.onnx_path}: the contract in the file differs from the one in {info.path / 'metadata.json'}"
         )
+    classifier.warm(settings.max_batch_size)
     return LoadedModel(classifier, info)
 
 
+def load_from_registry(settings: Settings, reference: str | None = None) -> LoadedModel:
+    """Resolve the configured version (or `reference`) under the precision policy and load it."""
+    registry = Registry(settings.registry, settings.model_name)
+    info = resolve_target(registry, reference if reference is not None else settings.version, settings.precision)
+    return load_version(info, settings)
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    changed: bool
+    previous: dict[str, Any] | None  # {"version", "sha256"} of what was served before
+    current: dict[str, Any]
+    reason: str
+    seconds: float  # load + warm time
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"changed": self.changed, "previous": self.previous, "current": self.current,
+                "reason": self.reason, "load_seconds": round(self.seconds, 3)}
+
+
+def _identity(model: LoadedModel | None) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    return {"version": model.version, "precision": model.precision, "sha256": model.info.sha256}
+
+
 class ModelSlot:
-    """The model being served (or None, with the reason), loaded from the registry on demand."""
+    """The model being served (or None, with the reason), loaded from the registry on demand.
+
+    `reference` is what the slot follows: None (the production alias, else the latest version), an
+    alias, 'latest' or a pinned number (WBC_VERSION). `refresh()` re-resolves it and swaps when the
+    answer changed: the registry watch and the admin endpoints both go through it.
+    """
 
     def __init__(self, settings: Settings, on_load: Callable[[LoadedModel], None] | None = None):
         self.settings = settings
         self.on_load = on_load
+        self.reference: str | None = settings.version
+        self.registry = Registry(settings.registry, settings.model_name)
         self.current: LoadedModel | None = None
         self.last_error: str | None = "not loaded yet"
+        self.swaps: list[dict[str, Any]] = []  # this process's swaps, newest last (bounded)
         self._last_attempt = float("-inf")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one load or swap at a time
+
+    @property
+    def pinned(self) -> bool:
+        """True when the slot follows a fixed version number rather than an alias or 'latest'."""
+        return self.reference is not None and self.reference.isdigit()
 
     def load(self) -> LoadedModel | None:
-        """Blocking; call from a worker thread. Keeps the slot empty (with the reason) when it fails."""
+        """Blocking; call from a worker thread. Keeps the slot empty (with the reason) when it fails.
+
+        A DeviceUnavailableError propagates: with WBC_DEVICE=cuda the process must not start on the CPU."""
         with self._lock:
             self._last_attempt = time.monotonic()
             try:
-                loaded = load_from_registry(self.settings)
+                loaded = load_from_registry(self.settings, self.reference)
+            except DeviceUnavailableError:
+                self.last_error = "WBC_DEVICE=cuda and no GPU provider"
+                raise
             except ModelLoadError as exc:
                 self.last_error = str(exc)
                 log.error("no model served: %s", exc)
@@ -276,11 +443,7 @@ class ModelSlot:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("no model served: unexpected error while loading")
                 return None
-            self.current, self.last_error = loaded, None
-            if self.on_load is not None:
-                self.on_load(loaded)
-            log.info("serving %s v%d (%s) with %s", loaded.name, loaded.version,
-                     loaded.contract.architecture, loaded.classifier.config.describe())
+            self._install(loaded, "start")
             return loaded
 
     def ensure_loaded(self) -> LoadedModel | None:
@@ -290,3 +453,68 @@ class ModelSlot:
         if time.monotonic() - self._last_attempt >= self.settings.model_retry_seconds:
             return self.load()
         return None
+
+    def follows(self, alias: str) -> bool:
+        """Whether moving `alias` changes what this slot serves."""
+        return self.reference == alias or (self.reference is None and alias == "production")
+
+    def refresh(self, reason: str = "refresh") -> SwapResult:
+        """Re-resolve the reference; load, warm and switch to it if it is not what is served.
+
+        Raises ModelLoadError (the served model stays) when the target cannot be loaded."""
+        with self._lock:
+            info = resolve_target(self.registry, self.reference, self.settings.precision)
+            return self._swap_to(info, reason)
+
+    def move_alias(self, alias: str, version: int, *, reason: str, actor: str) -> SwapResult:
+        """Point `alias` at `version` (promotion, rollback) and serve it if this slot follows the alias.
+
+        The version is loaded and warmed before the alias moves: a version that cannot be served
+        leaves both the alias and the served model as they were (ModelLoadError). RegistryError when
+        the version does not exist."""
+        with self._lock:
+            info = self.registry.get(version)
+            target = apply_precision(self.registry, info, self.settings.precision) if self.follows(alias) else None
+            loaded = None
+            start = time.perf_counter()
+            if target is not None and not self._is_current(target):
+                loaded = load_version(target, self.settings)
+            self.registry.set_alias(alias, version, reason=reason, actor=actor)
+            current = self.current
+            if loaded is None:
+                return SwapResult(False, _identity(current), _identity(current), reason, 0.0)
+            self._install(loaded, reason)
+            return SwapResult(True, _identity(current), _identity(loaded), reason, time.perf_counter() - start)
+
+    def previous_production(self) -> int | None:
+        """The version production pointed at before its current one (for a rollback without a version)."""
+        aliases = self.registry.aliases()
+        now = aliases.get("production")
+        for entry in reversed(aliases.get("history", [])):
+            if entry.get("alias") == "production" and entry.get("to") == now and entry.get("from") is not None:
+                return int(entry["from"])
+        return None
+
+    def _is_current(self, info: VersionInfo) -> bool:
+        current = self.current
+        return current is not None and current.version == info.version and current.info.sha256 == info.sha256
+
+    def _swap_to(self, info: VersionInfo, reason: str) -> SwapResult:
+        current = self.current
+        if self._is_current(info):
+            return SwapResult(False, _identity(current), _identity(current), reason, 0.0)
+        start = time.perf_counter()
+        loaded = load_version(info, self.settings)
+        self._install(loaded, reason)
+        return SwapResult(True, _identity(current), _identity(loaded), reason, time.perf_counter() - start)
+
+    def _install(self, loaded: LoadedModel, reason: str) -> None:
+        previous = self.current
+        self.current, self.last_error = loaded, None  # the switch: one assignment
+        if self.on_load is not None:
+            self.on_load(loaded)
+        self.swaps = [*self.swaps[-49:], {"at": loaded.loaded_at, "reason": reason,
+                                          "from": _identity(previous), "to": _identity(loaded)}]
+        log.info("serving %s v%d (%s, %s on %s) [%s] with %s", loaded.name, loaded.version,
+                 loaded.contract.architecture, loaded.precision, loaded.provider, reason,
+                 loaded.classifier.config.describe())

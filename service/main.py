@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,11 +13,14 @@ from anyio import CapacityLimiter
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from service.batching import DynamicBatcher
 from service.config import Settings
-from service.inference import ModelSlot
+from service.inference import LoadedModel, ModelSlot
 from service.limits import RequestSizeLimit
 from service.metrics import MetricsMiddleware, ServiceMetrics
-from service.routes import classify, health, metrics
+from service.pipeline import Pipeline
+from service.routes import admin, classify, health, metrics, v2
+from service.watch import watch_registry
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +29,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     service_metrics = ServiceMetrics()
 
+    def on_load(model: LoadedModel) -> None:
+        service_metrics.set_model(model.name, model.version, model.contract.architecture, model.precision,
+                                  model.provider)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.inference_limiter = CapacityLimiter(1)
+        slot: ModelSlot = app.state.model_slot
         # A missing or refused model does not stop the process: ready answers 503 with the reason.
-        await run_in_threadpool(app.state.model_slot.load)
-        yield
+        # Only WBC_DEVICE=cuda without a GPU does (DeviceUnavailableError propagates).
+        await run_in_threadpool(slot.load)
+        batcher = DynamicBatcher(settings.max_batch_size, settings.max_queue_delay_ms / 1000.0,
+                                 settings.max_queue_images, service_metrics)
+        app.state.pipeline = Pipeline(batcher, CapacityLimiter(settings.preprocess_workers), service_metrics,
+                                      settings.max_pixels)
+        watcher = (asyncio.create_task(watch_registry(slot, service_metrics, settings.watch_seconds))
+                   if settings.watch_seconds > 0 else None)
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await run_in_threadpool(batcher.close)
 
     app = FastAPI(
         title="WBC classifier",
@@ -38,12 +61,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = service_metrics
-    app.state.model_slot = ModelSlot(
-        settings, on_load=lambda m: service_metrics.set_model(m.name, m.version, m.contract.architecture)
-    )
+    app.state.prediction_sink = None  # service.sink: persistence plugs in here
+    app.state.model_slot = ModelSlot(settings, on_load=on_load)
     app.include_router(classify.router)
+    app.include_router(v2.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(admin.router)
     # The last added is outermost: metrics see every answer, including the size guard's 413s.
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics)

@@ -1,5 +1,21 @@
 """Prometheus metrics: HTTP requests by route and status, latencies, predictions by class, image errors.
 
+Names are stable (alert rules and the Grafana dashboard in k8s/monitoring/ use them):
+    wbc_http_requests_total{method,route,status}           requests by status
+    wbc_http_request_duration_seconds{method,route}        total latency (histogram)
+    wbc_preprocess_duration_seconds                        decode + preprocessing, per image (histogram)
+    wbc_queue_wait_seconds                                 enqueue → batch start, per image (histogram)
+    wbc_inference_duration_seconds                         ONNX Runtime, per batch (histogram)
+    wbc_inference_batch_size                               images per batch (histogram)
+    wbc_queue_depth                                        images waiting for inference (gauge)
+    wbc_predictions_total{model,version,label}             answers by label (incl. "unidentified")
+    wbc_prediction_confidence{model,version}               top-class probability (histogram)
+    wbc_abstentions_total{model,version}                   answers "unidentified"
+    wbc_image_errors_total{code}                           refused files by reason
+    wbc_model_info{model,version,architecture,precision,provider}   the served model (value 1)
+    wbc_model_ready                                        1 while a model is served
+    wbc_model_swaps_total{trigger,result}                  swap attempts (result: swapped|unchanged|failed)
+
 Each app owns its own `CollectorRegistry` (not prometheus-client's global one), so several apps in one
 process (tests, a later blue/green swap) never clash over metric names. Routes are labelled with their
 template (`/v1/classify`), never the raw path, so label cardinality stays bounded.
@@ -24,6 +40,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # Seconds; CPU inference of one small CNN batch is milliseconds, a full request with decoding can be 1 s+.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 class ServiceMetrics:
@@ -48,8 +66,24 @@ class ServiceMetrics:
             "wbc_image_errors", "Uploaded files refused, by reason", ["code"], registry=r
         )
         self.preprocess_seconds = Histogram(
-            "wbc_preprocess_duration_seconds", "Decode + contract preprocessing of one request's files",
+            "wbc_preprocess_duration_seconds", "Decode + contract preprocessing of one image",
             buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "wbc_queue_wait_seconds", "Time an image waited for the inference runner",
+            buckets=QUEUE_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("wbc_queue_depth", "Images waiting for inference", registry=r)
+        self.confidence = Histogram(
+            "wbc_prediction_confidence", "Top-class probability of each answered image", ["model", "version"],
+            buckets=CONFIDENCE_BUCKETS, registry=r,
+        )
+        self.abstentions = Counter(
+            "wbc_abstentions", "Images answered 'unidentified' (below the abstain threshold)",
+            ["model", "version"], registry=r,
+        )
+        self.swaps = Counter(
+            "wbc_model_swaps", "Model swap attempts", ["trigger", "result"], registry=r
         )
         self.inference_seconds = Histogram(
             "wbc_inference_duration_seconds", "ONNX Runtime time for one batch",
@@ -60,13 +94,22 @@ class ServiceMetrics:
         )
         self.model_ready = Gauge("wbc_model_ready", "1 while a model is loaded and served", registry=r)
         self.model_info = Gauge(
-            "wbc_model_info", "The served model (value 1)", ["model", "version", "architecture"], registry=r
+            "wbc_model_info", "The served model (value 1)",
+            ["model", "version", "architecture", "precision", "provider"], registry=r,
         )
 
-    def set_model(self, name: str, version: int, architecture: str) -> None:
+    def set_model(self, name: str, version: int, architecture: str, precision: str = "fp32",
+                  provider: str = "CPUExecutionProvider") -> None:
         self.model_info.clear()
-        self.model_info.labels(name, str(version), architecture).set(1)
+        self.model_info.labels(name, str(version), architecture, precision, provider).set(1)
         self.model_ready.set(1)
+
+    def record_prediction(self, model: str, version: int, label: str, confidence: float, abstained: bool) -> None:
+        v = str(version)
+        self.predictions.labels(model, v, label).inc()
+        self.confidence.labels(model, v).observe(confidence)
+        if abstained:
+            self.abstentions.labels(model, v).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

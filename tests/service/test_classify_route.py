@@ -50,7 +50,7 @@ def test_bad_file_beside_good_ones_is_207(client: TestClient, jpeg_bytes: bytes,
     assert_prediction(good_b, "b.png")
     assert bad == {"filename": "notes.txt",
                    "error": {"code": "unsupported_type",
-                             "message": "text, not an image; send JPEG, PNG, BMP or TIFF"}}
+                             "message": "text, not an image; send JPEG, PNG, BMP, TIFF or DICOM"}}
 
 
 @pytest.mark.parametrize(

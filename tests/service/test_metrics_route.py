@@ -31,4 +31,5 @@ def test_requests_predictions_and_errors_are_counted(client: TestClient, jpeg_by
     assert value("wbc_image_errors_total", code="unsupported_type") == 1
     assert value("wbc_inference_batch_size_count") == 2
     assert value("wbc_model_ready") == 1
-    assert value("wbc_model_info", model="wbc-test", version="1", architecture="test_efficientnet") == 1
+    assert value("wbc_model_info", model="wbc-test", version="1", architecture="test_efficientnet",
+                 precision="fp32", provider="CPUExecutionProvider") == 1

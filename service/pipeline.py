@@ -1,0 +1,104 @@
+"""The request path shared by /v1/classify and the KServe v2 infer endpoint.
+
+    bytes ──(preprocess worker: decode + contract preprocessing)──► array ──(DynamicBatcher)──► probabilities
+
+Each image is decoded and preprocessed on its own worker thread (at most WBC_PREPROCESS_THREADS at
+once, so 32 clients never start 32 CPU-bound threads on 2 cores) and queued for inference the moment
+it is ready, so a request's images and different requests' images overlap with the batch running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from anyio import CapacityLimiter, to_thread
+
+from models.contract import UNIDENTIFIED, ModelContract
+from models.preprocess import preprocess
+from service.batching import DynamicBatcher
+from service.decoding import DecodeError, decode_upload
+from service.inference import LoadedModel, Prediction
+from service.metrics import ServiceMetrics
+
+
+@dataclass(frozen=True)
+class ImageError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One image's answer: a prediction, or the reason it could not be classified."""
+
+    prediction: Prediction | None = None
+    error: ImageError | None = None
+    format: str | None = None
+    sop_instance_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    array: np.ndarray
+    format: str
+    sop_instance_uid: str | None
+
+
+def prepare_image(data: bytes, contract: ModelContract, max_pixels: int) -> _Prepared:
+    """Decode + the contract's preprocessing (a worker thread: Pillow and NumPy release the GIL)."""
+    decoded = decode_upload(data, max_pixels=max_pixels)
+    try:
+        array = preprocess(decoded.image, contract)
+    except Exception as exc:  # a mode or geometry the contract's preprocessing cannot handle
+        image = decoded.image
+        raise DecodeError(
+            "unprocessable", f"{decoded.format} {image.mode} {image.size}: preprocessing failed: {exc}"
+        ) from None
+    return _Prepared(array, decoded.format, decoded.sop_instance_uid)
+
+
+class Pipeline:
+    def __init__(self, batcher: DynamicBatcher, preprocess_limiter: CapacityLimiter, metrics: ServiceMetrics,
+                 max_pixels: int):
+        self.batcher = batcher
+        self.preprocess_limiter = preprocess_limiter
+        self.metrics = metrics
+        self.max_pixels = max_pixels
+
+    async def classify_bytes(self, model: LoadedModel, uploads: Sequence[bytes | ImageError]) -> list[Outcome]:
+        """Encoded images (or an error already found while reading) → one Outcome each, in order.
+
+        QueueFullError and BatcherClosedError propagate: the route answers 503 for the whole request."""
+        return list(await asyncio.gather(*(self._one(model, item) for item in uploads)))
+
+    async def _one(self, model: LoadedModel, item: bytes | ImageError) -> Outcome:
+        if isinstance(item, ImageError):
+            self.metrics.image_errors.labels(item.code).inc()
+            return Outcome(error=item)
+        start = time.perf_counter()
+        try:
+            prepared = await to_thread.run_sync(
+                prepare_image, item, model.contract, self.max_pixels, limiter=self.preprocess_limiter
+            )
+        except DecodeError as exc:
+            self.metrics.image_errors.labels(exc.code).inc()
+            return Outcome(error=ImageError(exc.code, exc.message))
+        self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
+        [row] = await self.batcher.probabilities(model, [prepared.array])
+        prediction = self.predict(model, row)
+        return Outcome(prediction, format=prepared.format, sop_instance_uid=prepared.sop_instance_uid)
+
+    async def classify_arrays(self, model: LoadedModel, batch: np.ndarray) -> list[Prediction]:
+        """Already preprocessed (N, 3, S, S) float32 tensors (KServe v2 FP32 input) → predictions."""
+        rows = await self.batcher.probabilities(model, list(batch))
+        return [self.predict(model, row) for row in rows]
+
+    def predict(self, model: LoadedModel, row: np.ndarray) -> Prediction:
+        [prediction] = model.classifier.predictions_from(row[None])
+        self.metrics.record_prediction(model.name, model.version, prediction.label, prediction.confidence,
+                                       prediction.label == UNIDENTIFIED)
+        return prediction
