@@ -49,6 +49,7 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     uid.JPEGLossless,
     uid.JPEGLosslessSV1,
 )
+UNCOMPRESSED = TRANSFER_SYNTAXES[:4]
 PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "MONOCHROME1", "MONOCHROME2")
 
 
@@ -91,7 +92,8 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
         raise DicomError("unsupported_dicom", f"DICOM SOP class {_name(sop_class) or 'missing'} is not "
                                               f"accepted; send one of: {accepted}")
     if "PixelData" not in ds:
-        raise DicomError("no_pixel_data", f"DICOM {SOP_CLASSES[sop_class]} has no Pixel Data element")
+        raise DicomError("no_pixel_data", f"DICOM {SOP_CLASSES[sop_class]} has no Pixel Data element "
+                                          "(or the file is cut off before it)")
     if syntax not in TRANSFER_SYNTAXES:
         raise DicomError("unsupported_dicom", f"DICOM transfer syntax {_name(syntax) or 'missing'} is not "
                                               "supported; send uncompressed, JPEG baseline or JPEG lossless")
@@ -105,8 +107,14 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
     if rows * columns > max_pixels:
         raise DicomError("too_many_pixels", f"DICOM image is {columns}x{rows} = {rows * columns:,} pixels; "
                                             f"the limit is {max_pixels:,}")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if syntax in UNCOMPRESSED:
+        per_sample = (int(ds.get("BitsAllocated", 8) or 8) + 7) // 8
+        expected = rows * columns * int(ds.get("SamplesPerPixel", 1) or 1) * per_sample * frames
+        if len(ds.PixelData) < expected:
+            raise DicomError("truncated", f"DICOM pixel data holds {len(ds.PixelData):,} bytes; a {columns}x{rows} "
+                                          f"image needs {expected:,} (the file is cut off)")
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
         arr = pixel_array(ds, index=0 if frames > 1 else None)  # YBR is converted to RGB by default
     except Exception as exc:  # a decoder that is missing or fails on damaged data
         raise DicomError("corrupt", f"DICOM pixel data ({_name(syntax)}) could not be decoded "
