@@ -19,6 +19,7 @@ from service.inference import LoadedModel, ModelSlot
 from service.limits import RequestSizeLimit
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.pipeline import Pipeline
+from service.review import wiring as review_wiring
 from service.routes import admin, classify, health, metrics, v2
 from service.watch import watch_registry
 
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         slot: ModelSlot = app.state.model_slot
+        await run_in_threadpool(review_wiring.start, app)  # database migrated to head, or no start
         # A missing or refused model does not stop the process: ready answers 503 with the reason.
         # Only WBC_DEVICE=cuda without a GPU does (DeviceUnavailableError propagates).
         await run_in_threadpool(slot.load)
@@ -53,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await run_in_threadpool(batcher.close)
+            await run_in_threadpool(review_wiring.stop, app)
 
     app = FastAPI(
         title="WBC classifier",
@@ -68,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(admin.router)
+    review_wiring.attach(app, settings)  # database, prediction sink, auth, review pages, audit
     # The last added is outermost: metrics see every answer, including the size guard's 413s.
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics)

@@ -30,6 +30,8 @@ class ClassifiedCell:
     requested_by: str | None  # the requesting system (service.deps.get_requester)
     route: str  # the API that was called, e.g. "/v1/classify"
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    specimen: str | None = None  # the lab system's specimen (accession) id, if it gave one
+    slide: str | None = None  # the lab system's slide id, if it gave one
 
 
 class PredictionSink(Protocol):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -105,6 +105,9 @@ async def classify(
     pipeline: PipelineDep,
     sink: PredictionSinkDep,
     requester: RequesterDep,
+    specimen: Annotated[str | None, Form(max_length=128, description="The laboratory's specimen (accession) id; "
+                                         "its cells are reviewed and signed off together")] = None,
+    slide: Annotated[str | None, Form(max_length=128, description="The laboratory's slide id")] = None,
 ) -> Any:
     """Classify each uploaded white-cell image (or DICOM file) with the served model.
 
@@ -138,6 +141,7 @@ async def classify(
             sop_instance_uid=o.sop_instance_uid, label=o.prediction.label, confidence=o.prediction.confidence,
             probabilities=o.prediction.probabilities, model_name=model.name, model_version=model.version,
             model_precision=model.precision, requested_by=requester, route=ROUTE,
+            specimen=specimen, slide=slide,
         )
         for name, data, o in zip(names, uploads, outcomes) if o.prediction is not None
     ]
