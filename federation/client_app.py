@@ -2,13 +2,16 @@
 
 Node config (per SuperNode, set by whoever runs the site): `site="<name>" data-root="/abs/path"`
 (a data root that holds this site; `federation.sites.materialize_site` makes one holding only it),
-optionally `threads=<n>` for torch. Flower starts a fresh process for every message, so nothing is kept
+optionally `extra-data-roots="/abs/a,/abs/b"` (reviewed exports, see `federation.site_data`) and
+`threads=<n>` for torch. Mods: `federation.privacy.clip_when_asked` (Flower's DP clipping, only when
+the server's DP strategy asks for it). Flower starts a fresh process for every message, so nothing is kept
 in module globals: everything a step needs arrives in the message (weights, the model contract as JSON,
 training settings) or is read from the site's own folder.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -19,26 +22,19 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from federation.privacy import clip_when_asked
+from federation.site_data import SiteConfigError, SiteData
 from federation.strategies import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
 
-app = ClientApp()
+app = ClientApp(mods=[clip_when_asked])
 _STARTED = time.time()  # for the log only (a fresh process serves each message)
 
-
-class SiteConfigError(ValueError):
-    """The SuperNode was started without a usable site / data root."""
+__all__ = ["SiteConfigError", "app", "site_of"]
 
 
 def site_of(context: Context) -> tuple[str, Path]:
-    site = str(context.node_config.get("site", "")).strip()
-    root = str(context.node_config.get("data-root", "")).strip()
-    if not site or not root:
-        raise SiteConfigError(
-            'this SuperNode has no site: start it with --node-config \'site="NAME" data-root="/abs/path"\''
-        )
-    if not Path(root).is_absolute():
-        raise SiteConfigError(f"data-root must be an absolute path, got {root!r}")
-    return site, Path(root)
+    data = SiteData.from_node_config(context.node_config)
+    return data.site, data.base_root
 
 
 def site_seed(seed: int, server_round: int, site: str) -> int:
@@ -54,14 +50,15 @@ def _log(site: str, text: str) -> None:
 def _setup(msg: Message, context: Context):
     import torch
 
-    from federation.sites import DataError, DataRoot
+    from federation.sites import DataError
     from federation.task import create_model_from_contract
     from models.contract import ModelContract
 
     threads = int(context.node_config.get("threads", 0) or 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    site, root = site_of(context)
+    site_data = SiteData.from_node_config(context.node_config)
+    site = site_data.site
     _log(
         site,
         f"{msg.metadata.message_type} message received (app module loaded {time.time() - _STARTED:.1f} s ago)",
@@ -69,11 +66,13 @@ def _setup(msg: Message, context: Context):
     config = msg.content[CONFIG_KEY]
     contract = ModelContract.from_json(str(config["contract"]))
     split = "train" if msg.metadata.message_type == "train" else "val"
-    samples = DataRoot(root).select([site], [split], classes=contract.class_names)
+    samples, sources = site_data.select(split, contract.class_names)
     if not samples:
-        raise DataError(f"site {site}: no {split} samples of classes {list(contract.class_names)} in {root}")
+        roots = ", ".join(str(r) for r in site_data.roots)
+        raise DataError(f"site {site}: no {split} samples of classes {list(contract.class_names)} in {roots}")
     model = create_model_from_contract(contract, pretrained=False)  # weights come from the message
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict(), strict=True)
+    config["data-sources"] = json.dumps(sources)  # read back by the handlers for their reply
     return site, config, contract, samples, model
 
 
@@ -121,6 +120,7 @@ def train(msg: Message, context: Context) -> Message:
                     "site": site,
                     "class-names": list(contract.class_names),
                     "class-counts": [int(counts[c]) for c in contract.class_names],
+                    "data-sources": str(config["data-sources"]),
                 }
             ),
         }

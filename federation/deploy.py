@@ -51,6 +51,10 @@ class FederationError(RuntimeError):
     """The deployment could not be started or the run could not be followed; the message says why."""
 
 
+class SuperLinkDied(FederationError):
+    """The SuperLink process (and with it the ServerApp) went away during the run."""
+
+
 # ---- results ---------------------------------------------------------------------------------------
 @dataclass
 class FederationResult:
@@ -63,6 +67,8 @@ class FederationResult:
     registered: list[dict[str, Any]] = field(default_factory=list)  # {round, version, path}
     error: str | None = None
     logs: dict[str, Path] = field(default_factory=dict)
+    faults: list[str] = field(default_factory=list)  # SuperNodes lost, SuperLink restarts, resumptions
+    flower_runs: list[int] = field(default_factory=list)  # one per submission (more after a resume)
 
     @property
     def ok(self) -> bool:
@@ -90,6 +96,8 @@ class FederationResult:
             "registered": self.registered,
             "wall_seconds": round(self.wall_seconds, 1),
             "run_dir": str(self.run_dir),
+            "faults": self.faults,
+            "flower_runs": self.flower_runs,
         }
 
 
@@ -253,6 +261,8 @@ class SiteNode:
     data_root: Path
     port: int = 0
     process: ManagedProcess | None = None
+    key: Path | None = None  # private auth key (OpenSSH ECDSA) when the SuperLink authenticates nodes
+    node_config: dict[str, Any] = field(default_factory=dict)  # extra --node-config entries
 
 
 class LocalDeployment:
@@ -265,12 +275,20 @@ class LocalDeployment:
         *,
         log_dir: Path | None = None,
         insecure: bool = True,
+        auth: bool = False,
         threads_per_site: int | None = None,
         start_timeout: float = 90.0,
+        node_config: Mapping[str, Mapping[str, Any]] | None = None,
     ):
+        if auth and insecure:
+            raise FederationError("SuperNode authentication needs TLS: use insecure=False with auth=True")
         self.workdir = workdir
-        self.nodes = [SiteNode(site, root) for site, root in site_roots.items()]
+        self.nodes = [
+            SiteNode(site, root, node_config=dict((node_config or {}).get(site, {})))
+            for site, root in site_roots.items()
+        ]
         self.insecure = insecure
+        self.auth = auth
         self.threads = threads_per_site or max(1, (os.cpu_count() or 1) // max(1, len(self.nodes)))
         self.start_timeout = start_timeout
         self.superlink: ManagedProcess | None = None
@@ -279,6 +297,9 @@ class LocalDeployment:
         self.log_dir = log_dir or workdir / "logs"
         self.cli_home = self.flwr_dir / "cli"
         self.certs: dict[str, Path] = {}
+        self.keys_dir = workdir / "keys"
+        # SuperLink state (runs, registered node keys) survives a SuperLink restart (see restart_superlink).
+        self.database = self.flwr_dir / "superlink" / "state.db"
 
     # -- environment --
     def env(self, flwr_home: Path) -> dict[str, str]:
@@ -322,20 +343,40 @@ class LocalDeployment:
             self.certs = make_local_certificates(self.workdir / "certs")
         self._start_superlink()
         self._write_cli_config()
+        if self.auth:
+            for node in self.nodes:
+                node.key = self.register_site_key(node.site)
         for node in self.nodes:
             self._start_supernode(node)
         self.wait_for_nodes()
 
-    def _start_superlink(self) -> None:
-        for _attempt in range(3):
-            self.port = free_port()
+    def register_site_key(self, site: str) -> Path:
+        """The site's private key (made once, kept under workdir/keys), its public key registered."""
+        from federation.credentials import make_site_key
+
+        private, public = self.keys_dir / f"{site}.key", self.keys_dir / f"{site}.pub"
+        if not (private.is_file() and public.is_file()):
+            make_site_key(self.keys_dir, site)
+        out = self.flwr("supernode", "register", str(public), CONNECTION, "--format", "json")
+        text = (out.stdout + out.stderr).lower()
+        if out.returncode != 0 and "already" not in text:  # a kept database already knows the key
+            raise FederationError(f"could not register {site}'s key: {(out.stdout + out.stderr).strip()[-1000:]}")
+        return private
+
+    def _start_superlink(self, port: int | None = None) -> None:
+        for _attempt in range(3 if port is None else 20):
+            self.port = port or free_port()
             argv = [
                 str(_BIN / "flower-superlink"),
                 "--port",
                 str(self.port),
                 "--disable-runtime-dependency-installation",
+                "--database",
+                str(self.database),
             ]
             argv += self._tls_server_args()
+            if self.auth:
+                argv.append("--enable-supernode-auth")
             proc = ManagedProcess(
                 "superlink",
                 argv,
@@ -349,31 +390,25 @@ class LocalDeployment:
                 return
             proc.stop(grace=3)
             _forget(proc)
+            if port is not None:
+                time.sleep(1.0)  # the old SuperLink's port may take a moment to free
         raise FederationError(f"the SuperLink did not start; see {self.logs['superlink']}")
+
+    def restart_superlink(self) -> None:
+        """Start the SuperLink again on the same port with the same database (after it died or was stopped).
+
+        SuperNodes keep retrying and reconnect by themselves; registered keys and node ids are in the database.
+        """
+        if self.superlink is not None:
+            self.superlink.stop(grace=5)
+            _forget(self.superlink)
+            self.superlink = None
+        self._start_superlink(port=self.port)
+        self.wait_for_nodes()
 
     def _start_supernode(self, node: SiteNode) -> None:
         for _attempt in range(3):
-            node.port = free_port()
-            node_config = f"site={_node_value(node.site)} data-root={_node_value(str(node.data_root))} threads={self.threads}"
-            argv = [
-                str(_BIN / "flower-supernode"),
-                "--superlink",
-                f"127.0.0.1:{self.port}",
-                "--port",
-                str(node.port),
-                "--node-config",
-                node_config,
-            ]
-            argv += ["--insecure"] if self.insecure else ["--root-certificates", str(self.certs["ca"])]
-            home = self.flwr_dir / "nodes" / node.site
-            proc = ManagedProcess(
-                f"supernode-{node.site}",
-                argv,
-                cwd=home / "cwd",
-                env=self.env(home),
-                log=self.logs[f"supernode-{node.site}"],
-            )
-            _LIVE.append(proc)
+            proc = self.launch_supernode(node)
             if self._wait_port(proc, node.port):
                 node.process = proc
                 return
@@ -382,6 +417,37 @@ class LocalDeployment:
         raise FederationError(
             f"SuperNode for {node.site} did not start; see {self.logs[f'supernode-{node.site}']}"
         )
+
+    def launch_supernode(self, node: SiteNode) -> ManagedProcess:
+        """Start one SuperNode process and return at once (the caller decides what to wait for)."""
+        node.port = free_port()
+        config = {"threads": self.threads, **node.node_config}
+        node_config = " ".join(
+            [f"site={_node_value(node.site)}", f"data-root={_node_value(str(node.data_root))}"]
+            + [f"{k}={_node_value(str(v)) if isinstance(v, str) else _toml_value(v)}" for k, v in config.items()]
+        )
+        argv = [
+            str(_BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(node.port),
+            "--node-config",
+            node_config,
+        ]
+        argv += ["--insecure"] if self.insecure else ["--root-certificates", str(self.certs["ca"])]
+        if node.key is not None:
+            argv += ["--auth-supernode-private-key", str(node.key)]
+        home = self.flwr_dir / "nodes" / node.site
+        proc = ManagedProcess(
+            f"supernode-{node.site}",
+            argv,
+            cwd=home / "cwd",
+            env=self.env(home),
+            log=self.log_dir / f"supernode-{node.site}.log",
+        )
+        _LIVE.append(proc)
+        return proc
 
     def _tls_server_args(self) -> list[str]:
         if self.insecure:
@@ -523,14 +589,23 @@ def run_federation(
     workdir: str | Path,
     *,
     insecure: bool = True,
+    auth: bool = False,
     show_progress: bool = True,
     timeout: float | None = None,
+    max_restarts: int = 1,
+    node_config: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> FederationResult:
     """Start the deployment, run the app once, tear everything down; returns what happened.
 
     `run_config` overrides `[tool.flwr.app.config]`; `registry`, `run-dir` (a new folder under
     `workdir/runs/`), `min-nodes` (= number of sites) and `parity-images` (= the data root) are filled in
     unless given. `timeout` bounds the whole run (default: rounds × 2 steps × round-timeout + 5 min).
+    `auth` (needs `insecure=False`): the SuperLink admits only SuperNodes whose key is registered.
+    Faults: when the SuperLink dies (or the ServerApp fails) before the last round, the SuperLink is
+    started again on its database and the run resumed from its checkpoint, at most `max_restarts` times;
+    a SuperNode that dies is recorded and the run goes on when `min-nodes` is below the number of sites
+    (the ServerApp then decides each round with whoever answers), otherwise the run stops.
+    `node_config`: extra node-config entries per site, e.g. {"bccd": {"extra-data-roots": "/x,/y"}}.
     """
     t0 = time.time()
     sites = list(dict.fromkeys(sites))
@@ -560,13 +635,13 @@ def run_federation(
         run_dir.mkdir(parents=True)
         config_file = run_dir / "run-config.toml"
         config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-        deployment = LocalDeployment(site_roots, workdir, log_dir=run_dir / "logs", insecure=insecure)
+        deployment = LocalDeployment(
+            site_roots, workdir, log_dir=run_dir / "logs", insecure=insecure, auth=auth, node_config=node_config
+        )
         result.logs = {**deployment.logs, "flwr-run": run_dir / "flwr-run.log"}
         try:
             with deployment:
-                result.run_id, result.status = _submit_and_follow(
-                    deployment, config_file, run_dir, settings, limit, show_progress
-                )
+                _run_with_restarts(deployment, config_file, config, settings, limit, show_progress, max_restarts, result)
         except KeyboardInterrupt as exc:
             result.error = f"interrupted ({exc or 'Ctrl-C'}); all Flower processes stopped"
             result.status = "interrupted"
@@ -579,6 +654,49 @@ def run_federation(
     return result
 
 
+def _run_with_restarts(
+    deployment: LocalDeployment,
+    config_file: Path,
+    config: dict[str, Any],
+    settings: RunSettings,
+    limit: float,
+    show_progress: bool,
+    max_restarts: int,
+    result: FederationResult,
+) -> None:
+    from federation.resume import Checkpoint
+
+    run_dir = Path(settings.run_dir)
+    deadline = time.time() + limit
+    restarts = 0
+    while True:
+        try:
+            result.run_id, result.status = _submit_and_follow(
+                deployment, config_file, run_dir, settings, deadline - time.time(), show_progress, result
+            )
+            if result.status == "finished:completed":
+                return
+            why = f"run {result.run_id} ended {result.status}"
+        except SuperLinkDied as exc:
+            why = str(exc)
+        checkpoint = Checkpoint.load(run_dir)
+        resumable = checkpoint is not None and checkpoint.completed_rounds < settings.num_server_rounds
+        if restarts >= max_restarts or not resumable:
+            if isinstance(result.status, str) and result.status.startswith("finished"):
+                return  # the failure reason comes from the event log
+            raise FederationError(f"{why}; not resumed ({'no restarts left' if resumable else 'nothing to resume'})")
+        restarts += 1
+        assert checkpoint is not None
+        result.faults.append(
+            f"{why}; restart {restarts}: resuming after round {checkpoint.completed_rounds} "
+            f"(last accepted round {checkpoint.accepted_round})"
+        )
+        if deployment.superlink is None or not deployment.superlink.running:
+            deployment.restart_superlink()
+        config_file = run_dir / f"run-config-resume-{restarts}.toml"
+        config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in {**config, "resume": True}.items()))
+
+
 def _submit_and_follow(
     deployment: LocalDeployment,
     config_file: Path,
@@ -586,6 +704,7 @@ def _submit_and_follow(
     settings: RunSettings,
     limit: float,
     show_progress: bool,
+    result: FederationResult | None = None,
 ) -> tuple[int | None, str]:
     log_path = run_dir / "flwr-run.log"
     argv = [
@@ -610,20 +729,32 @@ def _submit_and_follow(
         )
         follower = ev.EventFollower(run_dir / ev.EVENTS_FILE)
         with view:
+            lost: set[str] = set()
             while client.running:
                 view.update(follower.poll())
-                dead = [p.name for p in deployment.processes() if not p.running]
-                if dead:
+                if deployment.superlink is None or not deployment.superlink.running:
+                    raise SuperLinkDied(f"the SuperLink exited during the run; see {deployment.log_dir}")
+                dead = [n.site for n in deployment.nodes if n.process is not None and not n.process.running]
+                if dead and settings.min_nodes >= len(deployment.nodes):  # no site may be missed
                     raise FederationError(
-                        f"{', '.join(dead)} exited during the run; see {deployment.log_dir}"
+                        f"SuperNode(s) for {', '.join(dead)} exited during the run and min-nodes is "
+                        f"{settings.min_nodes}; see {deployment.log_dir}"
                     )
+                for site in set(dead) - lost:
+                    lost.add(site)
+                    if result is not None:
+                        result.faults.append(f"SuperNode for {site} exited during the run; going on without it")
                 if time.time() > deadline:
                     raise FederationError(f"the run took longer than {limit:.0f} s; stopped")
                 time.sleep(0.5)
             view.update(follower.poll())
+        if deployment.superlink is None or not deployment.superlink.running:
+            raise SuperLinkDied(f"the SuperLink exited during the run; see {deployment.log_dir}")
         run_id = _run_id_from_log(log_path)
         if run_id is None:
             raise FederationError(f"`flwr run` did not start a run; see {log_path}")
+        if result is not None and run_id not in result.flower_runs:
+            result.flower_runs.append(run_id)
         status = _final_status(deployment, run_id, deadline)
         view.finish(status)
         return run_id, status
@@ -633,8 +764,8 @@ def _submit_and_follow(
 
 
 def _run_id_from_log(log_path: Path) -> int | None:
-    match = re.search(r"Successfully started run (\d+)", log_path.read_text(errors="replace"))
-    return int(match.group(1)) if match else None
+    found = re.findall(r"Successfully started run (\d+)", log_path.read_text(errors="replace"))
+    return int(found[-1]) if found else None  # the log is appended to by every submission
 
 
 def _final_status(deployment: LocalDeployment, run_id: int, deadline: float) -> str:

@@ -26,6 +26,9 @@ VERSION_REGISTERED = "version-registered"  # round, model_name, version, path
 REGISTRATION_SKIPPED = "registration-skipped"  # round, reason (parity failed, export error)
 RUN_FINISHED = "run-finished"  # rounds, accepted, registered versions, seconds
 RUN_FAILED = "run-failed"  # error
+STEP_PROBLEM = "step-problem"  # round, phase, problem (too few sites connected / answering)
+RUN_RESUMED = "run-resumed"  # federation_run, completed_rounds, last accepted round, version
+LIFECYCLE = "lifecycle"  # round, version, candidate, production (promoted or why not)
 
 
 def json_safe(value: Any) -> Any:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from federation import events as ev
@@ -70,6 +71,8 @@ class RoundBook:
         min_sites: int,
         publish: PublishFn | None,
         lineage: dict[str, Any],
+        on_round_closed: Callable[[RoundBook, dict[str, Any]], None] | None = None,
+        on_registered: Callable[[RoundBook, dict[str, Any]], dict[str, Any] | None] | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.events = events
@@ -83,6 +86,10 @@ class RoundBook:
         self.accepted = Accepted(0, None, initial_arrays)
         self._candidates: dict[int, ArrayRecord | None] = {}
         self._t0: dict[int, float] = {}
+        # `on_round_closed(book, record)`: after the decision, before publishing (checkpoint: see
+        # federation.resume); `on_registered(book, record)` → what the registry lifecycle did (aliases).
+        self.on_round_closed = on_round_closed
+        self.on_registered = on_registered
 
     # ---- strategy hooks ----------------------------------------------------------------------------
     def start_weights(self, server_round: int, proposed: ArrayRecord) -> ArrayRecord:
@@ -117,6 +124,12 @@ class RoundBook:
 
     def record_aggregate(self, server_round: int, arrays: ArrayRecord | None) -> None:
         self._candidates[server_round] = arrays
+
+    def record_step_problem(self, server_round: int, phase: str, problem: str) -> None:
+        """A step that could not run as asked (too few sites connected or answering); recorded, not fatal."""
+        record = self._record(server_round)
+        record.setdefault("problems", []).append({"phase": phase, "problem": problem})
+        self.events.emit(ev.STEP_PROBLEM, round=server_round, phase=phase, problem=problem)
 
     def record_no_reply(
         self, server_round: int, phase: str, node_ids: Iterable[int], timeout: float | None
@@ -187,28 +200,47 @@ class RoundBook:
         )
         gate = decision.as_dict()
         if candidate is None:
-            gate.update(accepted=False, reason="no site returned a trained model this round")
+            problems = [p["problem"] for p in record.get("problems", [])]
+            why = "; ".join(problems) if problems else "no site returned a trained model this round"
+            gate.update(accepted=False, reason=f"no aggregate this round: {why}")
         record["gate"] = gate
         self.events.emit(
             ev.GATE_DECISION, round=server_round, accepted=gate["accepted"], reason=gate["reason"]
         )
 
-        record["publish"] = None
+        record["publish"] = {"status": "pending"} if gate["accepted"] else None
         if gate["accepted"]:
             self.accepted = Accepted(server_round, decision.balanced_accuracy, arrays)
-            record["publish"] = self._publish(server_round, arrays, record, site_metrics)
-            if record["publish"].get("status") == "registered":
-                self.accepted.version = record["publish"]["version"]
-        record["finished_at"] = time.time()
-        record["seconds"] = round(
-            record["finished_at"] - self._t0.get(server_round, record["finished_at"]), 3
-        )
-        write_json_atomic(round_record_path(self.run_dir, server_round), record)
+        # The decision is on disk (record, then checkpoint) before registration starts; see federation.resume.
+        self.close_round(server_round, record)
+        if gate["accepted"]:
+            self.publish_accepted(server_round, arrays, record)
+            self.close_round(server_round, record)
 
         out = MetricRecord({"n": int(pooled.get("n", 0)), "accepted": int(gate["accepted"])})
         if pooled.get("balanced_accuracy") is not None:
             out["balanced-accuracy"] = float(pooled["balanced_accuracy"])
         return out
+
+    def close_round(self, server_round: int, record: dict[str, Any]) -> None:
+        record["finished_at"] = time.time()
+        record["seconds"] = round(
+            record["finished_at"] - self._t0.get(server_round, record.get("started_at", record["finished_at"])), 3
+        )
+        write_json_atomic(round_record_path(self.run_dir, server_round), record)
+        if self.on_round_closed is not None:
+            self.on_round_closed(self, record)
+
+    def restore(self, accepted: Accepted, upto_round: int) -> None:
+        """Continue a resumed run: the last accepted weights, and the records of rounds 1..`upto_round`."""
+        self.accepted = accepted
+        for server_round in range(1, upto_round + 1):
+            path = round_record_path(self.run_dir, server_round)
+            if path.is_file():
+                self.records[server_round] = json.loads(path.read_text())
+                for site, entry in self.records[server_round].get("sites", {}).items():
+                    if "node_id" in entry:
+                        self.node_sites.setdefault(int(entry["node_id"]), site)
 
     # ---- helpers -----------------------------------------------------------------------------------
     def _record(self, server_round: int) -> dict[str, Any]:
@@ -244,6 +276,7 @@ class RoundBook:
                 "steps": m.get("steps"),
                 "seconds": m.get("seconds"),
                 "class_counts": dict(zip(self.class_names, (int(c) for c in counts))),
+                "data_sources": _json_or_none(info.get("data-sources")),
             }
         c = len(self.class_names)
         flat = list(m.get("confusion") or [])
@@ -279,6 +312,17 @@ class RoundBook:
         pooled["sites"] = list(site_metrics)
         return pooled
 
+    def publish_accepted(self, server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
+        """Register the accepted round and apply the registry lifecycle (also used when a run resumes)."""
+        record["publish"] = self._publish(server_round, arrays, record, self._site_metrics(record))
+        if record["publish"].get("status") == "registered":
+            self.accepted.version = record["publish"]["version"]
+            if self.on_registered is not None:
+                try:
+                    record["lifecycle"] = self.on_registered(self, record)
+                except Exception as exc:  # noqa: BLE001 - an alias problem must not end the federation
+                    record["lifecycle"] = {"error": f"{type(exc).__name__}: {exc}"}
+
     def _publish(
         self,
         server_round: int,
@@ -292,6 +336,7 @@ class RoundBook:
             site: {
                 "train_examples": entry.get("train", {}).get("num_examples"),
                 "class_counts": entry.get("train", {}).get("class_counts"),
+                "data_sources": entry.get("train", {}).get("data_sources"),
                 "val_examples": entry.get("evaluate", {}).get("n"),
             }
             for site, entry in sorted(record["sites"].items())
@@ -391,12 +436,20 @@ class ReportingGrid(Grid):
         server_round = _round_of(messages[0])
         phase = "train" if "train" in messages[0].metadata.message_type else "evaluate"
         pending_nodes = {int(m.metadata.dst_node_id) for m in messages}
-        pending = set(self.push_messages(messages))
+        ids = list(self.push_messages(messages))  # in the order of `messages`
+        destination = dict(zip(ids, (int(m.metadata.dst_node_id) for m in messages)))
+        pending = set(ids)
         del messages
         deadline = None if timeout is None else time.time() + timeout
         replies: list[Message] = []
         while pending and (deadline is None or time.time() < deadline):
             for msg in self.pull_messages(pending):
+                if int(msg.metadata.src_node_id) == SUPERLINK_NODE_ID:
+                    # The SuperLink answers for a node that stopped sending heartbeats ("node
+                    # unavailable"): attribute the error to that node, not to the SuperLink.
+                    node = destination.get(msg.metadata.reply_to_message_id)
+                    if node is not None:
+                        msg.metadata.__dict__["_src_node_id"] = node
                 replies.append(msg)
                 pending.discard(msg.metadata.reply_to_message_id)
                 pending_nodes.discard(int(msg.metadata.src_node_id))
@@ -406,6 +459,13 @@ class ReportingGrid(Grid):
         if pending_nodes and server_round is not None:
             self.book.record_no_reply(server_round, phase, sorted(pending_nodes), timeout)
         return replies
+
+
+def _json_or_none(text: Any) -> Any:
+    try:
+        return json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _round_of(msg: Message) -> int | None:

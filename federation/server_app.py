@@ -43,6 +43,15 @@ class RunSettings:
     min_nodes: int = 3
     round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes
     gate_tolerance: float = 0.02
+    num_malicious: int = 1  # krum / multikrum: sites assumed hostile
+    multikrum_keep: int = 2  # multikrum: updates averaged
+    trim_beta: float = 0.34  # trimmedmean: fraction cut per tail (>= 1/3 trims one of three sites)
+    dp_noise: float = 0.0  # noise multiplier of central DP; 0 = DP off (see federation.privacy)
+    dp_clip: float = 1.0  # L2 clipping norm of each site's update
+    dp_delta: float = 1e-5
+    resume: bool = False  # continue the run in run-dir from its checkpoint (see federation.resume)
+    auto_promote: bool = True  # registry lifecycle: promote a candidate that beats production
+    promote_margin: float = 0.01  # ... by at least this pooled val balanced accuracy
     registry: str = ""
     model_name: str = "wbc-classifier"
     run_dir: str = ""
@@ -57,6 +66,11 @@ class RunSettings:
             if name not in fields:
                 raise ValueError(f"unknown run-config key {key!r}")
             kind = type(fields[name].default)
+            if kind is bool:
+                if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+                    raw = raw.strip().lower() == "true"
+                if not isinstance(raw, bool):
+                    raise ValueError(f"run-config {key}={raw!r}: expected true or false")
             if kind is int and isinstance(raw, float) and not raw.is_integer():
                 raise ValueError(f"run-config {key}={raw!r}: expected a whole number")
             try:
@@ -79,6 +93,23 @@ class RunSettings:
                 problems.append(f"{key.replace('_', '-')} must be > 0")
         if self.proximal_mu < 0 or self.gate_tolerance < 0:
             problems.append("proximal-mu and gate-tolerance must be >= 0")
+        if self.dp_noise < 0 or not self.dp_clip > 0 or not 0 < self.dp_delta < 1:
+            problems.append("dp-noise must be >= 0, dp-clip > 0 and dp-delta in (0, 1)")
+        if self.dp_noise > 0 and self.strategy.lower() not in ("fedavg", "fedprox"):
+            problems.append(f"dp-noise needs fedavg or fedprox (equal-weight mean of clipped updates), not {self.strategy}")
+        try:
+            from federation.strategies import make_strategy
+
+            make_strategy(
+                self.strategy,
+                min_nodes=self.min_nodes,
+                num_malicious=self.num_malicious,
+                multikrum_keep=self.multikrum_keep,
+                trim_beta=self.trim_beta,
+            )
+        except ValueError as exc:
+            if self.strategy.lower() in STRATEGY_NAMES:
+                problems.append(str(exc))
         for key in ("run_dir", "registry", "parity_images"):
             value = getattr(self, key)
             if not value or not Path(value).is_absolute():
@@ -102,7 +133,16 @@ class RunSettings:
             "num_server_rounds": self.num_server_rounds,
             "min_nodes": self.min_nodes,
             "gate_tolerance": self.gate_tolerance,
+            "round_timeout": self.round_timeout,
         }
+
+    def dp_config(self):
+        """The run's differential privacy, or None when off."""
+        if self.dp_noise <= 0:
+            return None
+        from federation.privacy import DPConfig
+
+        return DPConfig(self.dp_noise, self.dp_clip, self.min_nodes, self.dp_delta)
 
 
 def build_contract_from_settings(settings: RunSettings):
@@ -148,21 +188,31 @@ def main(grid: Grid, context: Context) -> None:
 
 def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLog) -> dict[str, Any]:
     # Heavy imports here, not at module level: `deploy.py` imports RunSettings without torch.
+    from federation import resume as rs
     from federation.publish import Publisher, find_parity_images
-    from federation.rounds import ReportingGrid, RoundBook, write_json_atomic
+    from federation.rounds import Accepted, ReportingGrid, RoundBook, write_json_atomic
     from federation.task import create_model_from_contract, seed_everything
     from models.zoo import weight_source
 
     params = strategy_params(
-        settings.strategy, proximal_mu=settings.proximal_mu, server_lr=settings.server_lr
+        settings.strategy,
+        proximal_mu=settings.proximal_mu,
+        server_lr=settings.server_lr,
+        num_malicious=settings.num_malicious,
+        multikrum_keep=settings.multikrum_keep,
+        trim_beta=settings.trim_beta,
     )
     strategy_info = {"name": settings.strategy.lower(), **params}
+    dp = settings.dp_config()
+    checkpoint = rs.start_or_resume(settings.run_dir, settings.num_server_rounds, settings.resume, context.run_id)
     events.emit(
         ev.RUN_STARTED,
         run_id=context.run_id,
+        federation_run=checkpoint.federation_run,
         strategy=strategy_info,
         rounds=settings.num_server_rounds,
         min_nodes=settings.min_nodes,
+        dp=None if dp is None else {"noise_multiplier": dp.noise_multiplier, "clipping_norm": dp.clipping_norm},
     )
     wait_for_nodes(grid, settings.min_nodes, settings.round_timeout, events)
 
@@ -188,10 +238,46 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         )
 
     def publish(server_round: int, arrays: ArrayRecord, metadata: dict[str, Any]) -> dict[str, Any]:
+        metadata = {
+            **metadata,
+            "privacy": {
+                "dp": None if dp is None else dp.lineage(releases=server_round),
+                "secure_aggregation": None,
+            },
+        }
+        found = rs.find_registered(publisher.registry, checkpoint.federation_run, server_round)
+        if found is not None:  # registered before a restart cut the round short: never twice
+            return {"status": "registered", "reason": f"already registered as v{found.version} before a restart",
+                    "version": found.version, "path": str(found.path), "sha256": found.sha256, "parity": {}}
         return publisher.publish(arrays.to_torch_state_dict(), metadata).as_dict()
+
+    def lifecycle(book: RoundBook, record: dict[str, Any]) -> dict[str, Any]:
+        from models.lifecycle import after_registration
+
+        outcome = after_registration(
+            publisher.registry,
+            int(record["publish"]["version"]),
+            margin=settings.promote_margin,
+            auto_promote=settings.auto_promote,
+        )
+        events.emit(ev.LIFECYCLE, round=record["round"], **outcome)
+        return outcome
+
+    def save_checkpoint(book: RoundBook, record: dict[str, Any]) -> None:
+        server_round = int(record["round"])
+        if book.accepted.round == server_round and checkpoint.accepted_round != server_round:
+            checkpoint.save_weights(settings.run_dir, book.accepted.arrays)
+            checkpoint.accepted_round = server_round
+            checkpoint.accepted_balanced_accuracy = book.accepted.balanced_accuracy
+        checkpoint.accepted_version = book.accepted.version
+        checkpoint.completed_rounds = max(checkpoint.completed_rounds, server_round)
+        pending = (record.get("publish") or {}).get("status") == "pending"
+        checkpoint.pending_publish = server_round if pending else None
+        checkpoint.save(settings.run_dir)
 
     lineage = {
         "run_id": context.run_id,
+        "federation_run": checkpoint.federation_run,
         "model_name": settings.model_name,
         "strategy": strategy_info,
         "training": settings.training(),
@@ -207,6 +293,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         min_sites=settings.min_nodes,
         publish=publish,
         lineage=lineage,
+        on_round_closed=save_checkpoint,
+        on_registered=lifecycle,
     )
     strategy = make_strategy(
         settings.strategy,
@@ -214,9 +302,38 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         proximal_mu=settings.proximal_mu,
         server_lr=settings.server_lr,
         client_lr=settings.lr,
+        num_malicious=settings.num_malicious,
+        multikrum_keep=settings.multikrum_keep,
+        trim_beta=settings.trim_beta,
+        node_wait=settings.round_timeout,
+        uniform_weights=dp is not None,
         observer=book,
         buffer_keys=buffers,
     )
+    if dp is not None:
+        from federation.privacy import with_dp
+
+        strategy = with_dp(strategy, dp)
+
+    if checkpoint.completed_rounds:  # resumed: continue from the last accepted weights
+        arrays = checkpoint.load_weights(settings.run_dir) if checkpoint.accepted_round else initial
+        book.restore(
+            Accepted(checkpoint.accepted_round, checkpoint.accepted_balanced_accuracy, arrays,
+                     checkpoint.accepted_version),
+            checkpoint.completed_rounds,
+        )
+        events.emit(
+            ev.RUN_RESUMED,
+            federation_run=checkpoint.federation_run,
+            completed_rounds=checkpoint.completed_rounds,
+            accepted_round=checkpoint.accepted_round,
+            accepted_version=checkpoint.accepted_version,
+            pending_publish=checkpoint.pending_publish,
+        )
+        if checkpoint.pending_publish is not None:  # the registration the restart cut short
+            record = book.records[checkpoint.pending_publish]
+            book.publish_accepted(checkpoint.pending_publish, arrays, record)
+            book.close_round(checkpoint.pending_publish, record)
     contract_json = contract.to_json()
     train_config = ConfigRecord(
         {
@@ -228,10 +345,12 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         }
     )
     evaluate_config = ConfigRecord({"contract": contract_json, "batch-size": settings.batch_size})
-    strategy.start(
-        grid=ReportingGrid(grid, book),
-        initial_arrays=initial,
-        num_rounds=settings.num_server_rounds,
+    rs.run_rounds(
+        strategy,
+        ReportingGrid(grid, book),
+        book.accepted.arrays,
+        first_round=checkpoint.completed_rounds + 1,
+        last_round=settings.num_server_rounds,
         timeout=settings.round_timeout,
         train_config=train_config,
         evaluate_config=evaluate_config,
@@ -240,7 +359,14 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
     summary = book.summary()
     write_json_atomic(
         Path(settings.run_dir) / "summary.json",
-        {**summary, "run_id": context.run_id, "strategy": strategy_info, "settings": asdict(settings)},
+        {
+            **summary,
+            "run_id": context.run_id,
+            "federation_run": checkpoint.federation_run,
+            "flower_runs": checkpoint.flower_runs,
+            "strategy": strategy_info,
+            "settings": asdict(settings),
+        },
     )
     return summary
 

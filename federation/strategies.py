@@ -12,10 +12,21 @@ does three things and leaves aggregation itself to Flower:
     statistics and counters are buffers, not gradients, so they take the plain weighted average (an
     adaptive step of size ~server-lr on a running variance can make it negative).
 Every aggregate is cast back to the dtypes that were sent, so float32 stays float32 and counters stay ints.
+
+Faults: a round aggregates only when at least `min_train_nodes` sites returned a trained model (otherwise
+it has no candidate and the gate rejects it); sampling waits at most `node_wait` seconds for the minimum
+number of connected sites (Flower's own sampler waits forever) and skips the step when they are not
+there, so a federation that lost hospitals records rejected rounds instead of hanging.
+
+Robust aggregation (Flower's own): `krum`, `multikrum` (`num_malicious`, `multikrum_keep`) and
+`trimmedmean` (FedTrimmedAvg, `trim_beta`) beside `fedmedian`. Differential privacy: `with_dp` wraps any
+of them in Flower's `DifferentialPrivacyClientSideFixedClipping` (noise on the server, clipping on the
+site by `fixedclipping_mod`, see `federation.privacy`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,7 +34,18 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 # Keys inside the RecordDicts exchanged with the ClientApp.
 ARRAYS_KEY = "arrays"  # Flower's default `arrayrecord_key`
@@ -32,8 +54,11 @@ METRICS_KEY = "metrics"
 SITE_KEY = "site"  # ConfigRecord in every reply: site name (+ class counts after training)
 WEIGHT_KEY = "num-examples"
 
+UNIT_WEIGHT_KEY = "unit-weight"  # injected server-side when every site must weigh the same (DP)
+
 FEDOPT_NAMES = ("fedadam", "fedyogi", "fedadagrad")
-STRATEGY_NAMES = ("fedavg", "fedmedian", "fedprox", *FEDOPT_NAMES)
+ROBUST_NAMES = ("fedmedian", "krum", "multikrum", "trimmedmean")
+STRATEGY_NAMES = ("fedavg", "fedmedian", "fedprox", *FEDOPT_NAMES, "krum", "multikrum", "trimmedmean")
 
 
 @dataclass(frozen=True)
@@ -77,13 +102,18 @@ class RoundObserver(Protocol):
 
     def record_aggregate(self, server_round: int, arrays: ArrayRecord | None) -> None: ...
 
+    def record_step_problem(self, server_round: int, phase: str, problem: str) -> None: ...
+
 
 class SiteTracking:
     """Mixin placed before a Flower strategy class; see the module docstring."""
 
     observer: RoundObserver | None = None
     averaged_keys: frozenset[str] = frozenset()
+    node_wait: float = 3600.0  # seconds to wait for `min_available_nodes` before skipping a step
+    uniform_weights: bool = False  # every site weighs the same (differential privacy needs it)
     _sent_dtypes: dict[str, np.dtype]
+    _aggregated: dict[int, bool]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -91,7 +121,19 @@ class SiteTracking:
         if self.observer is not None:
             arrays = self.observer.start_weights(server_round, arrays)
         self._sent_dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
+        if not self._enough_nodes(server_round, "train", grid):
+            return []
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # Nothing was aggregated: the arrays are the last accepted ones again, not worth evaluating.
+        if server_round > 0 and not getattr(self, "_aggregated", {}).get(server_round, False):
+            return []
+        if not self._enough_nodes(server_round, "evaluate", grid):
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -101,12 +143,21 @@ class SiteTracking:
         replies = sorted(replies, key=_site_order)
         self._report(server_round, "train", replies)
         valid = [m for m in replies if not m.has_error()]
-        plain = (
-            _weighted_average(valid, self.averaged_keys, WEIGHT_KEY) if self.averaged_keys and valid else {}
-        )
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
-        if arrays is not None:
-            arrays = self._restore(arrays, plain)
+        minimum = int(getattr(self, "min_train_nodes", 1))
+        arrays: ArrayRecord | None = None
+        metrics: MetricRecord | None = None
+        if len(valid) < minimum:
+            if self.observer is not None and replies:
+                self.observer.record_step_problem(
+                    server_round, "train", f"only {len(valid)} site(s) returned a trained model, {minimum} required"
+                )
+        else:
+            self._weigh(valid)
+            plain = _weighted_average(valid, self.averaged_keys, self._weight_key()) if self.averaged_keys else {}
+            arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+            if arrays is not None:
+                arrays = self._restore(arrays, plain)
+        self._aggregated = {**getattr(self, "_aggregated", {}), server_round: arrays is not None}
         if self.observer is not None:
             self.observer.record_aggregate(server_round, arrays)
         return arrays, metrics
@@ -114,7 +165,40 @@ class SiteTracking:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         self._report(server_round, "evaluate", replies)
-        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+        valid = [m for m in replies if not m.has_error()]
+        if not valid:
+            return None
+        self._weigh(valid)
+        return super().aggregate_evaluate(server_round, valid)  # type: ignore[misc]
+
+    def _enough_nodes(self, server_round: int, phase: str, grid: Grid) -> bool:
+        """Wait up to `node_wait` s for the minimum number of sites; False (and recorded) if they never come."""
+        minimum = int(getattr(self, "min_available_nodes", 1))
+        deadline = time.time() + self.node_wait
+        while True:
+            online = len(list(grid.get_node_ids()))
+            if online >= minimum:
+                return True
+            if time.time() >= deadline:
+                if self.observer is not None:
+                    self.observer.record_step_problem(
+                        server_round,
+                        phase,
+                        f"only {online} site(s) connected within {self.node_wait:g} s, {minimum} required",
+                    )
+                return False
+            time.sleep(1.0)
+
+    def _weight_key(self) -> str:
+        return UNIT_WEIGHT_KEY if self.uniform_weights else WEIGHT_KEY
+
+    def _weigh(self, replies: list[Message]) -> None:
+        """Uniform weights: every reply gets `unit-weight` = 1 (the recorded `num-examples` stay as sent)."""
+        if not self.uniform_weights:
+            return
+        for msg in replies:
+            for record in msg.content.metric_records.values():
+                record[UNIT_WEIGHT_KEY] = 1
 
     def _report(self, server_round: int, phase: str, replies: list[Message]) -> None:
         if self.observer is None:
@@ -179,6 +263,18 @@ class TrackedFedAdagrad(SiteTracking, FedAdagrad):
     pass
 
 
+class TrackedKrum(SiteTracking, Krum):
+    pass
+
+
+class TrackedMultiKrum(SiteTracking, MultiKrum):
+    pass
+
+
+class TrackedFedTrimmedAvg(SiteTracking, FedTrimmedAvg):
+    pass
+
+
 _CLASSES: dict[str, type[SiteTracking]] = {
     "fedavg": TrackedFedAvg,
     "fedmedian": TrackedFedMedian,
@@ -186,16 +282,33 @@ _CLASSES: dict[str, type[SiteTracking]] = {
     "fedadam": TrackedFedAdam,
     "fedyogi": TrackedFedYogi,
     "fedadagrad": TrackedFedAdagrad,
+    "krum": TrackedKrum,
+    "multikrum": TrackedMultiKrum,
+    "trimmedmean": TrackedFedTrimmedAvg,
 }
 
 
-def strategy_params(name: str, *, proximal_mu: float, server_lr: float) -> dict[str, float]:
+def strategy_params(
+    name: str,
+    *,
+    proximal_mu: float,
+    server_lr: float,
+    num_malicious: int = 1,
+    multikrum_keep: int = 2,
+    trim_beta: float = 0.34,
+) -> dict[str, float]:
     """The parameters that matter for `name` (what lineage records beside the name)."""
     name = _check_name(name)
     if name == "fedprox":
         return {"proximal_mu": proximal_mu}
     if name in FEDOPT_NAMES:
         return {"server_lr": server_lr}
+    if name == "krum":
+        return {"num_malicious": num_malicious}
+    if name == "multikrum":
+        return {"num_malicious": num_malicious, "multikrum_keep": multikrum_keep}
+    if name == "trimmedmean":
+        return {"trim_beta": trim_beta}
     return {}
 
 
@@ -206,13 +319,22 @@ def make_strategy(
     proximal_mu: float = 0.0,
     server_lr: float = 0.01,
     client_lr: float = 0.001,
+    num_malicious: int = 1,
+    multikrum_keep: int = 2,
+    trim_beta: float = 0.34,
+    node_wait: float = 3600.0,
+    uniform_weights: bool = False,
     observer: RoundObserver | None = None,
     buffer_keys: Iterable[str] = (),
 ) -> Strategy:
     """A Flower strategy by name that trains and evaluates on every connected site (at least `min_nodes`).
 
     `buffer_keys`: state-dict entries that are not trained parameters (BatchNorm statistics); FedOpt
-    averages them instead of applying its server optimiser.
+    averages them instead of applying its server optimiser. `num_malicious` (Krum, Multi-Krum): sites
+    assumed hostile; `multikrum_keep`: updates Multi-Krum averages; `trim_beta` (trimmed mean): fraction
+    cut from each tail per coordinate; with n sites it trims int(beta·n) on each side, so with three sites
+    beta must be at least 1/3 to trim anything. `node_wait`: seconds to wait for `min_nodes` connected
+    sites before a step is skipped. `uniform_weights`: every site weighs the same (for differential privacy).
     """
     name = _check_name(name)
     if min_nodes < 1:
@@ -223,7 +345,7 @@ def make_strategy(
         "min_train_nodes": min_nodes,
         "min_evaluate_nodes": min_nodes,
         "min_available_nodes": min_nodes,
-        "weighted_by_key": WEIGHT_KEY,
+        "weighted_by_key": UNIT_WEIGHT_KEY if uniform_weights else WEIGHT_KEY,
         "arrayrecord_key": ARRAYS_KEY,
         "configrecord_key": CONFIG_KEY,
     }
@@ -235,8 +357,29 @@ def make_strategy(
         if server_lr <= 0:
             raise ValueError(f"server-lr must be > 0 for {name}, got {server_lr}")
         common.update(eta=server_lr, eta_l=client_lr)
+    if name in ("krum", "multikrum"):
+        if not 0 <= num_malicious < min_nodes:
+            raise ValueError(f"num-malicious must be in [0, min-nodes={min_nodes}), got {num_malicious}")
+        common["num_malicious_nodes"] = num_malicious
+    if name == "multikrum":
+        if not 1 <= multikrum_keep <= min_nodes:
+            raise ValueError(f"multikrum-keep must be in [1, min-nodes={min_nodes}], got {multikrum_keep}")
+        common["num_nodes_to_select"] = multikrum_keep
+    if name == "trimmedmean":
+        if not 0 <= trim_beta < 0.5:
+            raise ValueError(f"trim-beta must be in [0, 0.5), got {trim_beta}")
+        if int(trim_beta * min_nodes) < 1:
+            raise ValueError(
+                f"trim-beta {trim_beta:g} trims nothing with {min_nodes} sites (int(beta*n) = 0): "
+                f"use at least {1 / min_nodes:.3f}"
+            )
+        common["beta"] = trim_beta
+    if node_wait <= 0:
+        raise ValueError(f"node wait must be > 0 s, got {node_wait}")
     strategy = _CLASSES[name](**common)
     strategy.observer = observer
+    strategy.node_wait = float(node_wait)
+    strategy.uniform_weights = bool(uniform_weights)
     if name in FEDOPT_NAMES:
         strategy.averaged_keys = frozenset(buffer_keys)
     return strategy  # type: ignore[return-value]

@@ -264,8 +264,13 @@ class Registry:
             write_atomic(self.model_dir / "labels.txt", ("\n".join(stamped.class_names) + "\n").encode())
         return self.get(number)
 
-    def set_alias(self, alias: str, version: int, *, reason: str = "", actor: str = "system") -> dict[str, Any]:
-        """Point an alias at a version; every change is appended to the alias history (for rollback)."""
+    def set_alias(
+        self, alias: str, version: int, *, reason: str = "", actor: str = "system", action: str = "set"
+    ) -> dict[str, Any]:
+        """Point an alias at a version; every change is appended to the alias history (for rollback).
+
+        `action` ("set", "candidate", "promote", "rollback") lets `models.lifecycle` replay the history.
+        """
         if alias not in ALIASES:
             raise RegistryError(f"unknown alias {alias!r}; one of {ALIASES}")
         with self._lock():
@@ -280,11 +285,29 @@ class Registry:
                     "to": version,
                     "reason": reason,
                     "actor": actor,
+                    "action": action,
                     "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
             )
             write_atomic(self.model_dir / ALIASES_FILE, _json_bytes(state))
         return state
+
+    def delete_version(self, version: int, *, protected: set[int] | frozenset[int] = frozenset()) -> None:
+        """Remove one version (moved out of the model folder first, so readers never see half of it).
+
+        Refused for a version an alias points at (checked under the lock) or one listed in `protected`.
+        """
+        with self._lock():
+            aliases = self.aliases()
+            aliased = {int(aliases[a]) for a in ALIASES if aliases.get(a) is not None}
+            if version in aliased or version in protected:
+                raise RegistryError(f"{self.model_name} v{version} is aliased or protected; not deleted")
+            path = self.get(version).path
+            trash = self.root / ".staging" / f"{self.model_name}-deleted-{version}-{uuid.uuid4().hex[:8]}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, trash)
+            _fsync_dir(self.model_dir)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def clean_staging(self) -> int:
         """Remove leftovers of interrupted registrations; returns how many."""

@@ -52,7 +52,9 @@ def test_parameters_reach_the_flower_classes() -> None:
     assert strategy_params("fedprox", proximal_mu=0.05, server_lr=0.003) == {"proximal_mu": 0.05}
     assert strategy_params("fedyogi", proximal_mu=0.05, server_lr=0.003) == {"server_lr": 0.003}
     assert strategy_params("fedmedian", proximal_mu=0.05, server_lr=0.003) == {}
-    assert set(STRATEGY_NAMES) == {"fedavg", "fedmedian", "fedprox", "fedadam", "fedyogi", "fedadagrad"}
+    assert set(STRATEGY_NAMES) == {
+        "fedavg", "fedmedian", "fedprox", "fedadam", "fedyogi", "fedadagrad", "krum", "multikrum", "trimmedmean"
+    }
 
 
 def test_bad_names_and_parameters_are_refused() -> None:
