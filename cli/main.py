@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data_cmd, registry_cmd, serve_cmd
+from cli import accounts_cmd, audit_cmd, data_cmd, db_cmd, registry_cmd, review_cmd, serve_cmd
 from cli.demo_cmd import demo
 from cli.evaluate_cmd import evaluate
 from cli.federate_cmd import federate
@@ -24,6 +24,10 @@ serve_cmd.register(app)
 app.command("federate")(federate)
 app.command("evaluate")(evaluate)
 app.command("demo")(demo)
+app.add_typer(db_cmd.app, name="db")
+accounts_cmd.register(app)  # wbc users, wbc tokens
+app.add_typer(review_cmd.app, name="review")
+app.add_typer(audit_cmd.app, name="audit")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ URLs carry internal specimen ids, never the laboratory's accession, so access lo
 from __future__ import annotations
 
 import io
+from urllib.parse import urlencode
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,8 @@ def worklist_page(
     except HTTPException as exc:
         if exc.status_code == 401:
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return RedirectResponse(request.url_for("login_page").include_query_params(next=target), 303)
+            # Relative: behind a TLS-terminating proxy an absolute URL would name the wrong scheme.
+            return RedirectResponse(f"/review/login?{urlencode({'next': target})}", 303)
         return TEMPLATES.TemplateResponse(request, "error.html", {"title": "Not allowed", "message": exc.detail},
                                           status_code=exc.status_code, headers=PAGE_HEADERS)
     state = _state(request)
