@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ EXIT_REGISTERED, EXIT_FAILED, EXIT_NOTHING_REGISTERED = 0, 1, 2
 
 def log(message: str, **fields: Any) -> None:
     """One JSON line per event on stdout (the Job's log)."""
-    print(json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="seconds"), "msg": message, **fields}),
+    print(json.dumps({"ts": datetime.now(UTC).isoformat(timespec="seconds"), "msg": message, **fields}),
           flush=True)
 
 
@@ -132,7 +132,7 @@ def exit_code(status: str, result: dict[str, Any]) -> int:
 def main() -> int:
     env = os.environ
     runs_dir = Path(env.get("WBC_RUNS_DIR", "/var/lib/wbc/runs"))
-    name = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    name = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = runs_dir / name
     write_connection(Path(env["FLWR_HOME"]), env.get("WBC_SUPERLINK", "wbc-superlink:9092"),
                      env.get("WBC_SUPERLINK_CA", "/etc/flwr/tls/ca.crt"))
