@@ -1,4 +1,4 @@
-"""`wbc registry ...`: list versions with their lineage; promote and roll back."""
+"""`wbc registry ...`: list versions with their lineage; promote, roll back, collect garbage (models/lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -92,3 +92,65 @@ def show(
     except RegistryError as exc:
         fail(str(exc))
     print(json.dumps(info.metadata, indent=2))
+
+
+def _actor() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+@app.command("promote")
+def promote(
+    version: Annotated[int, typer.Argument(help="Version number to make production.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the alias history).")] = "manual promotion",
+    registry: RegistryOption = default_registry_root(),
+    model_name: ModelNameOption = DEFAULT_MODEL_NAME,
+) -> None:
+    """Point `production` at VERSION (its sha256 is checked first); the service follows it."""
+    from models import lifecycle
+
+    reg = Registry(registry, model_name)
+    try:
+        before = reg.aliases().get("production")
+        lifecycle.promote(reg, version, actor=_actor(), reason=reason)
+    except RegistryError as exc:
+        fail(str(exc))
+    console.print(f"{model_name}: production {before} → {version}")
+
+
+@app.command("rollback")
+def rollback(
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the alias history).")] = "manual rollback",
+    registry: RegistryOption = default_registry_root(),
+    model_name: ModelNameOption = DEFAULT_MODEL_NAME,
+) -> None:
+    """Put back the production version that preceded the current one (repeat to go further back)."""
+    from models import lifecycle
+
+    reg = Registry(registry, model_name)
+    try:
+        before = reg.aliases().get("production")
+        lifecycle.rollback(reg, actor=_actor(), reason=reason)
+    except RegistryError as exc:
+        fail(str(exc))
+    console.print(f"{model_name}: production {before} → {reg.aliases().get('production')}")
+
+
+@app.command("gc")
+def gc(
+    keep: Annotated[int, typer.Option("--keep", help="Keep the newest K versions.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be deleted.")] = False,
+    registry: RegistryOption = default_registry_root(),
+    model_name: ModelNameOption = DEFAULT_MODEL_NAME,
+) -> None:
+    """Delete old versions; never candidate, production, the rollback target or their INT8 variants."""
+    from models import lifecycle
+
+    try:
+        out = lifecycle.gc(Registry(registry, model_name), keep, dry_run=dry_run)
+    except RegistryError as exc:
+        fail(str(exc))
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{model_name}: {verb} {out['deleted'] or 'nothing'}; kept {out['kept']} (protected {out['protected']})")
+

@@ -261,6 +261,7 @@ class SiteNode:
     data_root: Path
     port: int = 0
     process: ManagedProcess | None = None
+    launcher: ManagedProcess | None = None  # federation.warm_exec, with isolation="process"
     key: Path | None = None  # private auth key (OpenSSH ECDSA) when the SuperLink authenticates nodes
     node_config: dict[str, Any] = field(default_factory=dict)  # extra --node-config entries
 
@@ -279,7 +280,12 @@ class LocalDeployment:
         threads_per_site: int | None = None,
         start_timeout: float = 90.0,
         node_config: Mapping[str, Mapping[str, Any]] | None = None,
+        isolation: str = "process",
+        persist_state: bool = False,
     ):
+        if isolation not in ("process", "subprocess"):
+            raise FederationError(f"isolation must be 'process' (warm launcher) or 'subprocess', not {isolation!r}")
+        self.isolation = isolation
         if auth and insecure:
             raise FederationError("SuperNode authentication needs TLS: use insecure=False with auth=True")
         self.workdir = workdir
@@ -298,8 +304,10 @@ class LocalDeployment:
         self.cli_home = self.flwr_dir / "cli"
         self.certs: dict[str, Path] = {}
         self.keys_dir = workdir / "keys"
-        # SuperLink state (runs, registered node keys) survives a SuperLink restart (see restart_superlink).
-        self.database = self.flwr_dir / "superlink" / "state.db"
+        # `persist_state`: the SuperLink keeps runs, node keys and message objects in SQLite across restarts.
+        # Off by default: it stores every model update on disk (measured several times slower per step here),
+        # and a resumed run needs only its own checkpoint (federation.resume); keys are registered again.
+        self.database = self.flwr_dir / "superlink" / "state.db" if persist_state else None
 
     # -- environment --
     def env(self, flwr_home: Path) -> dict[str, str]:
@@ -371,9 +379,9 @@ class LocalDeployment:
                 "--port",
                 str(self.port),
                 "--disable-runtime-dependency-installation",
-                "--database",
-                str(self.database),
             ]
+            if self.database is not None:
+                argv += ["--database", str(self.database)]
             argv += self._tls_server_args()
             if self.auth:
                 argv.append("--enable-supernode-auth")
@@ -395,15 +403,19 @@ class LocalDeployment:
         raise FederationError(f"the SuperLink did not start; see {self.logs['superlink']}")
 
     def restart_superlink(self) -> None:
-        """Start the SuperLink again on the same port with the same database (after it died or was stopped).
+        """Start the SuperLink again on the same port (after it died or was stopped).
 
-        SuperNodes keep retrying and reconnect by themselves; registered keys and node ids are in the database.
+        SuperNodes keep retrying and reconnect by themselves; site keys are registered again (or kept in the
+        database with `persist_state`).
         """
         if self.superlink is not None:
             self.superlink.stop(grace=5)
             _forget(self.superlink)
             self.superlink = None
         self._start_superlink(port=self.port)
+        if self.auth and self.database is None:  # a fresh SuperLink knows no keys yet
+            for node in self.nodes:
+                self.register_site_key(node.site)
         self.wait_for_nodes()
 
     def _start_supernode(self, node: SiteNode) -> None:
@@ -411,12 +423,37 @@ class LocalDeployment:
             proc = self.launch_supernode(node)
             if self._wait_port(proc, node.port):
                 node.process = proc
+                if self.isolation == "process":
+                    node.launcher = self._start_launcher(node, proc)
                 return
             proc.stop(grace=3)
             _forget(proc)
         raise FederationError(
             f"SuperNode for {node.site} did not start; see {self.logs[f'supernode-{node.site}']}"
         )
+
+    def _start_launcher(self, node: SiteNode, supernode: ManagedProcess) -> ManagedProcess:
+        """federation.warm_exec for this SuperNode: ClientApps forked from a process with torch imported."""
+        argv = [
+            sys.executable,
+            "-m",
+            "federation.warm_exec",
+            "--runtime-api-address",
+            f"127.0.0.1:{node.port}",
+            "--insecure",  # the SuperNode's Runtime API listens on loopback only
+            "--parent-pid",
+            str(supernode.proc.pid),
+        ]
+        home = self.flwr_dir / "nodes" / node.site
+        proc = ManagedProcess(
+            f"clientapps-{node.site}",
+            argv,
+            cwd=home / "cwd",
+            env=self.env(home),
+            log=self.log_dir / f"supernode-{node.site}.log",  # ClientApp output beside its SuperNode's
+        )
+        _LIVE.append(proc)
+        return proc
 
     def launch_supernode(self, node: SiteNode) -> ManagedProcess:
         """Start one SuperNode process and return at once (the caller decides what to wait for)."""
@@ -438,6 +475,7 @@ class LocalDeployment:
         argv += ["--insecure"] if self.insecure else ["--root-certificates", str(self.certs["ca"])]
         if node.key is not None:
             argv += ["--auth-supernode-private-key", str(node.key)]
+        argv += ["--isolation", self.isolation]
         home = self.flwr_dir / "nodes" / node.site
         proc = ManagedProcess(
             f"supernode-{node.site}",
@@ -508,7 +546,11 @@ class LocalDeployment:
         deadline = time.time() + self.start_timeout
         online = 0
         while time.time() < deadline:
-            dead = [n.site for n in self.nodes if n.process is None or not n.process.running]
+            dead = [
+                n.site
+                for n in self.nodes
+                if n.process is None or not n.process.running or (n.launcher is not None and not n.launcher.running)
+            ]
             if dead:
                 raise FederationError(f"SuperNode(s) for {', '.join(dead)} exited; see {self.log_dir}")
             online = self.online_nodes()
@@ -523,10 +565,12 @@ class LocalDeployment:
 
     def processes(self) -> list[ManagedProcess]:
         procs = [n.process for n in self.nodes if n.process is not None]
+        procs += [n.launcher for n in self.nodes if n.launcher is not None]
         return procs + ([self.superlink] if self.superlink else [])
 
     def stop(self) -> None:
         nodes = [n.process for n in self.nodes if n.process is not None]
+        nodes += [n.launcher for n in self.nodes if n.launcher is not None]
         for proc in nodes:  # signal all SuperNodes first, then wait: they stop in parallel
             proc.remember_children()
             if proc.running:
@@ -536,6 +580,7 @@ class LocalDeployment:
             _forget(proc)
         for node in self.nodes:
             node.process = None
+            node.launcher = None
         if self.superlink is not None:
             self.superlink.stop()
             _forget(self.superlink)
@@ -734,7 +779,11 @@ def _submit_and_follow(
                 view.update(follower.poll())
                 if deployment.superlink is None or not deployment.superlink.running:
                     raise SuperLinkDied(f"the SuperLink exited during the run; see {deployment.log_dir}")
-                dead = [n.site for n in deployment.nodes if n.process is not None and not n.process.running]
+                dead = [
+                    n.site
+                    for n in deployment.nodes
+                    if any(q is not None and not q.running for q in (n.process, n.launcher))
+                ]
                 if dead and settings.min_nodes >= len(deployment.nodes):  # no site may be missed
                     raise FederationError(
                         f"SuperNode(s) for {', '.join(dead)} exited during the run and min-nodes is "

@@ -131,13 +131,16 @@ def production_stack(registry: Registry) -> list[int]:
     """Production versions in promotion order, rollbacks replayed (the last item is the current one)."""
     stack: list[int] = []
     for entry in registry.aliases().get("history", []):
-        if entry.get("alias") != PRODUCTION:
+        if entry.get("alias") != PRODUCTION or entry.get("to") is None:
             continue
-        if entry.get("action") == "rollback":
-            if stack:
-                stack.pop()
-        elif not stack or stack[-1] != entry.get("to"):
-            stack.append(int(entry["to"]))
+        to = int(entry["to"])
+        if len(stack) >= 2 and stack[-2] == to:  # back to the previous one (whoever moved it) is a rollback
+            stack.pop()
+            continue
+        if entry.get("action") == "rollback" and stack:
+            stack.pop()
+        if not stack or stack[-1] != to:
+            stack.append(to)
     return stack
 
 
