@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -128,3 +130,12 @@ class VerifyReport:
             self.problems.append(text)
         else:
             self.truncated = True
+
+
+async def record_from_request(request: Request, actor: str, action: str, subject: str = "",
+                              details: dict[str, Any] | None = None) -> None:
+    """One entry from a route outside the review loop (model promotion, rollback), off the event loop.
+    A no-op in an app without the review loop's database (service.review.wiring sets `audit_event`)."""
+    event = getattr(request.app.state, "audit_event", None)
+    if event is not None:
+        await run_in_threadpool(event, actor, action, subject, details)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from models.registry import RegistryError
+from service import audit
 from service.deps import AdminDep, MetricsDep, ModelSlotDep
 from service.inference import ModelLoadError, ModelSlot, SwapResult, variant_of
 
@@ -95,18 +96,26 @@ async def reload(slot: ModelSlotDep, metrics: MetricsDep, admin: AdminDep) -> An
 
 
 @router.post("/model/promote")
-async def promote(body: PromoteRequest, slot: ModelSlotDep, metrics: MetricsDep, admin: AdminDep) -> Any:
+async def promote(body: PromoteRequest, slot: ModelSlotDep, metrics: MetricsDep, admin: AdminDep,
+                  request: Request) -> Any:
     reason = body.reason or f"promoted by {admin}"
     result = await _run(slot, metrics, "admin", slot.move_alias, body.alias, body.version, reason=reason, actor=admin)
+    if not isinstance(result, JSONResponse):
+        await audit.record_from_request(request, admin, audit.MODEL_PROMOTED, f"model:{slot.settings.model_name}",
+                                        {"alias": body.alias, "version": body.version, "reason": reason})
     return result if isinstance(result, JSONResponse) else _answer(slot, result, _pinned_note(slot, body.alias))
 
 
 @router.post("/model/rollback")
-async def rollback(body: RollbackRequest, slot: ModelSlotDep, metrics: MetricsDep, admin: AdminDep) -> Any:
+async def rollback(body: RollbackRequest, slot: ModelSlotDep, metrics: MetricsDep, admin: AdminDep,
+                   request: Request) -> Any:
     version = body.version or await run_in_threadpool(slot.previous_production)
     if version is None:
         return JSONResponse({"detail": "production has no earlier version to roll back to; name one"},
                             status_code=409)
     reason = body.reason or f"rollback to v{version} by {admin}"
     result = await _run(slot, metrics, "admin", slot.move_alias, "production", version, reason=reason, actor=admin)
+    if not isinstance(result, JSONResponse):
+        await audit.record_from_request(request, admin, audit.MODEL_ROLLED_BACK, f"model:{slot.settings.model_name}",
+                                        {"alias": "production", "version": version, "reason": reason})
     return result if isinstance(result, JSONResponse) else _answer(slot, result, _pinned_note(slot, "production"))
