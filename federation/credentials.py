@@ -116,3 +116,34 @@ def make_site_key(folder: str | Path, site: str) -> dict[str, Path]:
     _write_private(paths["private"], private)
     paths["public"].write_bytes(public + f" {site}\n".encode())
     return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m federation.credentials ca|server|site ...` (what scripts/site-credentials.sh calls)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m federation.credentials", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    ca = sub.add_parser("ca", help="a self-signed CA (without a hospital PKI)")
+    ca.add_argument("folder", type=Path)
+    ca.add_argument("--name", default="wbc federation CA")
+    server = sub.add_parser("server", help="the SuperLink's certificate, signed by the CA")
+    server.add_argument("folder", type=Path)
+    server.add_argument("--ca", type=Path, required=True, help="folder holding ca.crt and ca.key")
+    server.add_argument("--host", action="append", required=True, help="DNS name or IP the sites use (repeat)")
+    site = sub.add_parser("site", help="a site's auth key pair")
+    site.add_argument("folder", type=Path)
+    site.add_argument("site")
+    args = parser.parse_args(argv)
+    if args.what == "ca":
+        paths = make_ca(args.folder, args.name)
+    elif args.what == "server":
+        paths = make_server_certificate(args.ca / "ca.crt", args.ca / "ca.key", args.host, args.folder)
+    else:
+        paths = make_site_key(args.folder, args.site)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -123,13 +123,13 @@ class SiteDP(DifferentialPrivacyClientSideFixedClipping):
             inner: Any = self.strategy
             inner._report(server_round, "train", replies)
             inner._aggregated = {**getattr(inner, "_aggregated", {}), server_round: False}
+            inner._problem(
+                server_round,
+                "train",
+                f"DP: {len(ok)} of {self.num_sampled_clients} sites returned an update; the noise is "
+                "calibrated for all of them, so this round has no aggregate",
+            )
             if inner.observer is not None:
-                inner.observer.record_step_problem(
-                    server_round,
-                    "train",
-                    f"DP: {len(ok)} of {self.num_sampled_clients} sites returned an update; the noise is "
-                    "calibrated for all of them, so this round has no aggregate",
-                )
                 inner.observer.record_aggregate(server_round, None)
             return None, None
         return super().aggregate_train(server_round, replies)

@@ -147,8 +147,8 @@ class SiteTracking:
         arrays: ArrayRecord | None = None
         metrics: MetricRecord | None = None
         if len(valid) < minimum:
-            if self.observer is not None and replies:
-                self.observer.record_step_problem(
+            if replies:
+                self._problem(
                     server_round, "train", f"only {len(valid)} site(s) returned a trained model, {minimum} required"
                 )
         else:
@@ -180,14 +180,18 @@ class SiteTracking:
             if online >= minimum:
                 return True
             if time.time() >= deadline:
-                if self.observer is not None:
-                    self.observer.record_step_problem(
+                self._problem(
                         server_round,
                         phase,
                         f"only {online} site(s) connected within {self.node_wait:g} s, {minimum} required",
                     )
                 return False
             time.sleep(1.0)
+
+    def _problem(self, server_round: int, phase: str, problem: str) -> None:
+        record = getattr(self.observer, "record_step_problem", None)  # optional for other observers
+        if record is not None:
+            record(server_round, phase, problem)
 
     def _weight_key(self) -> str:
         return UNIT_WEIGHT_KEY if self.uniform_weights else WEIGHT_KEY
