@@ -34,8 +34,10 @@ def _new_password() -> str:
 @users.command("add")
 def add_user(
     username: Annotated[str, typer.Argument(help="Login name")],
-    role: Annotated[Literal["reviewer", "admin"], typer.Option(help="reviewer: review and sign off; "
-                                                                    "admin: promote/rollback, tokens, accounts")],
+    role: Annotated[
+        Literal["reviewer", "admin"],
+        typer.Option(help="reviewer: review and sign off; admin: promote/rollback, tokens, accounts"),
+    ],
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Create an account (the first admin is created this way). Password from WBC_PASSWORD or a prompt."""
@@ -61,7 +63,9 @@ def list_users(database_url: DatabaseUrlOption = None) -> None:
     table = Table("user", "role", "active", "created")
     with db.transaction() as session:
         for u in session.scalars(select(User).order_by(User.id)):
-            table.add_row(u.username, u.role, "yes" if u.active else "no", u.created_at.isoformat(timespec="seconds"))
+            table.add_row(
+                u.username, u.role, "yes" if u.active else "no", u.created_at.isoformat(timespec="seconds")
+            )
     console.print(table)
 
 
@@ -107,8 +111,12 @@ def list_tokens(database_url: DatabaseUrlOption = None) -> None:
     table = Table("token", "created by", "created", "revoked")
     with db.transaction() as session:
         for t in session.scalars(select(ApiToken).order_by(ApiToken.id)):
-            table.add_row(t.name, t.created_by, t.created_at.isoformat(timespec="seconds"),
-                          t.revoked_at.isoformat(timespec="seconds") if t.revoked_at else "")
+            table.add_row(
+                t.name,
+                t.created_by,
+                t.created_at.isoformat(timespec="seconds"),
+                t.revoked_at.isoformat(timespec="seconds") if t.revoked_at else "",
+            )
     console.print(table)
 
 

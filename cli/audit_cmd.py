@@ -28,11 +28,23 @@ def verify(
     with db.transaction() as session:
         report = audit_log().verify(session)
     if as_json:
-        print(json.dumps({"ok": report.ok, "entries": report.entries, "head_seq": report.head_seq,
-                          "head_hash": report.head_hash, "problems": report.problems}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "entries": report.entries,
+                    "head_seq": report.head_seq,
+                    "head_hash": report.head_hash,
+                    "problems": report.problems,
+                },
+                indent=2,
+            )
+        )
     elif report.ok:
-        console.print(f"[green]audit chain intact[/]: {report.entries} entries, head {report.head_seq} "
-                      f"{report.head_hash}")
+        console.print(
+            f"[green]audit chain intact[/]: {report.entries} entries, head {report.head_seq} "
+            f"{report.head_hash}"
+        )
     else:
         err_console.print(f"[bold red]audit chain BROKEN[/] ({report.entries} entries read):")
         for problem in report.problems:
@@ -62,8 +74,20 @@ def show(
         entries = list(reversed(session.scalars(query).all()))
     if as_json:
         for e in entries:
-            print(json.dumps({"seq": e.seq, "at": e.at, "actor": e.actor, "action": e.action, "subject": e.subject,
-                              "details": json.loads(e.details), "prev_hash": e.prev_hash, "hash": e.hash}))
+            print(
+                json.dumps(
+                    {
+                        "seq": e.seq,
+                        "at": e.at,
+                        "actor": e.actor,
+                        "action": e.action,
+                        "subject": e.subject,
+                        "details": json.loads(e.details),
+                        "prev_hash": e.prev_hash,
+                        "hash": e.hash,
+                    }
+                )
+            )
         return
     table = Table("seq", "at", "actor", "action", "subject", "details", "hash")
     for column in table.columns[:5]:

@@ -17,8 +17,13 @@ app = typer.Typer(help="The clinicians' review loop.", no_args_is_help=True)
 @app.command("export")
 def export(
     site: Annotated[str, typer.Option("--site", help="The site whose reviewed cells to export")],
-    out: Annotated[Path | None, typer.Option("--out", help="Data root to write (default var/site-data/<site>); "
-                                                           "an earlier export there is replaced")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Data root to write (default var/site-data/<site>); an earlier export there is replaced",
+        ),
+    ] = None,
     database_url: DatabaseUrlOption = None,
     image_store: ImageStoreOption = Path("var/cells"),
 ) -> None:
@@ -34,7 +39,9 @@ def export(
         summary = export_site(db, ImageStore(image_store), audit_log(), site, dest, cli_actor())
     except ExportError as exc:
         fail(str(exc))
-    table = Table(title=f"{summary.site}: {summary.cells} cells from {summary.specimens} specimens → {summary.dest}")
+    table = Table(
+        title=f"{summary.site}: {summary.cells} cells from {summary.specimens} specimens → {summary.dest}"
+    )
     table.add_column("label")
     for split in ("train", "val", "test"):
         table.add_column(split, justify="right")

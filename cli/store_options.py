@@ -16,13 +16,20 @@ import typer
 
 DatabaseUrlOption = Annotated[
     str | None,
-    typer.Option("--database-url", envvar="WBC_DATABASE_URL", show_envvar=True, show_default=False,
-                 help="SQLAlchemy URL of the service database (default sqlite:///var/wbc.db); "
-                      "prefer the variable when it holds a password."),
+    typer.Option(
+        "--database-url",
+        envvar="WBC_DATABASE_URL",
+        show_envvar=True,
+        show_default=False,
+        help="SQLAlchemy URL of the service database (default sqlite:///var/wbc.db); "
+        "prefer the variable when it holds a password.",
+    ),
 ]
 ImageStoreOption = Annotated[
-    Path, typer.Option("--image-store", envvar="WBC_IMAGE_STORE", show_envvar=True,
-                       help="Folder of the stored cell images."),
+    Path,
+    typer.Option(
+        "--image-store", envvar="WBC_IMAGE_STORE", show_envvar=True, help="Folder of the stored cell images."
+    ),
 ]
 DEFAULT_DATABASE_URL = "sqlite:///var/wbc.db"
 

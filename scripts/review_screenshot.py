@@ -54,7 +54,7 @@ def build_registry() -> Path:
     features, targets = [], []
     with torch.no_grad():
         for start in range(0, len(samples), 32):
-            chunk = samples[start: start + 32]
+            chunk = samples[start : start + 32]
             batch = torch.from_numpy(np.stack([preprocess(Image.open(s.path), contract) for s in chunk]))
             features.append(model.forward_head(model.forward_features(batch), pre_logits=True))
             targets += [contract.class_names.index(s.label) for s in chunk]
@@ -68,8 +68,9 @@ def build_registry() -> Path:
         optimiser.step()
     print(f"head fitted (training loss {loss.item():.3f})", flush=True)
     onnx_path = export_onnx(model, contract, CACHE / "model.onnx")
-    Registry(registry, MODEL_NAME).register(onnx_path, contract, {"lineage": {"run_id": "docs-screenshot",
-                                                                              "note": "linear head only"}})
+    Registry(registry, MODEL_NAME).register(
+        onnx_path, contract, {"lineage": {"run_id": "docs-screenshot", "note": "linear head only"}}
+    )
     return registry
 
 
@@ -79,9 +80,16 @@ def serve(registry: Path, workdir: Path):
     from service.config import Settings
     from service.main import create_app
 
-    settings = Settings(registry=registry, model_name=MODEL_NAME, device="cpu", site=SITE, auth_required=True,
-                        database_url=f"sqlite:///{workdir}/wbc.db", image_store=workdir / "cells",
-                        review_extra_labels="erythroblast,ig,platelet")
+    settings = Settings(
+        registry=registry,
+        model_name=MODEL_NAME,
+        device="cpu",
+        site=SITE,
+        auth_required=True,
+        database_url=f"sqlite:///{workdir}/wbc.db",
+        image_store=workdir / "cells",
+        review_extra_labels="erythroblast,ig,platelet",
+    )
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -107,23 +115,50 @@ def main() -> None:
         with app.state.db.transaction() as session:
             accounts.create_user(session, app.state.audit, "dr-rivera", PASSWORD, "reviewer", actor="docs")
             _, token = accounts.create_token(session, app.state.audit, "lis-barcelona", actor="docs")
-        picks = {"BCN-2026-0042": ["neutrophil", "neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil",
-                                   "ig", "neutrophil", "lymphocyte"],
-                 "BCN-2026-0043": ["neutrophil", "lymphocyte", "monocyte"]}
+        picks = {
+            "BCN-2026-0042": [
+                "neutrophil",
+                "neutrophil",
+                "lymphocyte",
+                "monocyte",
+                "eosinophil",
+                "basophil",
+                "ig",
+                "neutrophil",
+                "lymphocyte",
+            ],
+            "BCN-2026-0043": ["neutrophil", "lymphocyte", "monocyte"],
+        }
         for specimen, labels in picks.items():
             used: dict[str, int] = {}
             files = []
             for label in labels:
-                sample = root.select([SITE], ["test"], [label])[used.get(label, 0) + (specimen[-1] == "3") * 5]
+                sample = root.select([SITE], ["test"], [label])[
+                    used.get(label, 0) + (specimen[-1] == "3") * 5
+                ]
                 used[label] = used.get(label, 0) + 1
                 files.append(("files", (sample.path.name, sample.path.read_bytes(), "image/jpeg")))
-            answer = httpx.post(f"{url}/v1/classify", files=files, data={"specimen": specimen}, timeout=120,
-                                headers={"Authorization": f"Bearer {token}"})
+            answer = httpx.post(
+                f"{url}/v1/classify",
+                files=files,
+                data={"specimen": specimen},
+                timeout=120,
+                headers={"Authorization": f"Bearer {token}"},
+            )
             answer.raise_for_status()
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                               "--disable-component-update", "--disable-sync", "--no-first-run"])
+            browser = pw.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                headless=True,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
+            )
             page = browser.new_page(viewport={"width": 1440, "height": 1080})
             page.goto(f"{url}/review")
             page.fill("input[name=username]", "dr-rivera")

@@ -13,7 +13,7 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -50,7 +50,9 @@ class Principal:
 
 def _check_name(kind: str, name: str) -> str:
     if not _NAME_RE.fullmatch(name or ""):
-        raise AccountError(f"{kind} name {name!r}: 1-64 letters, digits or _ . @ -, starting with a letter or digit")
+        raise AccountError(
+            f"{kind} name {name!r}: 1-64 letters, digits or _ . @ -, starting with a letter or digit"
+        )
     return name
 
 
@@ -73,8 +75,13 @@ def create_user(session: Session, log: AuditLog, username: str, password: str, r
     user = User(username=username, password_hash=PASSWORDS.hash(password), role=role, active=True)
     session.add(user)
     session.flush()
-    log.append(session, actor=actor, action=audit.USER_CREATED, subject=f"user:{user.id}",
-               details={"username": username, "role": role})
+    log.append(
+        session,
+        actor=actor,
+        action=audit.USER_CREATED,
+        subject=f"user:{user.id}",
+        details={"username": username, "role": role},
+    )
     return user
 
 
@@ -84,8 +91,13 @@ def disable_user(session: Session, log: AuditLog, username: str, actor: str) -> 
         raise AccountError(f"no user {username!r}")
     user.active = False
     session.execute(delete(WebSession).where(WebSession.user_id == user.id))
-    log.append(session, actor=actor, action=audit.USER_DISABLED, subject=f"user:{user.id}",
-               details={"username": username})
+    log.append(
+        session,
+        actor=actor,
+        action=audit.USER_DISABLED,
+        subject=f"user:{user.id}",
+        details={"username": username},
+    )
     return user
 
 
@@ -115,8 +127,9 @@ def create_token(session: Session, log: AuditLog, name: str, actor: str) -> tupl
     row = ApiToken(name=name, public_id=public_id, secret_hash=TOKEN_SECRETS.hash(secret), created_by=actor)
     session.add(row)
     session.flush()
-    log.append(session, actor=actor, action=audit.TOKEN_CREATED, subject=f"token:{row.id}",
-               details={"name": name})
+    log.append(
+        session, actor=actor, action=audit.TOKEN_CREATED, subject=f"token:{row.id}", details={"name": name}
+    )
     return row, f"{TOKEN_PREFIX}_{public_id}_{secret}"
 
 
@@ -126,8 +139,13 @@ def revoke_token(session: Session, log: AuditLog, name: str, actor: str) -> ApiT
         raise AccountError(f"no token named {name!r}")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
-        log.append(session, actor=actor, action=audit.TOKEN_REVOKED, subject=f"token:{row.id}",
-                   details={"name": name})
+        log.append(
+            session,
+            actor=actor,
+            action=audit.TOKEN_REVOKED,
+            subject=f"token:{row.id}",
+            details={"name": name},
+        )
     return row
 
 
@@ -148,11 +166,16 @@ def _sha256(text: str) -> str:
 
 def start_web_session(session: Session, user: User, lifetime: timedelta) -> tuple[str, WebSession]:
     """Returns the cookie value (only its hash is stored) and the session row (with its CSRF token)."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     session.execute(delete(WebSession).where(WebSession.expires_at < now))  # keep the table small
     cookie = secrets.token_urlsafe(32)
-    row = WebSession(token_sha256=_sha256(cookie), csrf_token=secrets.token_urlsafe(24), user_id=user.id,
-                     created_at=now, expires_at=now + lifetime)
+    row = WebSession(
+        token_sha256=_sha256(cookie),
+        csrf_token=secrets.token_urlsafe(24),
+        user_id=user.id,
+        created_at=now,
+        expires_at=now + lifetime,
+    )
     session.add(row)
     session.flush()
     return cookie, row
@@ -160,7 +183,7 @@ def start_web_session(session: Session, user: User, lifetime: timedelta) -> tupl
 
 def web_session_principal(session: Session, cookie: str) -> Principal | None:
     row = session.scalar(select(WebSession).where(WebSession.token_sha256 == _sha256(cookie)))
-    if row is None or row.expires_at <= datetime.now(timezone.utc) or not row.user.active:
+    if row is None or row.expires_at <= datetime.now(UTC) or not row.user.active:
         return None
     return user_principal(row.user, row.csrf_token)
 

@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
@@ -48,37 +48,56 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def entry_hash(key: bytes, seq: int, at: str, actor: str, action: str, subject: str, details: str,
-               prev_hash: str) -> str:
+def entry_hash(
+    key: bytes, seq: int, at: str, actor: str, action: str, subject: str, details: str, prev_hash: str
+) -> str:
     message = canonical_json([seq, at, actor, action, subject, details, prev_hash]).encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def _hash_of(entry: AuditEntry, key: bytes) -> str:
-    return entry_hash(key, entry.seq, entry.at, entry.actor, entry.action, entry.subject, entry.details,
-                      entry.prev_hash)
+    return entry_hash(
+        key, entry.seq, entry.at, entry.actor, entry.action, entry.subject, entry.details, entry.prev_hash
+    )
 
 
 class AuditLog:
     def __init__(self, key: bytes | str | None = None):
         self.key = key.encode() if isinstance(key, str) else (key or b"")
 
-    def append(self, session: Session, *, actor: str, action: str, subject: str = "",
-               details: dict[str, Any] | None = None) -> AuditEntry:
+    def append(
+        self,
+        session: Session,
+        *,
+        actor: str,
+        action: str,
+        subject: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> AuditEntry:
         """Chain one entry onto the log in `session`'s transaction (committed with the caller's work).
 
         The head row is updated first: that locks it (row lock on PostgreSQL, the write lock on
         SQLite), so concurrent appends queue here and each sees the hash of the one before.
         """
         seq, prev_hash = session.execute(
-            update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1)
+            update(AuditHead)
+            .where(AuditHead.id == 1)
+            .values(seq=AuditHead.seq + 1)
             .returning(AuditHead.seq, AuditHead.hash)
         ).one()
-        at = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        at = datetime.now(UTC).isoformat(timespec="microseconds")
         text = canonical_json(details or {})
         digest = entry_hash(self.key, seq, at, actor, action, subject, text, prev_hash)
-        entry = AuditEntry(seq=seq, at=at, actor=actor, action=action, subject=subject, details=text,
-                           prev_hash=prev_hash, hash=digest)
+        entry = AuditEntry(
+            seq=seq,
+            at=at,
+            actor=actor,
+            action=action,
+            subject=subject,
+            details=text,
+            prev_hash=prev_hash,
+            hash=digest,
+        )
         session.add(entry)
         session.flush()
         session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=digest))
@@ -91,14 +110,22 @@ class AuditLog:
         rows = session.execute(select(AuditEntry).order_by(AuditEntry.seq).execution_options(yield_per=1000))
         for entry in rows.scalars():
             if entry.seq != expected_seq:
-                missing = f"{expected_seq}" if entry.seq == expected_seq + 1 else f"{expected_seq}–{entry.seq - 1}"
+                missing = (
+                    f"{expected_seq}" if entry.seq == expected_seq + 1 else f"{expected_seq}–{entry.seq - 1}"
+                )
                 report.problem(f"entry {missing} missing: deleted", max_problems)
             if entry.prev_hash != prev_hash:
-                report.problem(f"entry {entry.seq}: prev_hash does not match the entry before it "
-                               "(that one was edited or deleted, or this link was changed)", max_problems)
+                report.problem(
+                    f"entry {entry.seq}: prev_hash does not match the entry before it "
+                    "(that one was edited or deleted, or this link was changed)",
+                    max_problems,
+                )
             if _hash_of(entry, self.key) != entry.hash:
-                report.problem(f"entry {entry.seq} ({entry.action}): its contents do not match its hash "
-                               "(edited, or verified with another WBC_AUDIT_KEY)", max_problems)
+                report.problem(
+                    f"entry {entry.seq} ({entry.action}): its contents do not match its hash "
+                    "(edited, or verified with another WBC_AUDIT_KEY)",
+                    max_problems,
+                )
             report.entries += 1
             expected_seq, prev_hash = entry.seq + 1, entry.hash
         head = session.get(AuditHead, 1)
@@ -107,9 +134,11 @@ class AuditLog:
         if head is None:
             report.problem("the audit_head row is missing", max_problems)
         elif (head.seq, head.hash) != (last_seq, prev_hash):
-            report.problem(f"the chain ends at entry {last_seq} but the head records entry {head.seq} "
-                           f"({head.hash[:12]}…): entries at the end were deleted, or the head was changed",
-                           max_problems)
+            report.problem(
+                f"the chain ends at entry {last_seq} but the head records entry {head.seq} "
+                f"({head.hash[:12]}…): entries at the end were deleted, or the head was changed",
+                max_problems,
+            )
         return report
 
 
@@ -132,8 +161,9 @@ class VerifyReport:
             self.truncated = True
 
 
-async def record_from_request(request: Request, actor: str, action: str, subject: str = "",
-                              details: dict[str, Any] | None = None) -> None:
+async def record_from_request(
+    request: Request, actor: str, action: str, subject: str = "", details: dict[str, Any] | None = None
+) -> None:
     """One entry from a route outside the review loop (model promotion, rollback), off the event loop.
     A no-op in an app without the review loop's database (service.review.wiring sets `audit_event`)."""
     event = getattr(request.app.state, "audit_event", None)

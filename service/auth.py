@@ -28,7 +28,11 @@ from service import accounts
 from service.accounts import Principal
 
 Permission = Literal["classify", "review", "admin"]
-PERMITTED_ROLES: dict[str, tuple[str, ...]] = {"classify": ("lab",), "review": ("reviewer",), "admin": ("admin",)}
+PERMITTED_ROLES: dict[str, tuple[str, ...]] = {
+    "classify": ("lab",),
+    "review": ("reviewer",),
+    "admin": ("admin",),
+}
 SESSION_COOKIE = "wbc_session"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -68,11 +72,18 @@ def authorize(request: Request, permission: Permission) -> Principal:
     if principal is None:
         if not request.app.state.settings.auth_enabled and not _sent_credentials(request):
             return ANONYMOUS
-        raise HTTPException(401, "credentials required: a lab-system API token (Authorization: Bearer) or "
-                                 "a reviewer/admin account", headers={"WWW-Authenticate": 'Bearer realm="wbc"'})
+        raise HTTPException(
+            401,
+            "credentials required: a lab-system API token (Authorization: Bearer) or "
+            "a reviewer/admin account",
+            headers={"WWW-Authenticate": 'Bearer realm="wbc"'},
+        )
     if principal.role not in PERMITTED_ROLES[permission]:
-        raise HTTPException(403, f"{principal.kind} {principal.name!r} has role {principal.role!r}; "
-                                 f"{permission!r} needs {' or '.join(PERMITTED_ROLES[permission])}")
+        raise HTTPException(
+            403,
+            f"{principal.kind} {principal.name!r} has role {principal.role!r}; "
+            f"{permission!r} needs {' or '.join(PERMITTED_ROLES[permission])}",
+        )
     if principal.csrf_token and request.method not in SAFE_METHODS:
         given = request.headers.get(CSRF_HEADER, "")
         if not hmac.compare_digest(given.encode(), principal.csrf_token.encode()):

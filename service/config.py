@@ -90,21 +90,37 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * MiB, ge=1, description="Bytes per request body, all files together")
     max_pixels: int = Field(25_000_000, ge=1, description="Width x height per image, checked before decoding")
 
-    # ---- review loop: database, stored cells, accounts, audit (service/review, service/auth.py) -------------
-    site: str = Field("local", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                      description="This site's name; cells are recorded under it (wbc review export --site)")
-    database_url: SecretStr = Field(SecretStr("sqlite:///var/wbc.db"),
-                                    description="SQLAlchemy URL; postgresql://user:pw@host/db for deployments")
-    image_store: Path = Field(Path("var/cells"), description="Where classified images are kept (never leave the site)")
+    # ---- review loop: database, stored cells, accounts, audit (service/review, service/auth.py) ---------
+    site: str = Field(
+        "local",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="This site's name; cells are recorded under it (wbc review export --site)",
+    )
+    database_url: SecretStr = Field(
+        SecretStr("sqlite:///var/wbc.db"),
+        description="SQLAlchemy URL; postgresql://user:pw@host/db for deployments",
+    )
+    image_store: Path = Field(
+        Path("var/cells"), description="Where classified images are kept (they never leave the site)"
+    )
     record_predictions: bool = Field(True, description="Store every classified cell for review and audit")
     auth_required: bool | None = Field(
-        None, description="Credentials on every API and page; unset = required unless bound to a loopback host")
+        None,
+        description="Credentials on every API and page; unset = required unless bound to a loopback host",
+    )
     session_hours: float = Field(12.0, gt=0, description="Lifetime of a reviewer's browser session")
     secure_cookies: bool = Field(False, description="Mark the session cookie Secure (set behind HTTPS)")
-    audit_key: SecretStr | None = Field(None, description="HMAC key of the audit chain (keep it outside the DB)")
-    low_confidence: float = Field(0.7, gt=0.0, le=1.0, description="Below this, a cell shows as low confidence")
+    audit_key: SecretStr | None = Field(
+        None, description="HMAC key of the audit chain (keep it outside the database)"
+    )
+    low_confidence: float = Field(
+        0.7, gt=0.0, le=1.0, description="Below this, a cell shows as low confidence"
+    )
     review_extra_labels: str = Field(
-        "", description="Comma-separated labels reviewers may give besides the model's classes (e.g. erythroblast,ig,platelet)")
+        "",
+        description="Comma-separated labels reviewers may give besides the model's classes "
+        "(e.g. erythroblast,ig,platelet)",
+    )
 
     @field_validator("version", mode="before")
     @classmethod

@@ -34,6 +34,8 @@ def normalise_url(url: str | URL) -> URL:
 
 def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     parsed = normalise_url(url)
+    # Bound values (specimen accessions, file names) never appear in error messages or SQL logs.
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
         _sqlite_immediate_transactions(engine)

@@ -29,7 +29,7 @@ import shutil
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import select
@@ -67,20 +67,31 @@ class ExportSummary:
     splits: Counter[str] = field(default_factory=Counter)
 
 
-def export_site(db: Database, images: ImageStore, log: AuditLog, site: str, dest: str | Path, actor: str,
-                max_pixels: int = 25_000_000) -> ExportSummary:
+def export_site(
+    db: Database,
+    images: ImageStore,
+    log: AuditLog,
+    site: str,
+    dest: str | Path,
+    actor: str,
+    max_pixels: int = 25_000_000,
+) -> ExportSummary:
     dest = Path(dest).expanduser().resolve()
     if not _SAFE_NAME.fullmatch(site):
         raise ExportError(f"site {site!r} is not a valid site name")
-    if dest.exists() and not (dest / MARKER).is_file():
-        if not dest.is_dir() or any(dest.iterdir()):
-            raise ExportError(f"{dest} exists and is not an earlier export (no {MARKER}); choose another folder")
+    is_foreign = dest.exists() and not (dest / MARKER).is_file()
+    if is_foreign and (not dest.is_dir() or any(dest.iterdir())):
+        raise ExportError(f"{dest} exists and is not an earlier export (no {MARKER}); choose another folder")
     with db.transaction() as session:
         rows = session.execute(
             select(Cell.id, Cell.specimen_id, Cell.reviewed_label, Cell.image_path, Cell.media_type)
             .join(Cell.specimen)
-            .where(Cell.site == site, Specimen.signed_off_at.is_not(None), Cell.reviewed_label.is_not(None),
-                   Cell.reviewed_label != UNIDENTIFIED)
+            .where(
+                Cell.site == site,
+                Specimen.signed_off_at.is_not(None),
+                Cell.reviewed_label.is_not(None),
+                Cell.reviewed_label != UNIDENTIFIED,
+            )
             .order_by(Cell.specimen_id, Cell.id)
         ).all()
     if not rows:
@@ -103,21 +114,39 @@ def export_site(db: Database, images: ImageStore, log: AuditLog, site: str, dest
             summary.splits[split] += 1
         summary.cells, summary.specimens = len(samples), len({s.group for s in samples})
         write_manifest(stage, samples)
-        (stage / MARKER).write_text(json.dumps({
-            "site": site, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "cells": summary.cells, "specimens": summary.specimens, "labels": dict(summary.labels),
-            "splits": dict(summary.splits),
-            "split_rule": "per specimen: sha256(site, 'specimen-<id>') -> 70% train / 10% val / 20% test",
-            "labels_from": "reviewer (signed-off specimens only)",
-        }, indent=2) + "\n")
+        (stage / MARKER).write_text(
+            json.dumps(
+                {
+                    "site": site,
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "cells": summary.cells,
+                    "specimens": summary.specimens,
+                    "labels": dict(summary.labels),
+                    "splits": dict(summary.splits),
+                    "split_rule": "per specimen: sha256(site, 'specimen-<id>') -> 70% train / 10% val / 20% test",
+                    "labels_from": "reviewer (signed-off specimens only)",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         _swap_in(stage, dest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
     with db.transaction() as session:
-        log.append(session, actor=actor, action=audit.SITE_DATA_EXPORTED, subject=f"site:{site}",
-                   details={"cells": summary.cells, "specimens": summary.specimens, "labels": dict(summary.labels),
-                            "splits": dict(summary.splits)})
+        log.append(
+            session,
+            actor=actor,
+            action=audit.SITE_DATA_EXPORTED,
+            subject=f"site:{site}",
+            details={
+                "cells": summary.cells,
+                "specimens": summary.specimens,
+                "labels": dict(summary.labels),
+                "splits": dict(summary.splits),
+            },
+        )
     return summary
 
 
@@ -133,7 +162,11 @@ def _copy_image(images: ImageStore, relative: str, media_type: str, stem: Path, 
 
     decode = getattr(decoding, "decode_upload", None)
     data = source.read_bytes()
-    image = decode(data, max_pixels=max_pixels).image if decode else decoding.decode_image(data, max_pixels=max_pixels)
+    image = (
+        decode(data, max_pixels=max_pixels).image
+        if decode
+        else decoding.decode_image(data, max_pixels=max_pixels)
+    )
     out = io.BytesIO()
     image.convert("RGB").save(out, "PNG")
     target = stem.with_suffix(".png")

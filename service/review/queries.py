@@ -27,15 +27,20 @@ class WorklistFilter:
 
     def query_args(self) -> dict[str, Any]:
         """The filter as URL query parameters (defaults left out)."""
-        args = {"specimen": self.specimen, "predicted": self.predicted,
-                "unidentified": self.unidentified or None, "low_confidence": self.low_confidence or None,
-                "status": None if self.status == "all" else self.status,
-                "include_signed": self.include_signed or None}
+        args = {
+            "specimen": self.specimen,
+            "predicted": self.predicted,
+            "unidentified": self.unidentified or None,
+            "low_confidence": self.low_confidence or None,
+            "status": None if self.status == "all" else self.status,
+            "include_signed": self.include_signed or None,
+        }
         return {k: v for k, v in args.items() if v not in (None, "")}
 
 
-def worklist(session: Session, f: WorklistFilter, low_threshold: float, limit: int = 120,
-             offset: int = 0) -> tuple[list[Cell], int]:
+def worklist(
+    session: Session, f: WorklistFilter, low_threshold: float, limit: int = 120, offset: int = 0
+) -> tuple[list[Cell], int]:
     """(cells of this page, total matching), oldest specimen first, cells in arrival order."""
     query = select(Cell).join(Cell.specimen)
     if f.specimen is not None:
@@ -54,7 +59,10 @@ def worklist(session: Session, f: WorklistFilter, low_threshold: float, limit: i
         query = query.where(Cell.reviewed_label.is_not(None))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     cells = session.scalars(
-        query.options(joinedload(Cell.specimen)).order_by(Cell.specimen_id, Cell.id).limit(limit).offset(offset)
+        query.options(joinedload(Cell.specimen))
+        .order_by(Cell.specimen_id, Cell.id)
+        .limit(limit)
+        .offset(offset)
     ).all()
     return list(cells), total
 
@@ -75,23 +83,44 @@ class SpecimenSummary:
         return self.cells > 0 and not self.unreviewed and not self.unidentified and self.signed_off_at is None
 
 
-def specimen_summaries(session: Session, include_signed: bool = False,
-                       specimen_id: int | None = None) -> list[SpecimenSummary]:
+def specimen_summaries(
+    session: Session, include_signed: bool = False, specimen_id: int | None = None
+) -> list[SpecimenSummary]:
     unreviewed = func.sum(case((Cell.reviewed_label.is_(None), 1), else_=0))
-    unidentified = func.sum(case(
-        ((Cell.reviewed_label == UNIDENTIFIED)
-         | (Cell.reviewed_label.is_(None) & (Cell.predicted_label == UNIDENTIFIED)), 1), else_=0))
-    corrected = func.sum(case(
-        (Cell.reviewed_label.is_not(None) & (Cell.reviewed_label != Cell.predicted_label), 1), else_=0))
-    query = (select(Specimen, func.count(Cell.id), unreviewed, unidentified, corrected)
-             .outerjoin(Cell, Cell.specimen_id == Specimen.id).group_by(Specimen.id).order_by(Specimen.id))
+    unidentified = func.sum(
+        case(
+            (
+                (Cell.reviewed_label == UNIDENTIFIED)
+                | (Cell.reviewed_label.is_(None) & (Cell.predicted_label == UNIDENTIFIED)),
+                1,
+            ),
+            else_=0,
+        )
+    )
+    corrected = func.sum(
+        case((Cell.reviewed_label.is_not(None) & (Cell.reviewed_label != Cell.predicted_label), 1), else_=0)
+    )
+    query = (
+        select(Specimen, func.count(Cell.id), unreviewed, unidentified, corrected)
+        .outerjoin(Cell, Cell.specimen_id == Specimen.id)
+        .group_by(Specimen.id)
+        .order_by(Specimen.id)
+    )
     if specimen_id is not None:
         query = query.where(Specimen.id == specimen_id)
     elif not include_signed:
         query = query.where(Specimen.signed_off_at.is_(None))
     return [
-        SpecimenSummary(s.id, s.display_name, n or 0, int(u or 0), int(x or 0), int(c or 0), s.signed_off_by,
-                        s.signed_off_at.isoformat(timespec="seconds") if s.signed_off_at else None)
+        SpecimenSummary(
+            s.id,
+            s.display_name,
+            n or 0,
+            int(u or 0),
+            int(x or 0),
+            int(c or 0),
+            s.signed_off_by,
+            s.signed_off_at.isoformat(timespec="seconds") if s.signed_off_at else None,
+        )
         for s, n, u, x, c in session.execute(query)
     ]
 
@@ -100,11 +129,16 @@ def predicted_labels(session: Session) -> list[str]:
     return list(session.scalars(select(Cell.predicted_label).distinct().order_by(Cell.predicted_label)))
 
 
-def cell_view(cell: Cell, low_threshold: float, extra_labels: tuple[str, ...] = (), top: int = 3) -> dict[str, Any]:
+def cell_view(
+    cell: Cell, low_threshold: float, extra_labels: tuple[str, ...] = (), top: int = 3
+) -> dict[str, Any]:
     """A cell as the worklist shows it (also the JSON API's cell)."""
     ranked = sorted(cell.probabilities.items(), key=lambda item: item[1], reverse=True)
-    status = "unreviewed" if cell.reviewed_label is None else (
-        "confirmed" if cell.reviewed_label == cell.predicted_label else "corrected")
+    status = (
+        "unreviewed"
+        if cell.reviewed_label is None
+        else ("confirmed" if cell.reviewed_label == cell.predicted_label else "corrected")
+    )
     return {
         "id": cell.id,
         "specimen_id": cell.specimen_id,

@@ -52,34 +52,55 @@ class PredictionRecorder:
             for cell, image in stored:
                 actor = cell.requested_by or "anonymous"
                 if image is None:  # a raw tensor (KServe v2): nothing a person could review
-                    self.log.append(session, actor=actor, action=audit.PREDICTION_SERVED, subject="tensor",
-                                    details=self._details(cell, None))
+                    self.log.append(
+                        session,
+                        actor=actor,
+                        action=audit.PREDICTION_SERVED,
+                        subject="tensor",
+                        details=self._details(cell, None),
+                    )
                     ids.append(None)
                     continue
                 if specimen is None:
                     specimen = self._specimen(session, _identifier(cell.specimen), actor)
                 relative, digest, media_type = image
                 row = Cell(
-                    specimen_id=specimen.id, slide=_identifier(cell.slide), site=self.site,
-                    filename=(cell.filename or "")[:255], image_path=relative, image_sha256=digest,
-                    media_type=media_type, requested_by=actor, model_name=cell.model_name,
-                    model_version=cell.model_version, predicted_label=cell.label,
+                    specimen_id=specimen.id,
+                    slide=_identifier(cell.slide),
+                    site=self.site,
+                    filename=(cell.filename or "")[:255],
+                    image_path=relative,
+                    image_sha256=digest,
+                    media_type=media_type,
+                    requested_by=actor,
+                    model_name=cell.model_name,
+                    model_version=cell.model_version,
+                    predicted_label=cell.label,
                     confidence=float(cell.confidence),
                     probabilities={k: float(v) for k, v in cell.probabilities.items()},
                     created_at=cell.received_at,
                 )
                 session.add(row)
                 session.flush()
-                self.log.append(session, actor=actor, action=audit.PREDICTION_SERVED, subject=f"cell:{row.id}",
-                                details=self._details(cell, row))
+                self.log.append(
+                    session,
+                    actor=actor,
+                    action=audit.PREDICTION_SERVED,
+                    subject=f"cell:{row.id}",
+                    details=self._details(cell, row),
+                )
                 ids.append(row.id)
         return ids
 
     @staticmethod
     def _details(cell: Any, row: Cell | None) -> dict[str, Any]:
-        details = {"model": cell.model_name, "version": cell.model_version, "label": cell.label,
-                   "confidence": round(float(cell.confidence), 6),
-                   "route": cell.route}
+        details = {
+            "model": cell.model_name,
+            "version": cell.model_version,
+            "label": cell.label,
+            "confidence": round(float(cell.confidence), 6),
+            "route": cell.route,
+        }
         if row is not None:
             details |= {"specimen_id": row.specimen_id, "image_sha256": row.image_sha256}
         return details
@@ -92,14 +113,24 @@ class PredictionRecorder:
             return specimen
         # Insert-if-absent, so two requests for one new specimen never collide on the unique accession.
         insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-        session.execute(insert(Specimen).values(accession=accession, site=self.site, created_at=utcnow())
-                        .on_conflict_do_nothing(index_elements=["accession"]))
+        session.execute(
+            insert(Specimen)
+            .values(accession=accession, site=self.site, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["accession"])
+        )
         specimen = session.scalars(
             select(Specimen).where(Specimen.accession == accession).with_for_update()
         ).one()
         if specimen.signed_off_at is not None:
-            self.log.append(session, actor=actor, action=audit.SPECIMEN_REOPENED, subject=f"specimen:{specimen.id}",
-                            details={"signed_off_at": specimen.signed_off_at.isoformat(),
-                                     "signed_off_by": specimen.signed_off_by})
+            self.log.append(
+                session,
+                actor=actor,
+                action=audit.SPECIMEN_REOPENED,
+                subject=f"specimen:{specimen.id}",
+                details={
+                    "signed_off_at": specimen.signed_off_at.isoformat(),
+                    "signed_off_by": specimen.signed_off_by,
+                },
+            )
             specimen.signed_off_at = specimen.signed_off_by = None
         return specimen

@@ -37,7 +37,9 @@ def attach(app: FastAPI, settings: Settings) -> None:
     if settings.record_predictions:
         app.state.prediction_sink = PredictionRecorder(db, images, audit_log, settings.site)
 
-    def audit_event(actor: str, action: str, subject: str = "", details: dict[str, Any] | None = None) -> None:
+    def audit_event(
+        actor: str, action: str, subject: str = "", details: dict[str, Any] | None = None
+    ) -> None:
         """For other routes (e.g. promote/rollback): one audit entry in its own transaction (blocking)."""
         with db.transaction() as session:
             audit_log.append(session, actor=actor, action=action, subject=subject, details=details)
@@ -46,8 +48,13 @@ def attach(app: FastAPI, settings: Settings) -> None:
     if settings.auth_enabled:
         app.dependency_overrides[deps.get_requester] = auth.requesting_system
         app.dependency_overrides[deps.require_admin] = auth.admin_name
-    for router in (auth_routes.pages, auth_routes.api, review_routes.pages, review_routes.api,
-                   accounts_routes.router):
+    for router in (
+        auth_routes.pages,
+        auth_routes.api,
+        review_routes.pages,
+        review_routes.api,
+        accounts_routes.router,
+    ):
         app.include_router(router)
     app.mount("/review/static", StaticFiles(directory=STATIC), name="review-static")
 
@@ -55,14 +62,23 @@ def attach(app: FastAPI, settings: Settings) -> None:
 def start(app: FastAPI) -> None:
     settings, db = app.state.settings, app.state.db
     db.upgrade()
-    log.info("review database %s at revision %s; images in %s; site %s", db.describe(), db.current_revision(),
-             app.state.images.root, settings.site)
+    log.info(
+        "review database %s at revision %s; images in %s; site %s",
+        db.describe(),
+        db.current_revision(),
+        app.state.images.root,
+        settings.site,
+    )
     if not settings.auth_enabled:
-        log.warning("authentication is OFF (loopback host, WBC_AUTH_REQUIRED unset or false): anyone on this "
-                    "machine may classify, review and administer as 'anonymous'")
+        log.warning(
+            "authentication is OFF (loopback host, WBC_AUTH_REQUIRED unset or false): anyone on this "
+            "machine may classify, review and administer as 'anonymous'"
+        )
     if settings.audit_key is None:
-        log.warning("WBC_AUDIT_KEY is not set: the audit chain detects edits, but someone with write access "
-                    "to the database could recompute it")
+        log.warning(
+            "WBC_AUDIT_KEY is not set: the audit chain detects edits, but someone with write access "
+            "to the database could recompute it"
+        )
 
 
 def stop(app: FastAPI) -> None:

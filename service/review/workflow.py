@@ -41,8 +41,14 @@ def _locked_specimen(session: Session, specimen_id: int) -> Specimen:
     return specimen
 
 
-def review_cell(session: Session, log: AuditLog, cell_id: int, label: str, reviewer: str,
-                extra_labels: tuple[str, ...] = ()) -> Cell:
+def review_cell(
+    session: Session,
+    log: AuditLog,
+    cell_id: int,
+    label: str,
+    reviewer: str,
+    extra_labels: tuple[str, ...] = (),
+) -> Cell:
     """Confirm (`label` = the cell's current label) or reclassify one cell."""
     found = session.get(Cell, cell_id)
     if found is None:
@@ -58,9 +64,13 @@ def review_cell(session: Session, log: AuditLog, cell_id: int, label: str, revie
     now = utcnow()
     cell.reviewed_label, cell.reviewed_by, cell.reviewed_at = label, reviewer, now
     session.add(Review(cell_id=cell.id, reviewer=reviewer, at=now, old_label=old, new_label=label))
-    log.append(session, actor=reviewer, action=audit.CELL_REVIEWED, subject=f"cell:{cell.id}",
-               details={"old": old, "new": label, "predicted": cell.predicted_label,
-                        "specimen_id": specimen.id})
+    log.append(
+        session,
+        actor=reviewer,
+        action=audit.CELL_REVIEWED,
+        subject=f"cell:{cell.id}",
+        details={"old": old, "new": label, "predicted": cell.predicted_label, "specimen_id": specimen.id},
+    )
     return cell
 
 
@@ -83,12 +93,22 @@ class Blocking:
 
 def blocking(session: Session, specimen_id: int) -> Blocking:
     """What stands between a specimen and its sign-off."""
-    unreviewed = session.scalar(select(func.count()).select_from(Cell).where(
-        Cell.specimen_id == specimen_id, Cell.reviewed_label.is_(None)))
-    unidentified = session.scalar(select(func.count()).select_from(Cell).where(
-        Cell.specimen_id == specimen_id,
-        or_(Cell.reviewed_label == UNIDENTIFIED,
-            Cell.reviewed_label.is_(None) & (Cell.predicted_label == UNIDENTIFIED))))
+    unreviewed = session.scalar(
+        select(func.count())
+        .select_from(Cell)
+        .where(Cell.specimen_id == specimen_id, Cell.reviewed_label.is_(None))
+    )
+    unidentified = session.scalar(
+        select(func.count())
+        .select_from(Cell)
+        .where(
+            Cell.specimen_id == specimen_id,
+            or_(
+                Cell.reviewed_label == UNIDENTIFIED,
+                Cell.reviewed_label.is_(None) & (Cell.predicted_label == UNIDENTIFIED),
+            ),
+        )
+    )
     return Blocking(unreviewed or 0, unidentified or 0)
 
 
@@ -102,8 +122,16 @@ def sign_off(session: Session, log: AuditLog, specimen_id: int, reviewer: str) -
     if block := blocking(session, specimen_id):
         raise ReviewError(409, f"{specimen.display_name} cannot be signed off: {block.describe()}")
     specimen.signed_off_at, specimen.signed_off_by = utcnow(), reviewer
-    corrected = session.scalar(select(func.count()).select_from(Cell).where(
-        Cell.specimen_id == specimen_id, Cell.reviewed_label != Cell.predicted_label))
-    log.append(session, actor=reviewer, action=audit.SPECIMEN_SIGNED_OFF, subject=f"specimen:{specimen.id}",
-               details={"cells": count, "corrected": corrected or 0})
+    corrected = session.scalar(
+        select(func.count())
+        .select_from(Cell)
+        .where(Cell.specimen_id == specimen_id, Cell.reviewed_label != Cell.predicted_label)
+    )
+    log.append(
+        session,
+        actor=reviewer,
+        action=audit.SPECIMEN_SIGNED_OFF,
+        subject=f"specimen:{specimen.id}",
+        details={"cells": count, "corrected": corrected or 0},
+    )
     return specimen

@@ -43,9 +43,15 @@ def _conflict(exc: AccountError) -> HTTPException:
 @router.get("/tokens")
 def list_tokens(request: Request, _: AdminDep) -> list[dict[str, Any]]:
     with request.app.state.db.transaction() as session:
-        return [{"name": t.name, "created_by": t.created_by, "created_at": t.created_at.isoformat(),
-                 "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None}
-                for t in session.scalars(select(ApiToken).order_by(ApiToken.id))]
+        return [
+            {
+                "name": t.name,
+                "created_by": t.created_by,
+                "created_at": t.created_at.isoformat(),
+                "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+            }
+            for t in session.scalars(select(ApiToken).order_by(ApiToken.id))
+        ]
 
 
 @router.post("/tokens", status_code=201)
@@ -73,8 +79,15 @@ def revoke_token(name: str, request: Request, admin: AdminDep) -> dict[str, Any]
 @router.get("/users")
 def list_users(request: Request, _: AdminDep) -> list[dict[str, Any]]:
     with request.app.state.db.transaction() as session:
-        return [{"username": u.username, "role": u.role, "active": u.active, "created_at": u.created_at.isoformat()}
-                for u in session.scalars(select(User).order_by(User.id))]
+        return [
+            {
+                "username": u.username,
+                "role": u.role,
+                "active": u.active,
+                "created_at": u.created_at.isoformat(),
+            }
+            for u in session.scalars(select(User).order_by(User.id))
+        ]
 
 
 @router.post("/users", status_code=201)
@@ -82,7 +95,9 @@ def create_user(body: NewUser, request: Request, admin: AdminDep) -> dict[str, s
     state = request.app.state
     try:
         with state.db.transaction() as session:
-            user = accounts.create_user(session, state.audit, body.username, body.password, body.role, admin.name)
+            user = accounts.create_user(
+                session, state.audit, body.username, body.password, body.role, admin.name
+            )
             return {"username": user.username, "role": user.role}
     except AccountError as exc:
         raise _conflict(exc) from None
@@ -106,5 +121,11 @@ def verify_audit(request: Request, _: AdminDep) -> dict[str, Any]:
     state = request.app.state
     with state.db.transaction() as session:
         report = state.audit.verify(session)
-    return {"ok": report.ok, "entries": report.entries, "head_seq": report.head_seq,
-            "head_hash": report.head_hash, "problems": report.problems, "truncated": report.truncated}
+    return {
+        "ok": report.ok,
+        "entries": report.entries,
+        "head_seq": report.head_seq,
+        "head_hash": report.head_hash,
+        "problems": report.problems,
+        "truncated": report.truncated,
+    }

@@ -31,8 +31,9 @@ def _safe_next(target: str | None) -> str:
 
 @pages.get("/login", name="login_page")
 def login_page(request: Request, next: str | None = None) -> Response:
-    return TEMPLATES.TemplateResponse(request, "login.html", {"next": _safe_next(next), "error": None},
-                                      headers=PAGE_HEADERS)
+    return TEMPLATES.TemplateResponse(
+        request, "login.html", {"next": _safe_next(next), "error": None}, headers=PAGE_HEADERS
+    )
 
 
 @pages.post("/login")
@@ -46,13 +47,25 @@ def login(
     with state.db.transaction() as session:
         user = accounts.authenticate_password(session, username, password)
         if user is None:
-            context = {"next": _safe_next(next), "error": "Wrong user name or password.", "username": username}
-            return TEMPLATES.TemplateResponse(request, "login.html", context, status_code=401,
-                                              headers=PAGE_HEADERS)
+            context = {
+                "next": _safe_next(next),
+                "error": "Wrong user name or password.",
+                "username": username,
+            }
+            return TEMPLATES.TemplateResponse(
+                request, "login.html", context, status_code=401, headers=PAGE_HEADERS
+            )
         cookie, _ = accounts.start_web_session(session, user, timedelta(hours=state.settings.session_hours))
     response = RedirectResponse(_safe_next(next), status_code=303)
-    response.set_cookie(SESSION_COOKIE, cookie, max_age=int(state.settings.session_hours * 3600), path="/",
-                        httponly=True, samesite="strict", secure=state.settings.secure_cookies)
+    response.set_cookie(
+        SESSION_COOKIE,
+        cookie,
+        max_age=int(state.settings.session_hours * 3600),
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=state.settings.secure_cookies,
+    )
     return response
 
 

@@ -14,9 +14,9 @@ URLs carry internal specimen ids, never the laboratory's accession, so access lo
 from __future__ import annotations
 
 import io
-from urllib.parse import urlencode
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response
@@ -35,7 +35,7 @@ PAGE_SIZE = 120
 # Pages hold patient-related images: no caching, no framing, no third-party anything.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
-                               "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
     "Cache-Control": "no-store",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
@@ -50,14 +50,25 @@ def _state(request: Request) -> Any:
     return request.app.state
 
 
-def _filter(specimen: str | None, predicted: str | None, unidentified: bool, low_confidence: bool,
-            status: Status, include_signed: bool) -> WorklistFilter:
+def _filter(
+    specimen: str | None,
+    predicted: str | None,
+    unidentified: bool,
+    low_confidence: bool,
+    status: Status,
+    include_signed: bool,
+) -> WorklistFilter:
     spec = (specimen or "").strip()
     if spec and not spec.isdigit():
         raise HTTPException(422, f"specimen must be a specimen id (a number), not {spec!r}")
-    return WorklistFilter(specimen=int(spec) if spec else None, predicted=(predicted or "").strip() or None,
-                          unidentified=unidentified, low_confidence=low_confidence, status=status,
-                          include_signed=include_signed)
+    return WorklistFilter(
+        specimen=int(spec) if spec else None,
+        predicted=(predicted or "").strip() or None,
+        unidentified=unidentified,
+        low_confidence=low_confidence,
+        status=status,
+        include_signed=include_signed,
+    )
 
 
 def _raise(error: ReviewError) -> HTTPException:
@@ -83,13 +94,20 @@ def worklist_page(
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             # Relative: behind a TLS-terminating proxy an absolute URL would name the wrong scheme.
             return RedirectResponse(f"/review/login?{urlencode({'next': target})}", 303)
-        return TEMPLATES.TemplateResponse(request, "error.html", {"title": "Not allowed", "message": exc.detail},
-                                          status_code=exc.status_code, headers=PAGE_HEADERS)
+        return TEMPLATES.TemplateResponse(
+            request,
+            "error.html",
+            {"title": "Not allowed", "message": exc.detail},
+            status_code=exc.status_code,
+            headers=PAGE_HEADERS,
+        )
     state = _state(request)
     settings = state.settings
     f = _filter(specimen, predicted, unidentified, low_confidence, status, include_signed)
     with state.db.transaction() as session:
-        cells, total = queries.worklist(session, f, settings.low_confidence, PAGE_SIZE, (page - 1) * PAGE_SIZE)
+        cells, total = queries.worklist(
+            session, f, settings.low_confidence, PAGE_SIZE, (page - 1) * PAGE_SIZE
+        )
         views = [queries.cell_view(c, settings.low_confidence, settings.extra_review_labels) for c in cells]
         specimens = queries.specimen_summaries(session, include_signed=f.include_signed)
         selected = None
@@ -97,9 +115,17 @@ def worklist_page(
             selected = next(iter(queries.specimen_summaries(session, specimen_id=f.specimen)), None)
         predicted_labels = queries.predicted_labels(session)
     context = {
-        "principal": principal, "settings": settings, "filter": f, "cells": views, "total": total,
-        "page": page, "pages": max(1, -(-total // PAGE_SIZE)), "specimens": specimens, "selected": selected,
-        "predicted_labels": predicted_labels, "low_percent": round(settings.low_confidence * 100),
+        "principal": principal,
+        "settings": settings,
+        "filter": f,
+        "cells": views,
+        "total": total,
+        "page": page,
+        "pages": max(1, -(-total // PAGE_SIZE)),
+        "specimens": specimens,
+        "selected": selected,
+        "predicted_labels": predicted_labels,
+        "low_percent": round(settings.low_confidence * 100),
         "query_args": f.query_args(),
     }
     return TEMPLATES.TemplateResponse(request, "worklist.html", context, headers=PAGE_HEADERS)
@@ -119,15 +145,22 @@ def cell_image(cell_id: int, request: Request, _: ReviewerDep) -> Response:
         raise HTTPException(410, f"the image of cell {cell_id} is no longer in the image store") from None
     if media_type not in BROWSER_TYPES:
         data, media_type = _as_png(data, state.settings.max_pixels), "image/png"
-    return Response(data, media_type=media_type,
-                    headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
+    return Response(
+        data,
+        media_type=media_type,
+        headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 def _as_png(data: bytes, max_pixels: int) -> bytes:
     from service import decoding
 
     decode = getattr(decoding, "decode_upload", None)  # DICOM-aware decoder, when present
-    image = decode(data, max_pixels=max_pixels).image if decode else decoding.decode_image(data, max_pixels=max_pixels)
+    image = (
+        decode(data, max_pixels=max_pixels).image
+        if decode
+        else decoding.decode_image(data, max_pixels=max_pixels)
+    )
     out = io.BytesIO()
     image.convert("RGB").save(out, "PNG")
     return out.getvalue()
@@ -156,20 +189,36 @@ def list_cells(
     f = _filter(specimen, predicted, unidentified, low_confidence, status, include_signed)
     with state.db.transaction() as session:
         cells, total = queries.worklist(session, f, state.settings.low_confidence, limit, offset)
-        views = [queries.cell_view(c, state.settings.low_confidence, state.settings.extra_review_labels)
-                 for c in cells]
+        views = [
+            queries.cell_view(c, state.settings.low_confidence, state.settings.extra_review_labels)
+            for c in cells
+        ]
     return {"total": total, "cells": views}
 
 
-@api.post("/cells/{cell_id}", responses={404: {}, 409: {"description": "The specimen is signed off"},
-                                         422: {"description": "A label the reviewer may not give"}})
-def review_cell(cell_id: int, decision: ReviewDecision, request: Request, principal: ReviewerDep) -> dict[str, Any]:
+@api.post(
+    "/cells/{cell_id}",
+    responses={
+        404: {},
+        409: {"description": "The specimen is signed off"},
+        422: {"description": "A label the reviewer may not give"},
+    },
+)
+def review_cell(
+    cell_id: int, decision: ReviewDecision, request: Request, principal: ReviewerDep
+) -> dict[str, Any]:
     """Confirm or reclassify one cell; recorded with who, when, the old and the new label."""
     state = _state(request)
     try:
         with state.db.transaction() as session:
-            cell = workflow.review_cell(session, state.audit, cell_id, decision.label, principal.name,
-                                        state.settings.extra_review_labels)
+            cell = workflow.review_cell(
+                session,
+                state.audit,
+                cell_id,
+                decision.label,
+                principal.name,
+                state.settings.extra_review_labels,
+            )
             return queries.cell_view(cell, state.settings.low_confidence, state.settings.extra_review_labels)
     except ReviewError as exc:
         raise _raise(exc) from None
@@ -190,8 +239,10 @@ def get_specimen(specimen_id: int, request: Request, _: ReviewerDep) -> dict[str
     return _summary(found[0])
 
 
-@api.post("/specimens/{specimen_id}/sign-off",
-          responses={404: {}, 409: {"description": "Cells unreviewed or unidentified, or already signed off"}})
+@api.post(
+    "/specimens/{specimen_id}/sign-off",
+    responses={404: {}, 409: {"description": "Cells unreviewed or unidentified, or already signed off"}},
+)
 def sign_off(specimen_id: int, request: Request, principal: ReviewerDep) -> dict[str, Any]:
     """Sign off a specimen whose every cell is reviewed and none is unidentified."""
     state = _state(request)
@@ -205,6 +256,14 @@ def sign_off(specimen_id: int, request: Request, principal: ReviewerDep) -> dict
 
 
 def _summary(s: queries.SpecimenSummary) -> dict[str, Any]:
-    return {"id": s.id, "name": s.name, "cells": s.cells, "unreviewed": s.unreviewed,
-            "unidentified": s.unidentified, "corrected": s.corrected, "signed_off_by": s.signed_off_by,
-            "signed_off_at": s.signed_off_at, "can_sign_off": s.can_sign_off}
+    return {
+        "id": s.id,
+        "name": s.name,
+        "cells": s.cells,
+        "unreviewed": s.unreviewed,
+        "unidentified": s.unidentified,
+        "corrected": s.corrected,
+        "signed_off_by": s.signed_off_by,
+        "signed_off_at": s.signed_off_at,
+        "can_sign_off": s.can_sign_off,
+    }

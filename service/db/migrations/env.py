@@ -19,8 +19,11 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    return (os.environ.get("WBC_DATABASE_URL") or config.get_main_option("sqlalchemy.url")
-            or "sqlite:///var/wbc.db")
+    return (
+        os.environ.get("WBC_DATABASE_URL")
+        or config.get_main_option("sqlalchemy.url")
+        or "sqlite:///var/wbc.db"
+    )
 
 
 def _run(connection) -> None:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from review_helpers import AUDIT_KEY, REVIEW_MODEL, SITE, Service
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
-
-from review_helpers import AUDIT_KEY, REVIEW_MODEL, SITE, Service
 
 from federation.sites import DataRoot
 from models.contract import ModelContract
@@ -35,8 +34,11 @@ PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main s
 
 @pytest.fixture(scope="session")
 def pg_admin() -> Iterator[Engine]:
-    engine = create_engine(make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg"),
-                           isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    engine = create_engine(
+        make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg"),
+        isolation_level="AUTOCOMMIT",
+        poolclass=NullPool,
+    )
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
@@ -73,8 +75,9 @@ def audit_log() -> AuditLog:
 
 
 @pytest.fixture(scope="session")
-def review_registry(tmp_path_factory: pytest.TempPathFactory, exported_onnx: Path,
-                    model_contract: ModelContract) -> Path:
+def review_registry(
+    tmp_path_factory: pytest.TempPathFactory, exported_onnx: Path, model_contract: ModelContract
+) -> Path:
     """The service tests' network with a sharp temperature and an abstain threshold, so some real cells
     come back as a class and some as "unidentified"."""
     root = tmp_path_factory.mktemp("review-registry")
@@ -86,9 +89,18 @@ def review_registry(tmp_path_factory: pytest.TempPathFactory, exported_onnx: Pat
 @pytest.fixture()
 def make_settings(review_registry: Path, tmp_path: Path) -> Callable[..., Settings]:
     def make(database_url: str, **overrides: object) -> Settings:
-        values = dict(registry=review_registry, model_name=REVIEW_MODEL, intra_op_threads=1, device="cpu",
-                      database_url=database_url, image_store=tmp_path / "cells", site=SITE, auth_required=True,
-                      audit_key=AUDIT_KEY, max_queue_delay_ms=0.0)
+        values = {
+            "registry": review_registry,
+            "model_name": REVIEW_MODEL,
+            "intra_op_threads": 1,
+            "device": "cpu",
+            "database_url": database_url,
+            "image_store": tmp_path / "cells",
+            "site": SITE,
+            "auth_required": True,
+            "audit_key": AUDIT_KEY,
+            "max_queue_delay_ms": 0.0,
+        }
         values.update(overrides)
         return Settings(**values)
 

@@ -41,24 +41,42 @@ class Service:
 
     def login(self, name: str, password: str = PASSWORD) -> str:
         """Sign the test client in; returns the session's CSRF token (read from the worklist page)."""
-        response = self.client.post("/review/login", data={"username": name, "password": password},
-                                    follow_redirects=False)
+        response = self.client.post(
+            "/review/login", data={"username": name, "password": password}, follow_redirects=False
+        )
         assert response.status_code == 303, response.text
         page = self.client.get("/review")
         marker = 'name="csrf-token" content="'
         start = page.text.index(marker) + len(marker)
-        return page.text[start: page.text.index('"', start)]
+        return page.text[start : page.text.index('"', start)]
 
 
-def classified(name: str, data: bytes, label: str, specimen: str | None = None, confidence: float = 0.9,
-               classes: tuple[str, ...] = ("eosinophil", "lymphocyte", "neutrophil")):
+def classified(
+    name: str,
+    data: bytes,
+    label: str,
+    specimen: str | None = None,
+    confidence: float = 0.9,
+    classes: tuple[str, ...] = ("eosinophil", "lymphocyte", "neutrophil"),
+):
     """A service.sink.ClassifiedCell as /v1/classify hands it to the sink, with a chosen answer."""
     from service.sink import ClassifiedCell
 
     top = label if label in classes else classes[0]
     rest = (1.0 - confidence) / (len(classes) - 1)
     probabilities = {c: (confidence if c == top else rest) for c in classes}
-    return ClassifiedCell(filename=name, data=data, format="JPEG", sop_instance_uid=None, label=label,
-                          confidence=confidence, probabilities=probabilities, model_name="wbc-test",
-                          model_version=1, model_precision="fp32", requested_by="token:lis",
-                          route="/v1/classify", specimen=specimen)
+    return ClassifiedCell(
+        filename=name,
+        data=data,
+        format="JPEG",
+        sop_instance_uid=None,
+        label=label,
+        confidence=confidence,
+        probabilities=probabilities,
+        model_name="wbc-test",
+        model_version=1,
+        model_precision="fp32",
+        requested_by="token:lis",
+        route="/v1/classify",
+        specimen=specimen,
+    )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -18,8 +19,13 @@ from service.db.session import Database
 def fill(db: Database, log: AuditLog, n: int) -> None:
     for i in range(n):
         with db.transaction() as session:
-            log.append(session, actor="tester", action="cell.reviewed", subject=f"cell:{i}",
-                       details={"old": "neutrophil", "new": "lymphocyte", "i": i})
+            log.append(
+                session,
+                actor="tester",
+                action="cell.reviewed",
+                subject=f"cell:{i}",
+                details={"old": "neutrophil", "new": "lymphocyte", "i": i},
+            )
 
 
 def tamper(db: Database, sql: str) -> None:
@@ -41,25 +47,30 @@ def test_chain_links_and_verifies(pg_db: Database, audit_log: AuditLog) -> None:
         entries = session.scalars(select(AuditEntry).order_by(AuditEntry.seq)).all()
     assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
     assert entries[0].prev_hash == GENESIS_HASH
-    assert all(b.prev_hash == a.hash for a, b in zip(entries, entries[1:]))
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(entries))
     report = verify(pg_db, audit_log)
     assert report.ok and report.entries == 5 and report.head_seq == 5 and report.head_hash == entries[-1].hash
 
 
 def test_database_refuses_update_and_delete(pg_db: Database, audit_log: AuditLog) -> None:
     fill(pg_db, audit_log, 1)
-    for statement in ("UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log", "TRUNCATE audit_log"):
-        with pytest.raises(DBAPIError, match="append-only"):
-            with pg_db.engine.begin() as connection:
-                connection.execute(text(statement))
+    for statement in (
+        "UPDATE audit_log SET actor = 'mallory'",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ):
+        with pytest.raises(DBAPIError, match="append-only"), pg_db.engine.begin() as connection:
+            connection.execute(text(statement))
     assert verify(pg_db, audit_log).ok
 
 
 @pytest.mark.parametrize(
     "sql, expected",
     [
-        ("UPDATE audit_log SET details = replace(details, 'lymphocyte', 'monocyte') WHERE seq = 2",
-         "entry 2 (cell.reviewed): its contents do not match its hash"),
+        (
+            "UPDATE audit_log SET details = replace(details, 'lymphocyte', 'monocyte') WHERE seq = 2",
+            "entry 2 (cell.reviewed): its contents do not match its hash",
+        ),
         ("UPDATE audit_log SET actor = 'mallory' WHERE seq = 4", "entry 4 (cell.reviewed): its contents"),
         ("DELETE FROM audit_log WHERE seq = 3", "entry 3 missing"),
         ("DELETE FROM audit_log WHERE seq = 5", "the chain ends at entry 4 but the head records entry 5"),
@@ -103,9 +114,8 @@ def test_sqlite_default_is_append_only_and_verifies(tmp_path, audit_log: AuditLo
     db = Database(f"sqlite:///{tmp_path}/wbc.db")
     db.upgrade()
     fill(db, audit_log, 3)
-    with pytest.raises(DBAPIError, match="append-only"):
-        with db.engine.begin() as connection:
-            connection.execute(text("UPDATE audit_log SET actor = 'mallory'"))
+    with pytest.raises(DBAPIError, match="append-only"), db.engine.begin() as connection:
+        connection.execute(text("UPDATE audit_log SET actor = 'mallory'"))
     assert verify(db, audit_log).ok
     with db.engine.begin() as connection:
         connection.execute(text("DROP TRIGGER audit_log_no_update"))

@@ -56,9 +56,19 @@ def test_wrong_secrets_are_401(service: Service, barcelona_cells: list) -> None:
     client = service.client
     token = lab["Authorization"].removeprefix("Bearer ")
     tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
-    for header in (f"Bearer {tampered}", "Bearer wbc_000000000000_nope", "Bearer garbage", "Basic !!!", "Digest x"):
-        assert client.post("/v1/classify", files=files(barcelona_cells[:1]),
-                           headers={"Authorization": header}).status_code == 401, header
+    for header in (
+        f"Bearer {tampered}",
+        "Bearer wbc_000000000000_nope",
+        "Bearer garbage",
+        "Basic !!!",
+        "Digest x",
+    ):
+        assert (
+            client.post(
+                "/v1/classify", files=files(barcelona_cells[:1]), headers={"Authorization": header}
+            ).status_code
+            == 401
+        ), header
     assert client.get("/v1/review/cells", auth=("rev", "wrong password!")).status_code == 401
     assert client.get("/v1/review/cells", auth=("nobody", PASSWORD)).status_code == 401
 
@@ -93,11 +103,13 @@ def test_admin_creates_reviewer_and_disabled_account_is_refused(service: Service
     service.add_user("boss", "admin")
     admin = ("boss", PASSWORD)
     client = service.client
-    short = client.post("/v1/admin/users", json={"username": "rev", "password": "short", "role": "reviewer"},
-                        auth=admin)
+    short = client.post(
+        "/v1/admin/users", json={"username": "rev", "password": "short", "role": "reviewer"}, auth=admin
+    )
     assert short.status_code == 422
-    made = client.post("/v1/admin/users", json={"username": "rev", "password": PASSWORD, "role": "reviewer"},
-                       auth=admin)
+    made = client.post(
+        "/v1/admin/users", json={"username": "rev", "password": PASSWORD, "role": "reviewer"}, auth=admin
+    )
     assert made.status_code == 201
     service.login("rev")
     assert client.get("/v1/review/cells").status_code == 200
@@ -109,15 +121,25 @@ def test_admin_creates_reviewer_and_disabled_account_is_refused(service: Service
 def test_browser_session_needs_csrf_token_and_logs_out(service: Service, barcelona_cells: list) -> None:
     lab = service.add_token()
     service.add_user("rev", "reviewer")
-    cell_id = service.client.post("/v1/classify", files=files(barcelona_cells[:1]), headers=lab).json()["results"][0]["id"]
+    cell_id = service.client.post("/v1/classify", files=files(barcelona_cells[:1]), headers=lab).json()[
+        "results"
+    ][0]["id"]
     csrf = service.login("rev")
     client = service.client
     label = client.get("/v1/review/cells").json()["cells"][0]["labels"][0]
     assert client.post(f"/v1/review/cells/{cell_id}", json={"label": label}).status_code == 403
-    assert client.post(f"/v1/review/cells/{cell_id}", json={"label": label},
-                       headers={"X-CSRF-Token": "forged"}).status_code == 403
-    assert client.post(f"/v1/review/cells/{cell_id}", json={"label": label},
-                       headers={"X-CSRF-Token": csrf}).status_code == 200
+    assert (
+        client.post(
+            f"/v1/review/cells/{cell_id}", json={"label": label}, headers={"X-CSRF-Token": "forged"}
+        ).status_code
+        == 403
+    )
+    assert (
+        client.post(
+            f"/v1/review/cells/{cell_id}", json={"label": label}, headers={"X-CSRF-Token": csrf}
+        ).status_code
+        == 200
+    )
     cookie = client.cookies.get("wbc_session")
     assert client.post("/review/logout", follow_redirects=False).status_code == 303
     client.cookies.set("wbc_session", cookie)  # replaying the old cookie does not work either
@@ -129,8 +151,11 @@ def test_login_form_rejects_bad_password_and_foreign_redirects(service: Service)
     client = service.client
     bad = client.post("/review/login", data={"username": "rev", "password": "nope"}, follow_redirects=False)
     assert bad.status_code == 401 and "Wrong user name or password" in bad.text
-    ok = client.post("/review/login", data={"username": "rev", "password": PASSWORD, "next": "//evil.example/x"},
-                     follow_redirects=False)
+    ok = client.post(
+        "/review/login",
+        data={"username": "rev", "password": PASSWORD, "next": "//evil.example/x"},
+        follow_redirects=False,
+    )
     assert ok.status_code == 303 and ok.headers["location"] == "/review"
     cookie = ok.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie

@@ -28,13 +28,23 @@ from service.main import create_app
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def chromium_path() -> str:
-    for candidate in (os.environ.get("WBC_CHROMIUM"), "/usr/bin/chromium", "/usr/bin/chromium-headless-shell",
-                      shutil.which("chromium")):
+    for candidate in (
+        os.environ.get("WBC_CHROMIUM"),
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-headless-shell",
+        shutil.which("chromium"),
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     message = "needs Debian's chromium (scripts/install-browser.sh: apt-get install chromium)"
@@ -73,8 +83,9 @@ def test_review_in_the_browser(live_service, barcelona_cells) -> None:
         _, token = accounts.create_token(session, log, "lis-barcelona", actor="test")
     lab = {"Authorization": f"Bearer {token}"}
     for specimen, cells in (("BCN-2026-0042", barcelona_cells), ("BCN-2026-0043", barcelona_cells[:2])):
-        answer = httpx.post(f"{url}/v1/classify", files=files(cells), data={"specimen": specimen}, headers=lab,
-                            timeout=60)
+        answer = httpx.post(
+            f"{url}/v1/classify", files=files(cells), data={"specimen": specimen}, headers=lab, timeout=60
+        )
         assert answer.status_code == 200, answer.text
     results = answer.json()["results"]
     specimen_cells = len(barcelona_cells)
@@ -98,15 +109,19 @@ def test_review_in_the_browser(live_service, barcelona_cells) -> None:
             page.get_by_test_id("filter-specimen").select_option(label="BCN-2026-0043 (2/2 to review)")
             expect(page.get_by_test_id("cell")).to_have_count(2)
             page.get_by_test_id("filter-predicted").select_option(results[0]["label"])
-            expect(page.get_by_test_id("cell")).to_have_count(sum(r["label"] == results[0]["label"] for r in results))
+            expect(page.get_by_test_id("cell")).to_have_count(
+                sum(r["label"] == results[0]["label"] for r in results)
+            )
             page.goto(f"{url}/review")
             page.get_by_test_id("filter-unidentified").check()
-            unidentified = httpx.get(f"{url}/v1/review/cells", params={"unidentified": True},
-                                     auth=("dr-rivera", PASSWORD)).json()["total"]
+            unidentified = httpx.get(
+                f"{url}/v1/review/cells", params={"unidentified": True}, auth=("dr-rivera", PASSWORD)
+            ).json()["total"]
             expect(page.get_by_test_id("count")).to_contain_text(f"{unidentified} cell")
             page.goto(f"{url}/review")
-            page.get_by_test_id("filter-specimen").select_option(label=f"BCN-2026-0042 ({specimen_cells}/"
-                                                                       f"{specimen_cells} to review)")
+            page.get_by_test_id("filter-specimen").select_option(
+                label=f"BCN-2026-0042 ({specimen_cells}/{specimen_cells} to review)"
+            )
             expect(page.get_by_test_id("cell")).to_have_count(specimen_cells)
             expect(page.get_by_test_id("signoff")).to_be_disabled()
 
@@ -129,7 +144,9 @@ def test_review_in_the_browser(live_service, barcelona_cells) -> None:
                 card = page.locator("article.cell.selected")
                 cell_id = card.get_attribute("data-id")
                 page.keyboard.press("1" if card.get_attribute("data-label") == "unidentified" else "Enter")
-                expect(page.locator(f'article.cell[data-id="{cell_id}"]')).not_to_have_class(_has("status-unreviewed"))
+                expect(page.locator(f'article.cell[data-id="{cell_id}"]')).not_to_have_class(
+                    _has("status-unreviewed")
+                )
 
             # Sign off, once the button says it may.
             expect(page.get_by_test_id("signoff")).to_be_enabled()

@@ -21,9 +21,13 @@ def test_first_admin_and_token_from_cli(make_settings, pg_url: str, barcelona_ce
     assert runner.invoke(cli, ["db", "upgrade"], env=env).exit_code == 0
     no_password = runner.invoke(cli, ["users", "add", "root", "--role", "admin"], env=env)
     assert no_password.exit_code == 2 and "WBC_PASSWORD" in no_password.output
-    made = runner.invoke(cli, ["users", "add", "root", "--role", "admin"], env={**env, "WBC_PASSWORD": PASSWORD})
+    made = runner.invoke(
+        cli, ["users", "add", "root", "--role", "admin"], env={**env, "WBC_PASSWORD": PASSWORD}
+    )
     assert made.exit_code == 0, made.output
-    again = runner.invoke(cli, ["users", "add", "root", "--role", "admin"], env={**env, "WBC_PASSWORD": PASSWORD})
+    again = runner.invoke(
+        cli, ["users", "add", "root", "--role", "admin"], env={**env, "WBC_PASSWORD": PASSWORD}
+    )
     assert again.exit_code == 2 and "already exists" in again.output
     created = runner.invoke(cli, ["tokens", "create", "lis-barcelona"], env=env)
     assert created.exit_code == 0, created.output
@@ -40,6 +44,11 @@ def test_first_admin_and_token_from_cli(make_settings, pg_url: str, barcelona_ce
     shown = runner.invoke(cli, ["audit", "show", "--last", "10", "--json"], env=env)
     assert shown.exit_code == 0
     entries = [json.loads(line) for line in shown.stdout.splitlines()]
-    assert [e["action"] for e in entries] == ["user.created", "token.created", "prediction.served", "token.revoked"]
+    assert [e["action"] for e in entries] == [
+        "user.created",
+        "token.created",
+        "prediction.served",
+        "token.revoked",
+    ]
     assert entries[0]["actor"].startswith("cli:") and entries[2]["actor"] == "token:lis-barcelona"
     assert runner.invoke(cli, ["audit", "verify"], env=env).exit_code == 0

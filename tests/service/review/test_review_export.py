@@ -20,8 +20,9 @@ from service.review.images import ImageStore
 from service.review.recorder import PredictionRecorder
 
 
-def record_and_sign(db: Database, log: AuditLog, recorder: PredictionRecorder, cells: list, specimen: str,
-                    sign: bool = True) -> list[int]:
+def record_and_sign(
+    db: Database, log: AuditLog, recorder: PredictionRecorder, cells: list, specimen: str, sign: bool = True
+) -> list[int]:
     ids = recorder([classified(name, data, "neutrophil", specimen) for name, data, _ in cells])
     with db.transaction() as session:
         for cell_id, (_, _, expert) in zip(ids, cells):
@@ -74,7 +75,9 @@ def test_split_rule_is_roughly_70_10_20() -> None:
     assert counts["test"] / 3000 == pytest.approx(0.2, abs=0.03)
 
 
-def test_export_refuses_foreign_folder_and_empty_site(pg_db, audit_log, barcelona_cells, tmp_path: Path) -> None:
+def test_export_refuses_foreign_folder_and_empty_site(
+    pg_db, audit_log, barcelona_cells, tmp_path: Path
+) -> None:
     images = ImageStore(tmp_path / "cells")
     with pytest.raises(ExportError, match="no reviewed cells"):
         export_site(pg_db, images, audit_log, SITE, tmp_path / "out", "cli:test")

@@ -16,13 +16,19 @@ from models.contract import UNIDENTIFIED
 from service.db.models import AuditEntry, Cell, Review
 
 
-def test_classify_review_sign_off_export_audit(service: Service, barcelona_cells: list, tmp_path: Path) -> None:
+def test_classify_review_sign_off_export_audit(
+    service: Service, barcelona_cells: list, tmp_path: Path
+) -> None:
     lab = service.add_token("lis-barcelona")
     service.add_user("dr-rivera", "reviewer")
 
     # 1. The laboratory system classifies one specimen's cells.
-    response = service.client.post("/v1/classify", files=files(barcelona_cells), headers=lab,
-                                   data={"specimen": "BCN-2026-0042", "slide": "S1"})
+    response = service.client.post(
+        "/v1/classify",
+        files=files(barcelona_cells),
+        headers=lab,
+        data={"specimen": "BCN-2026-0042", "slide": "S1"},
+    )
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     ids = [r["id"] for r in results]
@@ -43,7 +49,9 @@ def test_classify_review_sign_off_export_audit(service: Service, barcelona_cells
     listed = service.client.get("/v1/review/cells", params={"specimen": specimen_id}).json()
     assert listed["total"] == len(barcelona_cells)
     unidentified = service.client.get("/v1/review/cells", params={"unidentified": True}).json()
-    assert {c["id"] for c in unidentified["cells"]} == {r["id"] for r in results if r["label"] == UNIDENTIFIED}
+    assert {c["id"] for c in unidentified["cells"]} == {
+        r["id"] for r in results if r["label"] == UNIDENTIFIED
+    }
     low = service.client.get("/v1/review/cells", params={"low_confidence": True}).json()
     assert all(c["confidence"] < service.settings.low_confidence for c in low["cells"])
     first_class = next(r["label"] for r in results)
@@ -83,8 +91,11 @@ def test_classify_review_sign_off_export_audit(service: Service, barcelona_cells
     assert late.status_code == 409
 
     # 5. Export as site data, in the layout of ../shared/data/wbc.
-    env = {"WBC_DATABASE_URL": service.settings.database_url.get_secret_value(), "WBC_AUDIT_KEY": "test-audit-key",
-           "WBC_IMAGE_STORE": str(service.settings.image_store)}
+    env = {
+        "WBC_DATABASE_URL": service.settings.database_url.get_secret_value(),
+        "WBC_AUDIT_KEY": "test-audit-key",
+        "WBC_IMAGE_STORE": str(service.settings.image_store),
+    }
     out = tmp_path / "site-data"
     runner = CliRunner()
     exported = runner.invoke(cli, ["review", "export", "--site", SITE, "--out", str(out)], env=env)
@@ -114,10 +125,14 @@ def test_classify_review_sign_off_export_audit(service: Service, barcelona_cells
 
     with service.db.engine.begin() as connection:  # what someone with database rights could do
         connection.execute(text("ALTER TABLE audit_log DISABLE TRIGGER USER"))
-        connection.execute(text("UPDATE audit_log SET details = replace(details, :old, :new) "
-                                "WHERE action = 'cell.reviewed' AND seq = (SELECT min(seq) FROM audit_log "
-                                "WHERE action = 'cell.reviewed')"),
-                           {"old": '"new":"', "new": '"new":"x'})
+        connection.execute(
+            text(
+                "UPDATE audit_log SET details = replace(details, :old, :new) "
+                "WHERE action = 'cell.reviewed' AND seq = (SELECT min(seq) FROM audit_log "
+                "WHERE action = 'cell.reviewed')"
+            ),
+            {"old": '"new":"', "new": '"new":"x'},
+        )
     broken = runner.invoke(cli, ["audit", "verify"], env=env)
     assert broken.exit_code == 1
     assert "do not match its hash" in broken.output

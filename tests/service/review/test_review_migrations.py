@@ -14,7 +14,9 @@ from service.db.session import Database, alembic_config
 
 @pytest.fixture(params=["postgresql", "sqlite"])
 def database(request: pytest.FixtureRequest, tmp_path) -> Database:
-    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else f"sqlite:///{tmp_path}/wbc.db"
+    url = (
+        request.getfixturevalue("pg_url") if request.param == "postgresql" else f"sqlite:///{tmp_path}/wbc.db"
+    )
     db = Database(url)
     yield db
     db.dispose()

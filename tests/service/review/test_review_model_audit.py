@@ -14,7 +14,9 @@ from service.db.models import AuditEntry
 from service.main import create_app
 
 
-def test_promote_and_rollback_are_audited(make_settings, pg_url, exported_onnx, model_contract, tmp_path) -> None:
+def test_promote_and_rollback_are_audited(
+    make_settings, pg_url, exported_onnx, model_contract, tmp_path
+) -> None:
     registry = tmp_path / "registry"
     contract = model_contract.model_copy(update={"temperature": 0.01, "abstain_threshold": 0.5})
     for run in ("a", "b"):
@@ -26,15 +28,27 @@ def test_promote_and_rollback_are_audited(make_settings, pg_url, exported_onnx, 
             accounts.create_user(session, app.state.audit, "rev", PASSWORD, "reviewer", actor="test")
         admin = ("boss", PASSWORD)
         assert client.post("/v1/admin/model/promote", json={"version": 2}).status_code == 401
-        assert client.post("/v1/admin/model/promote", json={"version": 2}, auth=("rev", PASSWORD)).status_code == 403
+        assert (
+            client.post("/v1/admin/model/promote", json={"version": 2}, auth=("rev", PASSWORD)).status_code
+            == 403
+        )
         assert client.post("/v1/admin/model/promote", json={"version": 1}, auth=admin).status_code == 200
-        assert client.post("/v1/admin/model/promote", json={"version": 2, "reason": "better"}, auth=admin).status_code == 200
+        assert (
+            client.post(
+                "/v1/admin/model/promote", json={"version": 2, "reason": "better"}, auth=admin
+            ).status_code
+            == 200
+        )
         assert client.post("/v1/admin/model/rollback", json={}, auth=admin).status_code == 200
         assert client.post("/v1/admin/model/promote", json={"version": 9}, auth=admin).status_code == 404
         with app.state.db.transaction() as session:
-            entries = session.scalars(select(AuditEntry).where(AuditEntry.action.like("model.%"))
-                                      .order_by(AuditEntry.seq)).all()
+            entries = session.scalars(
+                select(AuditEntry).where(AuditEntry.action.like("model.%")).order_by(AuditEntry.seq)
+            ).all()
             assert app.state.audit.verify(session).ok
     assert [(e.action, e.actor, json.loads(e.details)["version"]) for e in entries] == [
-        ("model.promoted", "boss", 1), ("model.promoted", "boss", 2), ("model.rolled_back", "boss", 1)]
+        ("model.promoted", "boss", 1),
+        ("model.promoted", "boss", 2),
+        ("model.rolled_back", "boss", 1),
+    ]
     assert json.loads(entries[1].details)["reason"] == "better"

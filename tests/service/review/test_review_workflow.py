@@ -44,7 +44,9 @@ def test_unidentified_blocks_sign_off_until_classified(recorder, pg_db, audit_lo
     with pytest.raises(ReviewError, match="1 cell not reviewed and 1 unidentified") as blocked:
         sign_off(pg_db, audit_log, specimen_id)
     assert blocked.value.status == 409
-    with pytest.raises(ReviewError, match="is not one of") as refused:  # a person gives a class, not "unidentified"
+    with pytest.raises(
+        ReviewError, match="is not one of"
+    ) as refused:  # a person gives a class, not "unidentified"
         review(pg_db, audit_log, ids[1], UNIDENTIFIED)
     assert refused.value.status == 422
     review(pg_db, audit_log, ids[1], "eosinophil")
@@ -65,8 +67,10 @@ def test_extra_labels_and_review_history(recorder, pg_db, audit_log, barcelona_c
     review(pg_db, audit_log, cell_id, "lymphocyte", extra=("erythroblast", "ig"))
     with pg_db.transaction() as session:
         cell = session.get(Cell, cell_id)
-        assert [(r.old_label, r.new_label) for r in cell.reviews] == [("lymphocyte", "erythroblast"),
-                                                                       ("erythroblast", "lymphocyte")]
+        assert [(r.old_label, r.new_label) for r in cell.reviews] == [
+            ("lymphocyte", "erythroblast"),
+            ("erythroblast", "lymphocyte"),
+        ]
         assert cell.reviewed_label == "lymphocyte"
     with pytest.raises(ReviewError) as missing:
         review(pg_db, audit_log, 10_000, "lymphocyte")
@@ -123,8 +127,12 @@ def test_worklist_page_and_images(service: Service, barcelona_cells) -> None:
 
     name, data, _ = barcelona_cells[0]
     tiff = reencode(data, "TIFF")
-    body = service.client.post("/v1/classify", files=files([(name, data, ""), ("cell.tif", tiff, "")]),
-                               headers=lab, data={"specimen": "BCN-77"}).json()
+    body = service.client.post(
+        "/v1/classify",
+        files=files([(name, data, ""), ("cell.tif", tiff, "")]),
+        headers=lab,
+        data={"specimen": "BCN-77"},
+    ).json()
     jpeg_id, tiff_id = (r["id"] for r in body["results"])
     service.login("rev")
     page = service.client.get("/review")

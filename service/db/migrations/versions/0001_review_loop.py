@@ -144,6 +144,14 @@ def downgrade() -> None:
         op.execute("DROP TRIGGER IF EXISTS audit_log_no_truncate ON audit_log")
         op.execute("DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log")
         op.execute("DROP FUNCTION IF EXISTS wbc_audit_append_only()")
-    for table in ("audit_head", "audit_log", "reviews", "cells", "specimens", "web_sessions", "api_tokens",
-                  "users"):
+    for table in (
+        "audit_head",
+        "audit_log",
+        "reviews",
+        "cells",
+        "specimens",
+        "web_sessions",
+        "api_tokens",
+        "users",
+    ):
         op.drop_table(table)
