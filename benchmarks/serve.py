@@ -3,7 +3,7 @@ peers, one after the other in the same run, on the same model (not a test).
 
     .venv/bin/python benchmarks/serve.py                        # everything, ~4 min
     .venv/bin/python benchmarks/serve.py --targets ours,triton --seconds 5
-    .venv/bin/python benchmarks/serve.py --model-version 2      # the INT8 variant, where the peers can load it
+    .venv/bin/python benchmarks/serve.py --model-version 2      # the INT8 variant
 
 Targets:
     ours        the service (uvicorn + service.main.create_app), POST /v1/classify, one image per request
@@ -33,7 +33,6 @@ import random
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -61,25 +60,44 @@ TARGET_NAMES = {
 }
 
 
-# ---- requests ------------------------------------------------------------------------------------------------
+# ---- requests ----------------------------------------------------------------------------------------------
 def multipart_request(host: str, data: bytes, name: str) -> bytes:
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
-            f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+        f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     return head + body
 
 
 def v2_bytes_request(host: str, data: bytes, model: str, shape: list[int]) -> bytes:
-    header = json.dumps({
-        "inputs": [{"name": "image", "shape": shape, "datatype": "BYTES",
-                    "parameters": {"binary_data_size": len(data) + 4}}],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}],
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": shape,
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(data) + 4},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}],
+        }
+    ).encode()
     body = header + len(data).to_bytes(4, "little") + data
-    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
-            f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     return head + body
 
 
@@ -87,7 +105,9 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    headers = {
+        k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)
+    }
     if "content-length" in headers:
         return status, await reader.readexactly(int(headers["content-length"]))
     if headers.get("transfer-encoding") == "chunked":
@@ -101,7 +121,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     raise RuntimeError("response without a length")
 
 
-# ---- load generation ------------------------------------------------------------------------------------------
+# ---- load generation ---------------------------------------------------------------------------------------
 @dataclass
 class LevelResult:
     clients: int
@@ -113,9 +133,16 @@ class LevelResult:
     def summary(self) -> dict:
         lat = np.asarray(self.latencies) * 1000
         pct = (lambda q: round(float(np.percentile(lat, q)), 1)) if len(lat) else (lambda q: None)
-        return {"clients": self.clients, "images_per_s": round(len(lat) / self.seconds, 1), "requests": len(lat),
-                "errors": self.errors, "first_error": self.first_error,
-                "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99)}
+        return {
+            "clients": self.clients,
+            "images_per_s": round(len(lat) / self.seconds, 1),
+            "requests": len(lat),
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "p50_ms": pct(50),
+            "p95_ms": pct(95),
+            "p99_ms": pct(99),
+        }
 
 
 async def drive(port: int, requests: list[bytes], clients: int, warmup: float, seconds: float) -> LevelResult:
@@ -148,7 +175,7 @@ async def drive(port: int, requests: list[bytes], clients: int, warmup: float, s
     return result
 
 
-# ---- servers ----------------------------------------------------------------------------------------------------
+# ---- servers -----------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -160,8 +187,10 @@ def start_server(target: str, port: int, version: int, log: Path) -> subprocess.
     common = ["--registry", str(REGISTRY), "--model", MODEL, "--version", str(version), "--port", str(port)]
     if target in ("ours", "ours-v2"):
         env.update(WBC_REGISTRY=str(REGISTRY), WBC_MODEL_NAME=MODEL, WBC_VERSION=str(version))
-        code = ("import uvicorn; from service.main import create_app; "
-                f"uvicorn.run(create_app(), host='127.0.0.1', port={port}, log_level='warning', access_log=False)")
+        code = (
+            "import uvicorn; from service.main import create_app; "
+            f"uvicorn.run(create_app(), host='127.0.0.1', port={port}, log_level='warning', access_log=False)"
+        )
         cmd = [sys.executable, "-c", code]
     elif target == "ort":
         cmd = [sys.executable, str(ROOT / "benchmarks/peers/ort_per_request.py"), *common]
@@ -170,8 +199,12 @@ def start_server(target: str, port: int, version: int, log: Path) -> subprocess.
     elif target == "triton":
         if not PYTRITON_PYTHON.is_file():
             raise RuntimeError(f"no {PYTRITON_PYTHON}: see benchmarks/peers/requirements-pytriton.txt")
-        libdir = subprocess.run([str(PYTRITON_PYTHON), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
-                                capture_output=True, text=True, check=True).stdout.strip()
+        libdir = subprocess.run(
+            [str(PYTRITON_PYTHON), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
         cmd = [str(PYTRITON_PYTHON), str(ROOT / "benchmarks/peers/pytriton_peer.py"), *common]
     else:
@@ -206,8 +239,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-# ---- in-process ceiling --------------------------------------------------------------------------------------------
-def inprocess(images: list[bytes], version: int, levels: list[int], warmup: float, seconds: float) -> list[dict]:
+# ---- in-process ceiling ------------------------------------------------------------------------------------
+def inprocess(
+    images: list[bytes], version: int, levels: list[int], warmup: float, seconds: float
+) -> list[dict]:
     from anyio import CapacityLimiter
 
     from service.batching import DynamicBatcher
@@ -238,9 +273,15 @@ def inprocess(images: list[bytes], version: int, levels: list[int], warmup: floa
 
         async def run(clients: int = clients) -> LevelResult:
             metrics = ServiceMetrics()
-            batcher = DynamicBatcher(settings.max_batch_size, settings.max_queue_delay_ms / 1000,
-                                     settings.max_queue_images, metrics)
-            pipeline = Pipeline(batcher, CapacityLimiter(settings.preprocess_workers), metrics, settings.max_pixels)
+            batcher = DynamicBatcher(
+                settings.max_batch_size,
+                settings.max_queue_delay_ms / 1000,
+                settings.max_queue_images,
+                metrics,
+            )
+            pipeline = Pipeline(
+                batcher, CapacityLimiter(settings.preprocess_workers), metrics, settings.max_pixels
+            )
             result = LevelResult(clients, seconds)
             t_start = time.perf_counter()
 
@@ -264,7 +305,7 @@ def inprocess(images: list[bytes], version: int, levels: list[int], warmup: floa
     return out
 
 
-# ---- main ----------------------------------------------------------------------------------------------------------
+# ---- main --------------------------------------------------------------------------------------------------
 def load_images(data_root: str | None, count: int) -> list[tuple[str, bytes]]:
     root = DataRoot(resolve_data_root(data_root))
     samples = root.select([EXTERNAL_SITE])
@@ -273,7 +314,11 @@ def load_images(data_root: str | None, count: int) -> list[tuple[str, bytes]]:
 
 
 def table(results: dict[str, list[dict]], levels: list[int]) -> str:
-    head = "| target | " + " | ".join(f"{c} client{'s' if c > 1 else ''}: img/s · p50 / p95 / p99 ms" for c in levels) + " |"
+    head = (
+        "| target | "
+        + " | ".join(f"{c} client{'s' if c > 1 else ''}: img/s · p50 / p95 / p99 ms" for c in levels)
+        + " |"
+    )
     lines = [head, "|---|" + "---|" * len(levels)]
     for target, rows in results.items():
         cells = []
@@ -302,28 +347,42 @@ def main() -> None:
         sys.exit(f"no {MODEL} v{args.model_version} in {REGISTRY}: run benchmarks/serve_model.py first")
     images = load_images(args.data_root, args.images)
     host = "127.0.0.1"
-    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average_start": os.getloadavg(),
-           "cores": len(os.sched_getaffinity(0)), "model": f"{MODEL} v{args.model_version}",
-           "images": len(images), "seconds": args.seconds, "warmup": args.warmup, "results": {}}
+    run = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "load_average_start": os.getloadavg(),
+        "cores": len(os.sched_getaffinity(0)),
+        "model": f"{MODEL} v{args.model_version}",
+        "images": len(images),
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "results": {},
+    }
     print(f"load average at start: {run['load_average_start']}", flush=True)
     for target in targets:
         t0 = time.perf_counter()
         if target == "inprocess":
-            run["results"][target] = inprocess([d for _, d in images], args.model_version, levels,
-                                               args.warmup, args.seconds)
+            run["results"][target] = inprocess(
+                [d for _, d in images], args.model_version, levels, args.warmup, args.seconds
+            )
         else:
             port = free_port()
             if target in ("ours", "naive", "ort"):
                 requests = [multipart_request(host, d, n) for n, d in images]
             else:
-                requests = [v2_bytes_request(host, d, MODEL, [1, 1] if target == "triton" else [1]) for _, d in images]
+                requests = [
+                    v2_bytes_request(host, d, MODEL, [1, 1] if target == "triton" else [1]) for _, d in images
+                ]
             log = OUT / f"serve-{target}.log"
             proc = start_server(target, port, args.model_version, log)
             try:
-                wait_ready(proc, port, f"/v2/models/{MODEL}/ready" if target == "triton" else "/v2/health/ready", log)
+                wait_ready(
+                    proc, port, f"/v2/models/{MODEL}/ready" if target == "triton" else "/v2/health/ready", log
+                )
                 rows = []
                 for clients in levels:
-                    rows.append(asyncio.run(drive(port, requests, clients, args.warmup, args.seconds)).summary())
+                    rows.append(
+                        asyncio.run(drive(port, requests, clients, args.warmup, args.seconds)).summary()
+                    )
                 run["results"][target] = rows
             finally:
                 stop(proc)

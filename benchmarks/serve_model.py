@@ -44,8 +44,9 @@ SIZE = 224
 def bench_contract() -> ModelContract:
     from models.zoo import contract_for
 
-    return contract_for(ARCH, SHARED_CLASSES, input_size=SIZE, cell_crop=CellCrop(scale=1.3),
-                        color_norm="white-balance")
+    return contract_for(
+        ARCH, SHARED_CLASSES, input_size=SIZE, cell_crop=CellCrop(scale=1.3), color_norm="white-balance"
+    )
 
 
 def _arrays(samples: list[Sample], contract: ModelContract) -> np.ndarray:
@@ -102,7 +103,10 @@ def eval_sets(root: DataRoot) -> dict[str, list[Sample]]:
     for label in SHARED_CLASSES:
         of_label = [s for s in external if s.label == label]
         picked += rng.sample(of_label, min(100, len(of_label)))
-    return {"internal_test": root.select(DEFAULT_TRAINING_SITES, ["test"], SHARED_CLASSES), "barcelona": picked}
+    return {
+        "internal_test": root.select(DEFAULT_TRAINING_SITES, ["test"], SHARED_CLASSES),
+        "barcelona": picked,
+    }
 
 
 def build_fp32(root: DataRoot) -> int:
@@ -122,8 +126,12 @@ def build_fp32(root: DataRoot) -> int:
         model.classifier.weight.copy_(head.weight)
         model.classifier.bias.copy_(head.bias)
     path = export_onnx(model, contract, OUT / "model.onnx")
-    lineage = {"run_id": "bench-linear-probe", "weight_source": weight_source(model).as_dict(),
-               "sites": list(DEFAULT_TRAINING_SITES), "note": "frozen backbone, linear head on train splits"}
+    lineage = {
+        "run_id": "bench-linear-probe",
+        "weight_source": weight_source(model).as_dict(),
+        "sites": list(DEFAULT_TRAINING_SITES),
+        "note": "frozen backbone, linear head on train splits",
+    }
     info = Registry(REGISTRY, MODEL).register(path, contract, {"lineage": lineage})
     print(f"registered {MODEL} v{info.version} (fp32) in {REGISTRY}")
     return info.version
@@ -143,17 +151,26 @@ def compare(fp32_version: int, int8_version: int, root: DataRoot, seconds: float
 
     registry = Registry(REGISTRY, MODEL)
     config = SessionConfig(intra_op_threads=usable_cores())
-    models = {"fp32": Classifier(registry.get(fp32_version).onnx_path, config),
-              "int8": Classifier(registry.get(int8_version).onnx_path, config)}
+    models = {
+        "fp32": Classifier(registry.get(fp32_version).onnx_path, config),
+        "int8": Classifier(registry.get(int8_version).onnx_path, config),
+    }
     contract = models["fp32"].contract
-    result: dict = {"load_average_start": os.getloadavg(), "threads": usable_cores(), "accuracy": {}, "throughput": {}}
+    result: dict = {
+        "load_average_start": os.getloadavg(),
+        "threads": usable_cores(),
+        "accuracy": {},
+        "throughput": {},
+    }
     for name, samples in eval_sets(root).items():
         arrays = _arrays(samples, contract)
         y = [SHARED_CLASSES.index(s.label) for s in samples]
         for precision, clf in models.items():
             probs = np.concatenate([clf.probabilities(arrays[i : i + 32]) for i in range(0, len(arrays), 32)])
             m = compute_metrics(SHARED_CLASSES, y, probs)
-            result["accuracy"].setdefault(name, {"n": len(samples)})[precision] = round(m.balanced_accuracy, 4)
+            result["accuracy"].setdefault(name, {"n": len(samples)})[precision] = round(
+                m.balanced_accuracy, 4
+            )
     rng = np.random.default_rng(0)
     for batch_size in (1, 32):
         batch = rng.normal(size=(batch_size, 3, SIZE, SIZE)).astype(np.float32)
@@ -161,7 +178,9 @@ def compare(fp32_version: int, int8_version: int, root: DataRoot, seconds: float
         for _ in range(rounds):  # alternate, so a neighbour's load hits both alike
             for precision, clf in models.items():
                 runs[precision].append(_throughput(clf.session, batch, seconds))
-        result["throughput"][f"batch{batch_size}"] = {p: round(float(np.median(v)), 1) for p, v in runs.items()}
+        result["throughput"][f"batch{batch_size}"] = {
+            p: round(float(np.median(v)), 1) for p, v in runs.items()
+        }
     result["load_average_end"] = os.getloadavg()
     return result
 
@@ -178,19 +197,27 @@ def main() -> None:
     registry = Registry(REGISTRY, MODEL)
     plain = [v for v in registry.versions() if v.metadata.get("variant", "fp32") == "fp32"]
     fp32 = plain[-1].version if plain else build_fp32(root)
-    variants = [v for v in registry.versions()
-                if v.metadata.get("quantization", {}).get("source_version") == fp32
-                and v.metadata["quantization"].get("calibration") == args.method]
+    variants = [
+        v
+        for v in registry.versions()
+        if v.metadata.get("quantization", {}).get("source_version") == fp32
+        and v.metadata["quantization"].get("calibration") == args.method
+    ]
     if variants:
         int8 = variants[-1].version
     else:
         from models.quantize import calibration_images, quantize_version
 
-        int8 = quantize_version(registry, fp32, calibration_images(root.root, args.calibration_images),
-                                method=args.method).version
+        int8 = quantize_version(
+            registry, fp32, calibration_images(root.root, args.calibration_images), method=args.method
+        ).version
         print(f"registered {MODEL} v{int8} (int8 of v{fp32}, {args.method})")
-    result = {"fp32_version": fp32, "int8_version": int8, "method": args.method,
-              **compare(fp32, int8, root, args.seconds, args.rounds)}
+    result = {
+        "fp32_version": fp32,
+        "int8_version": int8,
+        "method": args.method,
+        **compare(fp32, int8, root, args.seconds, args.rounds),
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"int8-{args.method}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -45,7 +45,9 @@ class _Reader:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def calibration_batches(paths: list[Path], contract: ModelContract, batch_size: int = 16) -> Iterator[np.ndarray]:
+def calibration_batches(
+    paths: list[Path], contract: ModelContract, batch_size: int = 16
+) -> Iterator[np.ndarray]:
     from PIL import Image
 
     from models.preprocess import preprocess
@@ -58,20 +60,27 @@ def calibration_batches(paths: list[Path], contract: ModelContract, batch_size: 
         yield np.stack(arrays)
 
 
-def quantize_onnx(source: Path, target: Path, batches: Iterable[np.ndarray], *, method: str = "minmax") -> dict[str, Any]:
+def quantize_onnx(
+    source: Path, target: Path, batches: Iterable[np.ndarray], *, method: str = "minmax"
+) -> dict[str, Any]:
     """Write the static-INT8 QDQ model of `source` to `target`; returns what was done (for metadata)."""
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # Shape inference + graph fusion first (BatchNorm folded into Conv), as ORT's docs recommend.
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
         quantize_static(
-            str(prepared), str(target), _Reader(batches),
+            str(prepared),
+            str(target),
+            _Reader(batches),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
@@ -79,8 +88,13 @@ def quantize_onnx(source: Path, target: Path, batches: Iterable[np.ndarray], *, 
             calibrate_method=methods[method],
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
-    return {"format": "QDQ", "weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor",
-            "calibration": method, "onnxruntime": onnxruntime.__version__}
+    return {
+        "format": "QDQ",
+        "weights": "int8 per-channel symmetric",
+        "activations": "uint8 per-tensor",
+        "calibration": method,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 def calibration_images(data_root: str | Path | None, count: int, seed: int = 0) -> list[Path]:
@@ -93,7 +107,11 @@ def calibration_images(data_root: str | Path | None, count: int, seed: int = 0) 
 
 
 def quantize_version(
-    registry: Registry, version: int, images: list[Path], *, method: str = "minmax",
+    registry: Registry,
+    version: int,
+    images: list[Path],
+    *,
+    method: str = "minmax",
     extra_metadata: dict[str, Any] | None = None,
 ) -> VersionInfo:
     """Quantize `version` and register the result as the next version (variant int8)."""
@@ -109,8 +127,12 @@ def quantize_version(
             **{k: v for k, v in source.metadata.items() if k in ("lineage", "gate", "metrics")},
             **(extra_metadata or {}),
             "variant": INT8,
-            "quantization": {**done, "source_version": version, "source_sha256": source.sha256,
-                             "calibration_images": len(images)},
+            "quantization": {
+                **done,
+                "source_version": version,
+                "source_sha256": source.sha256,
+                "calibration_images": len(images),
+            },
         }
         metadata["lineage"] = {**metadata.get("lineage", {}), "parent_version": version}
         registered = registry.register(target, contract.with_updates(model_name=None, version=None), metadata)
@@ -123,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--registry", required=True, help="registry root")
     parser.add_argument("--model", default="wbc-classifier", help="model name in the registry")
     parser.add_argument("--version", type=int, required=True, help="the fp32 version to quantize")
-    parser.add_argument("--data-root", default=None, help="site data (default: WBC_DATA_ROOT or ../shared/data/wbc)")
+    parser.add_argument(
+        "--data-root", default=None, help="site data (default: WBC_DATA_ROOT or ../shared/data/wbc)"
+    )
     parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
     parser.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="minmax")
     args = parser.parse_args(argv)

@@ -173,7 +173,9 @@ class DynamicBatcher:
         try:
             probs = model.classifier.probabilities(np.stack([item.array for item in items]))
         except Exception as exc:  # an ORT runtime failure answers these requests, it never kills the runner
-            log.exception("inference failed for a batch of %d on %s v%d", len(items), model.name, model.version)
+            log.exception(
+                "inference failed for a batch of %d on %s v%d", len(items), model.name, model.version
+            )
             _answer(items, None, RuntimeError(f"inference failed: {type(exc).__name__}: {exc}"))
             return
         if self.metrics is not None:

@@ -46,7 +46,7 @@ def get_requester(request: Request) -> str | None:
 
 
 def require_admin(request: Request) -> str:
-    """The acting administrator's name; 401/403 otherwise. Default: `Authorization: Bearer $WBC_ADMIN_TOKEN`."""
+    """The acting administrator's name, else 401/403. Default: `Authorization: Bearer $WBC_ADMIN_TOKEN`."""
     token = request.app.state.settings.admin_token
     if token is None:
         raise HTTPException(403, "admin endpoints are disabled: set WBC_ADMIN_TOKEN")

@@ -36,8 +36,8 @@ SOP_CLASSES: dict[str, str] = {
     uid.VLSlideCoordinatesMicroscopicImageStorage: "VL Slide-Coordinates Microscopic Image",
     uid.SecondaryCaptureImageStorage: "Secondary Capture Image",
     uid.MultiFrameTrueColorSecondaryCaptureImageStorage: "Multi-frame True Color Secondary Capture Image",
-    uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage: "Multi-frame Grayscale Byte Secondary Capture Image",
-    uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage: "Multi-frame Grayscale Word Secondary Capture Image",
+    uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage: "Multi-frame Grayscale Byte Secondary Capture",
+    uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage: "Multi-frame Grayscale Word Secondary Capture",
 }
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     uid.ImplicitVRLittleEndian,
@@ -89,36 +89,52 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
 
     if sop_class not in SOP_CLASSES:
         accepted = ", ".join(SOP_CLASSES.values())
-        raise DicomError("unsupported_dicom", f"DICOM SOP class {_name(sop_class) or 'missing'} is not "
-                                              f"accepted; send one of: {accepted}")
+        raise DicomError(
+            "unsupported_dicom",
+            f"DICOM SOP class {_name(sop_class) or 'missing'} is not accepted; send one of: {accepted}",
+        )
     if "PixelData" not in ds:
-        raise DicomError("no_pixel_data", f"DICOM {SOP_CLASSES[sop_class]} has no Pixel Data element "
-                                          "(or the file is cut off before it)")
+        raise DicomError(
+            "no_pixel_data",
+            f"DICOM {SOP_CLASSES[sop_class]} has no Pixel Data element (or the file is cut off before it)",
+        )
     if syntax not in TRANSFER_SYNTAXES:
-        raise DicomError("unsupported_dicom", f"DICOM transfer syntax {_name(syntax) or 'missing'} is not "
-                                              "supported; send uncompressed, JPEG baseline or JPEG lossless")
+        raise DicomError(
+            "unsupported_dicom",
+            f"DICOM transfer syntax {_name(syntax) or 'missing'} is not "
+            "supported; send uncompressed, JPEG baseline or JPEG lossless",
+        )
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in PHOTOMETRICS:
-        raise DicomError("unsupported_dicom", f"DICOM photometric interpretation {photometric or 'missing'!r} "
-                                              f"is not supported; one of {', '.join(PHOTOMETRICS)}")
+        raise DicomError(
+            "unsupported_dicom",
+            f"DICOM photometric interpretation {photometric or 'missing'!r} "
+            f"is not supported; one of {', '.join(PHOTOMETRICS)}",
+        )
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows < 1 or columns < 1:
         raise DicomError("corrupt", f"DICOM image has no pixels ({columns}x{rows})")
     if rows * columns > max_pixels:
-        raise DicomError("too_many_pixels", f"DICOM image is {columns}x{rows} = {rows * columns:,} pixels; "
-                                            f"the limit is {max_pixels:,}")
+        raise DicomError(
+            "too_many_pixels",
+            f"DICOM image is {columns}x{rows} = {rows * columns:,} pixels; the limit is {max_pixels:,}",
+        )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if syntax in UNCOMPRESSED:
         per_sample = (int(ds.get("BitsAllocated", 8) or 8) + 7) // 8
         expected = rows * columns * int(ds.get("SamplesPerPixel", 1) or 1) * per_sample * frames
         if len(ds.PixelData) < expected:
-            raise DicomError("truncated", f"DICOM pixel data holds {len(ds.PixelData):,} bytes; a {columns}x{rows} "
-                                          f"image needs {expected:,} (the file is cut off)")
+            raise DicomError(
+                "truncated",
+                f"DICOM pixel data holds {len(ds.PixelData):,} bytes; a {columns}x{rows} "
+                f"image needs {expected:,} (the file is cut off)",
+            )
     try:
         arr = pixel_array(ds, index=0 if frames > 1 else None)  # YBR is converted to RGB by default
     except Exception as exc:  # a decoder that is missing or fails on damaged data
-        raise DicomError("corrupt", f"DICOM pixel data ({_name(syntax)}) could not be decoded "
-                                    f"({type(exc).__name__})") from None
+        raise DicomError(
+            "corrupt", f"DICOM pixel data ({_name(syntax)}) could not be decoded ({type(exc).__name__})"
+        ) from None
     image = _to_image(arr, photometric, int(ds.get("BitsStored", 8) or 8))
     sop_instance = ds.get("SOPInstanceUID")
     return DicomImage(image, str(sop_instance) if sop_instance else None, SOP_CLASSES[sop_class], syntax)

@@ -64,7 +64,7 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 INT8 = "int8"
 
 
-# ---- session options -------------------------------------------------------------------------------
+# ---- session options ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SessionConfig:
     """What the session is built with; recorded so /v2/health/ready and the log can say it.
@@ -100,7 +100,8 @@ class SessionConfig:
         options.inter_op_num_threads = self.inter_op_threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[self.graph_optimization]
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        spin = "1" if self.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise
         return options
 
@@ -145,7 +146,7 @@ def providers_for(device: str) -> tuple[str, ...]:
     return (*gpu, "CPUExecutionProvider")
 
 
-# ---- the classifier -----------------------------------------------------------------------------------
+# ---- the classifier ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Prediction:
     label: str  # a class name, or "unidentified" when confidence is below the abstain threshold
@@ -273,7 +274,7 @@ class Classifier:
         return predictions
 
 
-# ---- what the app serves ------------------------------------------------------------------------------------
+# ---- what the app serves -----------------------------------------------------------------------------------
 def variant_of(info: VersionInfo) -> str:
     """'int8' for a quantized variant registered by models.quantize, else 'fp32'."""
     return str(info.metadata.get("variant", "fp32"))
@@ -347,8 +348,10 @@ def resolve_target(registry: Registry, reference: str | None, precision: str) ->
 def apply_precision(registry: Registry, info: VersionInfo, precision: str) -> VersionInfo:
     if precision != INT8 or variant_of(info) == INT8:
         return info
-    variants = [v for v in registry.versions()
-                if variant_of(v) == INT8 and v.metadata.get("quantization", {}).get("source_version") == info.version]
+    variants = [
+        v for v in registry.versions()
+        if variant_of(v) == INT8 and v.metadata.get("quantization", {}).get("source_version") == info.version
+    ]
     if not variants:
         raise ModelLoadError(
             f"{registry.model_name} v{info.version}: WBC_PRECISION=int8 but no INT8 variant of it is "
@@ -368,7 +371,8 @@ def load_version(info: VersionInfo, settings: Settings) -> LoadedModel:
     recorded = info.contract
     if classifier.contract != recorded:
         raise ContractMismatchError(
-            f"{info.onnx_path}: the contract in the file differs from the one in {info.path / 'metadata.json'}"
+            f"{info.onnx_path}: the contract in the file differs from the one in "
+            f"{info.path / 'metadata.json'}"
         )
     classifier.warm(settings.max_batch_size)
     return LoadedModel(classifier, info)
@@ -377,7 +381,8 @@ def load_version(info: VersionInfo, settings: Settings) -> LoadedModel:
 def load_from_registry(settings: Settings, reference: str | None = None) -> LoadedModel:
     """Resolve the configured version (or `reference`) under the precision policy and load it."""
     registry = Registry(settings.registry, settings.model_name)
-    info = resolve_target(registry, reference if reference is not None else settings.version, settings.precision)
+    reference = reference if reference is not None else settings.version
+    info = resolve_target(registry, reference, settings.precision)
     return load_version(info, settings)
 
 
@@ -474,7 +479,8 @@ class ModelSlot:
         the version does not exist."""
         with self._lock:
             info = self.registry.get(version)
-            target = apply_precision(self.registry, info, self.settings.precision) if self.follows(alias) else None
+            follows = self.follows(alias)
+            target = apply_precision(self.registry, info, self.settings.precision) if follows else None
             loaded = None
             start = time.perf_counter()
             if target is not None and not self._is_current(target):
@@ -484,14 +490,17 @@ class ModelSlot:
             if loaded is None:
                 return SwapResult(False, _identity(current), _identity(current), reason, 0.0)
             self._install(loaded, reason)
-            return SwapResult(True, _identity(current), _identity(loaded), reason, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            return SwapResult(True, _identity(current), _identity(loaded), reason, seconds)
 
     def previous_production(self) -> int | None:
         """The version production pointed at before its current one (for a rollback without a version)."""
         aliases = self.registry.aliases()
         now = aliases.get("production")
         for entry in reversed(aliases.get("history", [])):
-            if entry.get("alias") == "production" and entry.get("to") == now and entry.get("from") is not None:
+            if entry.get("alias") != "production" or entry.get("from") is None:
+                continue
+            if entry.get("to") == now:
                 return int(entry["from"])
         return None
 

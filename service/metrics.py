@@ -60,7 +60,8 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.predictions = Counter(
-            "wbc_predictions", "Images classified, by answered label", ["model", "version", "label"], registry=r
+            "wbc_predictions", "Images classified, by answered label", ["model", "version", "label"],
+            registry=r,
         )
         self.image_errors = Counter(
             "wbc_image_errors", "Uploaded files refused, by reason", ["code"], registry=r
@@ -104,7 +105,9 @@ class ServiceMetrics:
         self.model_info.labels(name, str(version), architecture, precision, provider).set(1)
         self.model_ready.set(1)
 
-    def record_prediction(self, model: str, version: int, label: str, confidence: float, abstained: bool) -> None:
+    def record_prediction(
+        self, model: str, version: int, label: str, confidence: float, abstained: bool
+    ) -> None:
         v = str(version)
         self.predictions.labels(model, v, label).inc()
         self.confidence.labels(model, v).observe(confidence)
@@ -116,7 +119,7 @@ class ServiceMetrics:
 
 
 class MetricsMiddleware:
-    """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer streamed bodies) counting every response."""
+    """Pure ASGI middleware (BaseHTTPMiddleware would buffer streamed bodies) counting every response."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics):
         self.app = app

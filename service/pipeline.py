@@ -62,14 +62,21 @@ def prepare_image(data: bytes, contract: ModelContract, max_pixels: int) -> _Pre
 
 
 class Pipeline:
-    def __init__(self, batcher: DynamicBatcher, preprocess_limiter: CapacityLimiter, metrics: ServiceMetrics,
-                 max_pixels: int):
+    def __init__(
+        self,
+        batcher: DynamicBatcher,
+        preprocess_limiter: CapacityLimiter,
+        metrics: ServiceMetrics,
+        max_pixels: int,
+    ):
         self.batcher = batcher
         self.preprocess_limiter = preprocess_limiter
         self.metrics = metrics
         self.max_pixels = max_pixels
 
-    async def classify_bytes(self, model: LoadedModel, uploads: Sequence[bytes | ImageError]) -> list[Outcome]:
+    async def classify_bytes(
+        self, model: LoadedModel, uploads: Sequence[bytes | ImageError]
+    ) -> list[Outcome]:
         """Encoded images (or an error already found while reading) → one Outcome each, in order.
 
         QueueFullError and BatcherClosedError propagate: the route answers 503 for the whole request."""
@@ -99,6 +106,11 @@ class Pipeline:
 
     def predict(self, model: LoadedModel, row: np.ndarray) -> Prediction:
         [prediction] = model.classifier.predictions_from(row[None])
-        self.metrics.record_prediction(model.name, model.version, prediction.label, prediction.confidence,
-                                       prediction.label == UNIDENTIFIED)
+        self.metrics.record_prediction(
+            model.name,
+            model.version,
+            prediction.label,
+            prediction.confidence,
+            prediction.label == UNIDENTIFIED,
+        )
         return prediction

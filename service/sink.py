@@ -51,8 +51,10 @@ async def deliver(sink: PredictionSink | None, cells: Sequence[ClassifiedCell]) 
     try:
         ids = await run_in_threadpool(sink, list(cells))
     except Exception as exc:
-        raise SinkError(f"the predictions could not be recorded ({type(exc).__name__}); nothing was "
-                        "answered, send the images again") from exc
+        raise SinkError(
+            f"the predictions could not be recorded ({type(exc).__name__}); nothing was "
+            "answered, send the images again"
+        ) from exc
     if ids is None:
         return [None] * len(cells)
     ids = list(ids)

@@ -36,8 +36,13 @@ def answer(probs: np.ndarray, contract: ModelContract) -> list[dict]:
     out = []
     for row in probs:
         top = int(np.argmax(row))
-        out.append({"label": contract.class_names[top], "confidence": float(row[top]),
-                    "probabilities": dict(zip(contract.class_names, map(float, row)))})
+        out.append(
+            {
+                "label": contract.class_names[top],
+                "confidence": float(row[top]),
+                "probabilities": dict(zip(contract.class_names, map(float, row))),
+            }
+        )
     return out
 
 

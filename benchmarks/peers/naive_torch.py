@@ -39,7 +39,11 @@ def torch_model_from_onnx(path: Path) -> tuple[torch.nn.Module, object]:
     with torch.no_grad():
         net.classifier.weight.copy_(torch.from_numpy(np.array(weights["classifier.weight"])))
         net.classifier.bias.copy_(torch.from_numpy(np.array(weights["classifier.bias"])))
-    probe = np.random.default_rng(0).normal(size=(2, 3, contract.input_size, contract.input_size)).astype(np.float32)
+    probe = (
+        np.random.default_rng(0)
+        .normal(size=(2, 3, contract.input_size, contract.input_size))
+        .astype(np.float32)
+    )
     with torch.no_grad():
         ours = net(torch.from_numpy(probe)).numpy()
     theirs = session.run(None, {"input": probe})[0]

@@ -1,6 +1,6 @@
 """Peer (b): FastAPI + ONNX Runtime, one `session.run` per request (no batching), ORT's default options.
 
-    python benchmarks/peers/ort_per_request.py --registry R --model M --version N --port P
+python benchmarks/peers/ort_per_request.py --registry R --model M --version N --port P
 """
 
 from __future__ import annotations

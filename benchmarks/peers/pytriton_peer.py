@@ -44,8 +44,9 @@ def main() -> None:
     options.intra_op_num_threads = len(os.sched_getaffinity(0))
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(model_path(args.registry, args.model, args.version)), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model_path(args.registry, args.model, args.version)), options, providers=["CPUExecutionProvider"]
+    )
     contract = contract_of(session)
 
     @batch
@@ -55,16 +56,25 @@ def main() -> None:
         return {"probabilities": probabilities(logits, contract)}
 
     base = args.port
-    config = TritonConfig(http_address="127.0.0.1", http_port=base, grpc_port=base + 1, metrics_port=base + 2,
-                          allow_grpc=False, allow_metrics=False, log_verbose=0)
+    config = TritonConfig(
+        http_address="127.0.0.1",
+        http_port=base,
+        grpc_port=base + 1,
+        metrics_port=base + 2,
+        allow_grpc=False,
+        allow_metrics=False,
+        log_verbose=0,
+    )
     with Triton(config=config) as triton:
         triton.bind(
             model_name=args.model,
             infer_func=infer,
             inputs=[Tensor(name="image", dtype=bytes, shape=(1,))],
             outputs=[Tensor(name="probabilities", dtype=np.float32, shape=(contract.num_classes,))],
-            config=ModelConfig(max_batch_size=args.max_batch,
-                               batcher=DynamicBatcher(max_queue_delay_microseconds=args.queue_delay_us)),
+            config=ModelConfig(
+                max_batch_size=args.max_batch,
+                batcher=DynamicBatcher(max_queue_delay_microseconds=args.queue_delay_us),
+            ),
             strict=False,
         )
         triton.serve()

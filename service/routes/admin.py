@@ -50,8 +50,13 @@ def _state(slot: ModelSlot) -> dict[str, Any]:
         "precision": slot.settings.precision,
         "aliases": slot.registry.aliases(),
         "versions": [
-            {"version": v.version, "variant": variant_of(v), "created": v.metadata.get("created"),
-             "sha256": v.sha256, "quantized_from": v.metadata.get("quantization", {}).get("source_version")}
+            {
+                "version": v.version,
+                "variant": variant_of(v),
+                "created": v.metadata.get("created"),
+                "sha256": v.sha256,
+                "quantized_from": v.metadata.get("quantization", {}).get("source_version"),
+            }
             for v in slot.registry.versions()
         ],
         "swaps": slot.swaps,
@@ -72,7 +77,9 @@ async def _run(slot: ModelSlot, metrics: Any, trigger: str, call: Any, *args: An
         return JSONResponse({"detail": str(exc)}, status_code=404)
     except ModelLoadError as exc:
         metrics.swaps.labels(trigger, "failed").inc()
-        return JSONResponse({"detail": f"not switched, still serving the previous model: {exc}"}, status_code=409)
+        return JSONResponse(
+            {"detail": f"not switched, still serving the previous model: {exc}"}, status_code=409
+        )
     metrics.swaps.labels(trigger, "swapped" if result.changed else "unchanged").inc()
     return result
 
@@ -80,8 +87,10 @@ async def _run(slot: ModelSlot, metrics: Any, trigger: str, call: Any, *args: An
 def _pinned_note(slot: ModelSlot, alias: str) -> str | None:
     if slot.follows(alias):
         return None
-    return (f"this service follows {slot.reference!r} (WBC_VERSION), not {alias!r}: the alias moved, "
-            "the served model did not")
+    return (
+        f"this service follows {slot.reference!r} (WBC_VERSION), not {alias!r}: the alias moved, "
+        "the served model did not"
+    )
 
 
 @router.get("/model")
@@ -96,26 +105,49 @@ async def reload(slot: ModelSlotDep, metrics: MetricsDep, admin: AdminDep) -> An
 
 
 @router.post("/model/promote")
-async def promote(body: PromoteRequest, slot: ModelSlotDep, metrics: MetricsDep, admin: AdminDep,
-                  request: Request) -> Any:
+async def promote(
+    body: PromoteRequest, slot: ModelSlotDep, metrics: MetricsDep, admin: AdminDep, request: Request
+) -> Any:
     reason = body.reason or f"promoted by {admin}"
-    result = await _run(slot, metrics, "admin", slot.move_alias, body.alias, body.version, reason=reason, actor=admin)
+    result = await _run(
+        slot, metrics, "admin", slot.move_alias, body.alias, body.version, reason=reason, actor=admin
+    )
     if not isinstance(result, JSONResponse):
-        await audit.record_from_request(request, admin, audit.MODEL_PROMOTED, f"model:{slot.settings.model_name}",
-                                        {"alias": body.alias, "version": body.version, "reason": reason})
-    return result if isinstance(result, JSONResponse) else _answer(slot, result, _pinned_note(slot, body.alias))
+        await audit.record_from_request(
+            request,
+            admin,
+            audit.MODEL_PROMOTED,
+            f"model:{slot.settings.model_name}",
+            {"alias": body.alias, "version": body.version, "reason": reason},
+        )
+    return (
+        result if isinstance(result, JSONResponse) else _answer(slot, result, _pinned_note(slot, body.alias))
+    )
 
 
 @router.post("/model/rollback")
-async def rollback(body: RollbackRequest, slot: ModelSlotDep, metrics: MetricsDep, admin: AdminDep,
-                   request: Request) -> Any:
+async def rollback(
+    body: RollbackRequest, slot: ModelSlotDep, metrics: MetricsDep, admin: AdminDep, request: Request
+) -> Any:
     version = body.version or await run_in_threadpool(slot.previous_production)
     if version is None:
-        return JSONResponse({"detail": "production has no earlier version to roll back to; name one"},
-                            status_code=409)
+        return JSONResponse(
+            {"detail": "production has no earlier version to roll back to; name one"}, status_code=409
+        )
     reason = body.reason or f"rollback to v{version} by {admin}"
-    result = await _run(slot, metrics, "admin", slot.move_alias, "production", version, reason=reason, actor=admin)
+    result = await _run(
+        slot, metrics, "admin", slot.move_alias, "production", version, reason=reason, actor=admin
+    )
     if not isinstance(result, JSONResponse):
-        await audit.record_from_request(request, admin, audit.MODEL_ROLLED_BACK, f"model:{slot.settings.model_name}",
-                                        {"alias": "production", "version": version, "reason": reason})
-    return result if isinstance(result, JSONResponse) else _answer(slot, result, _pinned_note(slot, "production"))
+        await audit.record_from_request(
+            request,
+            admin,
+            audit.MODEL_ROLLED_BACK,
+            f"model:{slot.settings.model_name}",
+            {"alias": "production", "version": version, "reason": reason},
+        )
+    return (
+        result
+        if isinstance(result, JSONResponse)
+        else _answer(slot, result, _pinned_note(slot, "production"))
+    )

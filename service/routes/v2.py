@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import json
 import zlib
-from importlib.metadata import PackageNotFoundError, version as package_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from typing import Any
 
 import numpy as np
@@ -171,8 +172,11 @@ def _bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
         n = int.from_bytes(raw[offset : offset + 4], "little")
         offset += 4
         if offset + n > len(raw):
-            raise V2Error(400, f"input {name!r}: BYTES element {len(elements) + 1} claims {n} bytes, "
-                               f"{len(raw) - offset} remain")
+            raise V2Error(
+                400,
+                f"input {name!r}: BYTES element {len(elements) + 1} claims {n} bytes, "
+                f"{len(raw) - offset} remain",
+            )
         elements.append(raw[offset : offset + n])
         offset += n
     if len(elements) != count:
@@ -180,8 +184,9 @@ def _bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
     return elements
 
 
-def _read_input(request: dict[str, Any], binary: bytes, contract_size: int,
-                max_items: int) -> tuple[str, np.ndarray | list[bytes]]:
+def _read_input(
+    request: dict[str, Any], binary: bytes, contract_size: int, max_items: int
+) -> tuple[str, np.ndarray | list[bytes]]:
     inputs = request["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise V2Error(400, f"send exactly one input: {TENSOR_INPUT!r} (FP32) or {IMAGE_INPUT!r} (BYTES)")
@@ -192,7 +197,9 @@ def _read_input(request: dict[str, Any], binary: bytes, contract_size: int,
     raw = None
     if size is not None:
         if not isinstance(size, int) or size < 0 or size > len(binary):
-            raise V2Error(400, f"input {name!r}: binary_data_size {size!r} exceeds the {len(binary)} binary bytes")
+            raise V2Error(
+                400, f"input {name!r}: binary_data_size {size!r} exceeds the {len(binary)} binary bytes"
+            )
         raw = binary[:size]
     elif "data" not in tensor:
         raise V2Error(400, f"input {name!r} has neither 'data' nor a binary_data_size parameter")
@@ -214,7 +221,9 @@ def _read_input(request: dict[str, Any], binary: bytes, contract_size: int,
             except (TypeError, ValueError):
                 raise V2Error(400, f"input {name!r}: 'data' must be numbers") from None
             if array.size != count:
-                raise V2Error(400, f"input {name!r}: shape {shape} needs {count} values, 'data' has {array.size}")
+                raise V2Error(
+                    400, f"input {name!r}: shape {shape} needs {count} values, 'data' has {array.size}"
+                )
         if shape[0] > max_items:
             raise V2Error(400, f"{shape[0]} images in one request; at most {max_items} (WBC_MAX_FILES)")
         batch = array.astype(np.float32).reshape(shape)
@@ -232,19 +241,26 @@ def _read_input(request: dict[str, Any], binary: bytes, contract_size: int,
             return name, _bytes_elements(raw, count, name)
         data = tensor["data"]
         if not isinstance(data, list) or len(data) != count or not all(isinstance(d, str) for d in data):
-            raise V2Error(400, f"input {name!r}: JSON 'data' must be {count} strings; send images with the "
-                               "binary tensor data extension")
+            raise V2Error(
+                400,
+                f"input {name!r}: JSON 'data' must be {count} strings; send images with the "
+                "binary tensor data extension",
+            )
         return name, [d.encode("utf-8") for d in data]
-    raise V2Error(400, f"unknown input {name!r}; this model takes {TENSOR_INPUT!r} (FP32 [N, 3, S, S]) "
-                       f"or {IMAGE_INPUT!r} (BYTES [N])")
+    raise V2Error(
+        400,
+        f"unknown input {name!r}; this model takes {TENSOR_INPUT!r} (FP32 [N, 3, S, S]) "
+        f"or {IMAGE_INPUT!r} (BYTES [N])",
+    )
 
 
 def _serialise_bytes(values: list[str]) -> bytes:
     return b"".join(len(b).to_bytes(4, "little") + b for b in (v.encode() for v in values))
 
 
-def _response(request: dict[str, Any], model: LoadedModel, probs: np.ndarray, labels: list[str],
-              ids: list[Any]) -> Response:
+def _response(
+    request: dict[str, Any], model: LoadedModel, probs: np.ndarray, labels: list[str], ids: list[Any]
+) -> Response:
     wanted = request.get("outputs")
     all_binary = bool((request.get("parameters") or {}).get("binary_data_output", False))
     if wanted is None:
@@ -252,8 +268,12 @@ def _response(request: dict[str, Any], model: LoadedModel, probs: np.ndarray, la
     if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
         raise V2Error(400, "'outputs' must be a list of objects")
     available = {
-        PROBABILITIES: ("FP32", list(probs.shape), lambda: probs.astype("<f4").tobytes(),
-                        lambda: probs.reshape(-1).tolist()),
+        PROBABILITIES: (
+            "FP32",
+            list(probs.shape),
+            lambda: probs.astype("<f4").tobytes(),
+            lambda: probs.reshape(-1).tolist(),
+        ),
         LABEL: ("BYTES", [len(labels)], lambda: _serialise_bytes(labels), lambda: labels),
     }
     outputs, blobs = [], []
@@ -278,8 +298,11 @@ def _response(request: dict[str, Any], model: LoadedModel, probs: np.ndarray, la
     header = json.dumps(body).encode()
     if not blobs:
         return Response(header, media_type="application/json")
-    return Response(header + b"".join(blobs), media_type="application/octet-stream",
-                    headers={HEADER_LENGTH: str(len(header))})
+    return Response(
+        header + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(header))},
+    )
 
 
 @router.post("/models/{name}/infer")
@@ -296,8 +319,9 @@ async def infer(
 ) -> Response:
     try:
         model = await _served(slot, name, version)
-        body = _decompress(await request.body(), request.headers.get("content-encoding"),
-                           settings.max_request_bytes)
+        body = _decompress(
+            await request.body(), request.headers.get("content-encoding"), settings.max_request_bytes
+        )
         infer_request, binary = _split_body(body, request.headers.get(HEADER_LENGTH.lower()))
         kind, data = _read_input(infer_request, binary, model.contract.input_size, settings.max_files)
         route = f"/v2/models/{name}/infer"
@@ -310,15 +334,27 @@ async def infer(
             refused = [(i, o.error) for i, o in enumerate(outcomes) if o.error is not None]
             if refused:
                 detail = "; ".join(f"image {i}: {e.code}: {e.message}" for i, e in refused)
-                raise V2Error(400, f"{len(refused)} of {len(outcomes)} images could not be classified ({detail})")
+                raise V2Error(
+                    400, f"{len(refused)} of {len(outcomes)} images could not be classified ({detail})"
+                )
             predictions = [o.prediction for o in outcomes]
             cells_data, formats = list(data), [o.format or "" for o in outcomes]
             uids = [o.sop_instance_uid for o in outcomes]
         cells = [
-            ClassifiedCell(filename=f"{IMAGE_INPUT if kind == IMAGE_INPUT else TENSOR_INPUT}[{i}]", data=d,
-                           format=f, sop_instance_uid=u, label=p.label, confidence=p.confidence,
-                           probabilities=p.probabilities, model_name=model.name, model_version=model.version,
-                           model_precision=model.precision, requested_by=requester, route=route)
+            ClassifiedCell(
+                filename=f"{IMAGE_INPUT if kind == IMAGE_INPUT else TENSOR_INPUT}[{i}]",
+                data=d,
+                format=f,
+                sop_instance_uid=u,
+                label=p.label,
+                confidence=p.confidence,
+                probabilities=p.probabilities,
+                model_name=model.name,
+                model_version=model.version,
+                model_precision=model.precision,
+                requested_by=requester,
+                route=route,
+            )
             for i, (p, d, f, u) in enumerate(zip(predictions, cells_data, formats, uids))
         ]
         ids = await deliver(sink, cells)

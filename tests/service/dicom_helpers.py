@@ -20,7 +20,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
-PATIENT = {"PatientName": "Zyxwood^Janelle^Quintessa", "PatientID": "MRN-7781234", "PatientBirthDate": "19610214"}
+PATIENT = {
+    "PatientName": "Zyxwood^Janelle^Quintessa",
+    "PatientID": "MRN-7781234",
+    "PatientBirthDate": "19610214",
+}
 
 
 def make_dicom(
@@ -32,7 +36,7 @@ def make_dicom(
     pixels: bool = True,
     bits: int = 8,
 ) -> tuple[bytes, str]:
-    """A DICOM file of `image` (RGB, or MONOCHROME1/2 from its luminance); returns (bytes, SOP Instance UID)."""
+    """A DICOM file of `image` (RGB, or MONOCHROME1/2 from its luminance) and its SOP Instance UID."""
     sop_uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -130,4 +134,11 @@ def lossless_jpeg(arr: np.ndarray) -> bytes:
     sof += b"".join(bytes([c + 1, 0x11, 0]) for c in range(nc))
     dht = bytes([0x00]) + bytes(_DC_BITS) + bytes(_DC_VALUES)
     sos = bytes([nc]) + b"".join(bytes([c + 1, 0x00]) for c in range(nc)) + bytes([1, 0, 0])
-    return b"\xff\xd8" + segment(0xC3, sof) + segment(0xC4, dht) + segment(0xDA, sos) + bytes(payload) + b"\xff\xd9"
+    return (
+        b"\xff\xd8"
+        + segment(0xC3, sof)
+        + segment(0xC4, dht)
+        + segment(0xDA, sos)
+        + bytes(payload)
+        + b"\xff\xd9"
+    )

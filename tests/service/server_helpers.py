@@ -35,12 +35,23 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(registry: Path, model_name: str, env: dict[str, str] | None = None,
-                   log_level: str = "info", timeout: float = 60.0) -> Iterator[RunningServer]:
+def running_server(
+    registry: Path,
+    model_name: str,
+    env: dict[str, str] | None = None,
+    log_level: str = "info",
+    timeout: float = 60.0,
+) -> Iterator[RunningServer]:
     """`uvicorn service.main:create_app` with WBC_* settings from `env`; stdout+stderr go to a file."""
     port = free_port()
-    full_env = {**os.environ, "WBC_REGISTRY": str(registry), "WBC_MODEL_NAME": model_name,
-                "WBC_INTRA_OP_THREADS": "1", "WBC_PORT": str(port), **(env or {})}
+    full_env = {
+        **os.environ,
+        "WBC_REGISTRY": str(registry),
+        "WBC_MODEL_NAME": model_name,
+        "WBC_INTRA_OP_THREADS": "1",
+        "WBC_PORT": str(port),
+        **(env or {}),
+    }
     code = (
         "import logging, uvicorn\n"
         f"logging.basicConfig(level=logging.{log_level.upper()})\n"
@@ -48,8 +59,14 @@ def running_server(registry: Path, model_name: str, env: dict[str, str] | None =
         f"uvicorn.run(create_app(), host='127.0.0.1', port={port}, log_level={log_level!r})\n"
     )
     log_file = tempfile.NamedTemporaryFile("w", prefix="wbc-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=full_env,
-                            stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=full_env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     server = RunningServer(f"http://127.0.0.1:{port}", proc, Path(log_file.name))
     try:
         deadline = time.monotonic() + timeout

@@ -14,5 +14,9 @@ def test_every_dashboard_metric_is_exported(client: TestClient) -> None:
     used = {name for e in exprs for name in re.findall(r"\bwbc_[a-z_]+", e)}
     declared = set(re.findall(r"^# TYPE (\S+)", client.get("/metrics").text, flags=re.M))
     suffixes = ("_bucket", "_sum", "_count", "_total")
-    missing = {n for n in used if n not in declared and not any(n.endswith(s) and n[: -len(s)] in declared for s in suffixes)}
+    missing = {
+        n
+        for n in used
+        if n not in declared and not any(n.endswith(s) and n[: -len(s)] in declared for s in suffixes)
+    }
     assert len(used) >= 12 and missing == set()

@@ -26,7 +26,9 @@ def test_auto_puts_gpu_providers_first_when_offered() -> None:
     offered = ort.get_available_providers()
     chosen = providers_for("auto")
     assert chosen[-1] == "CPUExecutionProvider"
-    assert [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in offered] == list(chosen[:-1])
+    assert [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in offered] == list(
+        chosen[:-1]
+    )
 
 
 def test_auto_reports_the_provider_it_got(settings: Settings) -> None:
@@ -37,15 +39,23 @@ def test_auto_reports_the_provider_it_got(settings: Settings) -> None:
     assert f'provider="{ready["provider"]}"' in metrics
 
 
-@pytest.mark.skipif(HAS_GPU_PROVIDER, reason="this ONNX Runtime offers CUDA: the refusal path needs a CPU-only one")
+@pytest.mark.skipif(
+    HAS_GPU_PROVIDER, reason="this ONNX Runtime offers CUDA: the refusal path needs a CPU-only one"
+)
 def test_cuda_policy_refuses_to_start_without_a_gpu(settings: Settings, registry_root: Path) -> None:
     with pytest.raises(DeviceUnavailableError, match="WBC_DEVICE=cuda"):
         with TestClient(create_app(settings.model_copy(update={"device": "cuda"}))):
             pass
     # The real process exits instead of serving on the CPU.
-    env = {**os.environ, "WBC_DEVICE": "cuda", "WBC_REGISTRY": str(registry_root), "WBC_MODEL_NAME": "wbc-test"}
+    env = {
+        **os.environ,
+        "WBC_DEVICE": "cuda",
+        "WBC_REGISTRY": str(registry_root),
+        "WBC_MODEL_NAME": "wbc-test",
+    }
     code = f"from service.main import run; run(port={free_port()})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     output = done.stdout + done.stderr
     assert done.returncode != 0 and "WBC_DEVICE=cuda" in output and "Uvicorn running" not in output

@@ -44,7 +44,9 @@ def cell(jpeg_bytes: bytes) -> Image.Image:
 
 
 @pytest.mark.parametrize("sop_class, syntax, photometric", CASES, ids=lambda v: getattr(v, "name", v))
-def test_dicom_pixels_match_the_image(cell: Image.Image, sop_class: str, syntax: str, photometric: str) -> None:
+def test_dicom_pixels_match_the_image(
+    cell: Image.Image, sop_class: str, syntax: str, photometric: str
+) -> None:
     data, uid = make_dicom(cell, sop_class=sop_class, syntax=syntax, photometric=photometric)
     decoded = decode_upload(data, max_pixels=25_000_000)
     assert decoded.format == "DICOM" and decoded.sop_instance_uid == uid
@@ -57,14 +59,18 @@ def test_dicom_pixels_match_the_image(cell: Image.Image, sop_class: str, syntax:
 def test_twelve_bit_monochrome_is_scaled_by_its_depth(cell: Image.Image) -> None:
     data, _ = make_dicom(cell, photometric="MONOCHROME2", bits=12)
     image = decode_upload(data, max_pixels=25_000_000).image
-    assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(cell.convert("L"), dtype=np.int16)).max() <= 1
+    assert (
+        np.abs(np.asarray(image, dtype=np.int16) - np.asarray(cell.convert("L"), dtype=np.int16)).max() <= 1
+    )
 
 
 def test_classify_answers_with_the_sop_instance_uid(client: TestClient, cell: Image.Image) -> None:
     lossless, uid = make_dicom(cell, sop_class=VLMicroscopicImageStorage, syntax=JPEGLosslessSV1)
     png = io.BytesIO()
     cell.save(png, "PNG")
-    response = client.post("/v1/classify", files=files_field(("cell.dcm", lossless), ("cell.png", png.getvalue())))
+    response = client.post(
+        "/v1/classify", files=files_field(("cell.dcm", lossless), ("cell.png", png.getvalue()))
+    )
     assert response.status_code == 200
     from_dicom, from_png = response.json()["results"]
     assert from_dicom["sop_instance_uid"] == uid and "sop_instance_uid" not in from_png
@@ -101,7 +107,9 @@ def _jpeg2000(cell: Image.Image) -> bytes:
     ],
     ids=["no-pixels", "ct-sop-class", "jpeg2000", "cut-short"],
 )
-def test_unusable_dicom_is_a_clear_4xx(client: TestClient, cell: Image.Image, make, code: str, words: str) -> None:
+def test_unusable_dicom_is_a_clear_4xx(
+    client: TestClient, cell: Image.Image, make, code: str, words: str
+) -> None:
     data = make(cell)
     err = _error(data)
     assert err.code == code and words in err.message
@@ -121,8 +129,11 @@ def test_no_patient_attribute_reaches_logs_or_metrics(registry_root: Path, cell:
         make_dicom(cell)[0][:-5000],
     ]
     with running_server(registry_root, "wbc-test", log_level="debug") as server:
-        response = httpx.post(f"{server.url}/v1/classify",
-                              files=files_field(*((f"f{i}.dcm", d) for i, d in enumerate(uploads))), timeout=30)
+        response = httpx.post(
+            f"{server.url}/v1/classify",
+            files=files_field(*((f"f{i}.dcm", d) for i, d in enumerate(uploads))),
+            timeout=30,
+        )
         assert response.status_code == 207
         answered = response.text
         metrics = httpx.get(f"{server.url}/metrics").text

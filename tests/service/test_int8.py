@@ -17,8 +17,12 @@ from service.main import create_app
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory: pytest.TempPathFactory, exported_onnx: Path, model_contract: ModelContract,
-              data_root: DataRoot) -> Path:
+def quantized(
+    tmp_path_factory: pytest.TempPathFactory,
+    exported_onnx: Path,
+    model_contract: ModelContract,
+    data_root: DataRoot,
+) -> Path:
     root = tmp_path_factory.mktemp("int8")
     registry = Registry(root, "q")
     registry.register(exported_onnx, model_contract, {"lineage": {"run_id": "r"}})
@@ -46,7 +50,9 @@ def test_int8_agrees_with_fp32_on_real_cells(quantized: Path, cell_images: dict[
         int8 = int8_client.post("/v1/classify", files=files_field(*cell_images.items())).json()
     assert (fp32["version"], int8["version"], ready["precision"]) == (1, 2, "int8")
     for a, b in zip(fp32["results"], int8["results"]):
-        diff = np.abs(np.array(list(a["probabilities"].values())) - np.array(list(b["probabilities"].values())))
+        diff = np.abs(
+            np.array(list(a["probabilities"].values())) - np.array(list(b["probabilities"].values()))
+        )
         assert diff.max() < 0.1
 
 
@@ -55,8 +61,9 @@ def test_latest_means_the_newest_fp32(quantized: Path) -> None:
     assert load_from_registry(Settings(registry=quantized, model_name="q", version="2")).precision == "int8"
 
 
-def test_int8_without_a_variant_is_refused_with_the_command(tmp_path: Path, exported_onnx: Path,
-                                                            model_contract: ModelContract) -> None:
+def test_int8_without_a_variant_is_refused_with_the_command(
+    tmp_path: Path, exported_onnx: Path, model_contract: ModelContract
+) -> None:
     Registry(tmp_path, "plain").register(exported_onnx, model_contract, {})
     with pytest.raises(ModelLoadError, match="models.quantize"):
         load_from_registry(Settings(registry=tmp_path, model_name="plain", precision="int8"))

@@ -25,7 +25,7 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture()
 def three_versions(tmp_path: Path, exported_onnx: Path, model_contract: ModelContract) -> Path:
-    """Versions 1-3 of one model (the same graph registered three times: each has its own stamp and sha256)."""
+    """Versions 1-3 of one model: the same graph registered three times, each with its own stamp + sha256."""
     registry = Registry(tmp_path, "swap")
     for run in range(3):
         registry.register(exported_onnx, model_contract, {"lineage": {"run_id": f"run-{run}"}})
@@ -64,7 +64,9 @@ def test_swaps_under_load_fail_no_request(three_versions: Path, jpeg_bytes: byte
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 time.sleep(0.6)
                 # 1. admin promotion: loaded and warmed before the switch, answered once switched
-                r = http.post("/v1/admin/model/promote", json={"version": 2, "reason": "better"}, headers=ADMIN)
+                r = http.post(
+                    "/v1/admin/model/promote", json={"version": 2, "reason": "better"}, headers=ADMIN
+                )
                 assert r.status_code == 200 and r.json()["changed"] and served(http) == 2
                 time.sleep(0.6)
                 # 2. promotion by another party (the registry itself): the watch picks it up
@@ -144,7 +146,9 @@ def test_rollback_without_version_returns_to_the_previous_production(admin_clien
     assert admin_client.post("/v1/admin/model/rollback", json={}, headers=ADMIN).status_code == 409
     assert admin_client.post("/v1/admin/model/promote", json={"version": 2}, headers=ADMIN).json()["changed"]
     r = admin_client.post("/v1/admin/model/rollback", json={"reason": "drift"}, headers=ADMIN)
-    assert r.status_code == 200 and r.json()["current"]["version"] == 1 and r.json()["previous"]["version"] == 2
+    assert (
+        r.status_code == 200 and r.json()["current"]["version"] == 1 and r.json()["previous"]["version"] == 2
+    )
 
 
 def test_candidate_alias_moves_without_a_swap(admin_client: TestClient) -> None:

@@ -18,8 +18,11 @@ from service.sink import ClassifiedCell
 
 def metric_samples(client: TestClient) -> dict[tuple[str, tuple], float]:
     text = client.get("/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_concurrent_requests_are_batched(settings: Settings, cell_images: dict[str, bytes]) -> None:
@@ -49,8 +52,11 @@ def test_full_queue_answers_503_with_retry_after(settings: Settings) -> None:
     """Three tensors submitted at once to a queue that holds two: refused whole, with Retry-After."""
     with TestClient(create_app(settings.model_copy(update={"max_queue_images": 2}))) as client:
         s = client.get("/v2/health/ready").json()["input_size"]
-        request = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 3, s, s],
-                               "data": [0.0] * (3 * 3 * s * s)}]}
+        request = {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [3, 3, s, s], "data": [0.0] * (3 * 3 * s * s)}
+            ]
+        }
         refused = client.post("/v2/models/wbc-test/infer", json=request)
         request["inputs"][0].update(shape=[2, 3, s, s], data=[0.0] * (2 * 3 * s * s))
         accepted = client.post("/v2/models/wbc-test/infer", json=request)
@@ -66,7 +72,9 @@ def abstaining_settings(tmp_path: Path, exported_onnx: Path, model_contract: Mod
     return Settings(registry=tmp_path, model_name="strict", intra_op_threads=1)
 
 
-def test_below_threshold_is_unidentified_with_probabilities(abstaining_settings: Settings, jpeg_bytes: bytes) -> None:
+def test_below_threshold_is_unidentified_with_probabilities(
+    abstaining_settings: Settings, jpeg_bytes: bytes
+) -> None:
     with TestClient(create_app(abstaining_settings)) as client:
         body = client.post("/v1/classify", files=files_field(("a.jpg", jpeg_bytes))).json()
         found = metric_samples(client)
@@ -74,7 +82,10 @@ def test_below_threshold_is_unidentified_with_probabilities(abstaining_settings:
     assert result["label"] == UNIDENTIFIED and result["confidence"] < 0.99
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert found[("wbc_abstentions_total", (("model", "strict"), ("version", "1")))] == 1
-    assert found[("wbc_predictions_total", (("label", UNIDENTIFIED), ("model", "strict"), ("version", "1")))] == 1
+    assert (
+        found[("wbc_predictions_total", (("label", UNIDENTIFIED), ("model", "strict"), ("version", "1")))]
+        == 1
+    )
     assert found[("wbc_prediction_confidence_count", (("model", "strict"), ("version", "1")))] == 1
 
 
@@ -99,7 +110,9 @@ def test_every_classified_cell_reaches_the_sink(settings: Settings, cell_images:
     [cells] = sink.calls
     assert [c.filename for c in cells] == list(cell_images)  # the refused file is not recorded
     assert all(c.data == cell_images[c.filename] and c.requested_by == "lab-lis-3" for c in cells)
-    assert all(c.model_name == "wbc-test" and c.model_version == 1 and c.route == "/v1/classify" for c in cells)
+    assert all(
+        c.model_name == "wbc-test" and c.model_version == 1 and c.route == "/v1/classify" for c in cells
+    )
     assert [r.get("id") for r in body["results"]] == [f"cell-1-{i}" for i in range(len(cells))] + [None]
     assert [c.label for c in cells] == [r["label"] for r in body["results"][:-1]]
     assert sink.thread_names[0] != threading.main_thread().name  # off the event loop

@@ -15,7 +15,9 @@ from models.preprocess import preprocess
 from models.registry import Registry
 from service.inference import Classifier
 
-httpclient = pytest.importorskip("tritonclient.http", reason="the dev extra's tritonclient[http] is not installed")
+httpclient = pytest.importorskip(
+    "tritonclient.http", reason="the dev extra's tritonclient[http] is not installed"
+)
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 MODEL = "wbc-test"
@@ -48,18 +50,25 @@ def test_health_and_metadata(triton, classifier: Classifier) -> None:
     s = classifier.contract.input_size
     assert meta["versions"] == ["1"]
     assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
-        "input": ("FP32", [-1, 3, s, s]), "image": ("BYTES", [-1])}
+        "input": ("FP32", [-1, 3, s, s]),
+        "image": ("BYTES", [-1]),
+    }
     assert meta["parameters"]["classes"] == list(classifier.contract.class_names)
     assert meta["parameters"]["provider"] == "CPUExecutionProvider"
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_fp32_tensors_in_probabilities_out(triton, classifier: Classifier, cell_images: dict[str, bytes],
-                                           binary: bool) -> None:
-    batch = np.stack([preprocess(Image.open(io.BytesIO(d)), classifier.contract) for d in cell_images.values()])
+def test_fp32_tensors_in_probabilities_out(
+    triton, classifier: Classifier, cell_images: dict[str, bytes], binary: bool
+) -> None:
+    batch = np.stack(
+        [preprocess(Image.open(io.BytesIO(d)), classifier.contract) for d in cell_images.values()]
+    )
     tensor = httpclient.InferInput("input", list(batch.shape), "FP32")
     tensor.set_data_from_numpy(batch, binary_data=binary)
-    outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in ("probabilities", "label")]
+    outputs = [
+        httpclient.InferRequestedOutput(name, binary_data=binary) for name in ("probabilities", "label")
+    ]
     result = triton.infer(MODEL, [tensor], outputs=outputs, request_id="r-1")
     probs = result.as_numpy("probabilities")
     np.testing.assert_allclose(probs, classifier.probabilities(batch), atol=1e-5)
@@ -68,7 +77,9 @@ def test_fp32_tensors_in_probabilities_out(triton, classifier: Classifier, cell_
     assert result.get_response()["id"] == "r-1" and result.get_response()["model_version"] == "1"
 
 
-def test_encoded_images_as_bytes_match_v1(server: RunningServer, triton, cell_images: dict[str, bytes]) -> None:
+def test_encoded_images_as_bytes_match_v1(
+    server: RunningServer, triton, cell_images: dict[str, bytes]
+) -> None:
     data = list(cell_images.values())
     images = httpclient.InferInput("image", [len(data)], "BYTES")
     images.set_data_from_numpy(np.array(data, dtype=np.object_))
@@ -83,9 +94,19 @@ def test_encoded_images_as_bytes_match_v1(server: RunningServer, triton, cell_im
     "name, version, make, words",
     [
         ("other-model", "", lambda: ("input", np.zeros((1, 3, 64, 64), np.float32), "FP32"), "unknown model"),
-        (MODEL, "9", lambda: ("input", np.zeros((1, 3, 64, 64), np.float32), "FP32"), "version '9' is not served"),
+        (
+            MODEL,
+            "9",
+            lambda: ("input", np.zeros((1, 3, 64, 64), np.float32), "FP32"),
+            "version '9' is not served",
+        ),
         (MODEL, "", lambda: ("input", np.zeros((1, 3, 32, 32), np.float32), "FP32"), "[N, 3, 64, 64]"),
-        (MODEL, "", lambda: ("pixels", np.zeros((1, 3, 64, 64), np.float32), "FP32"), "unknown input 'pixels'"),
+        (
+            MODEL,
+            "",
+            lambda: ("pixels", np.zeros((1, 3, 64, 64), np.float32), "FP32"),
+            "unknown input 'pixels'",
+        ),
         (MODEL, "", lambda: ("image", np.array([b"not an image"], np.object_), "BYTES"), "unsupported_type"),
     ],
     ids=["model", "version", "shape", "input-name", "bad-image"],
