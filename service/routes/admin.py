@@ -80,6 +80,13 @@ async def _run(slot: ModelSlot, metrics: Any, trigger: str, call: Any, *args: An
         return JSONResponse(
             {"detail": f"not switched, still serving the previous model: {exc}"}, status_code=409
         )
+    except OSError as exc:  # e.g. the registry is mounted read-only in this replica
+        metrics.swaps.labels(trigger, "failed").inc()
+        return JSONResponse(
+            {"detail": f"the registry cannot be changed from here ({exc.strerror}): move the alias where it "
+             "is writable (wbc registry …); replicas with WBC_WATCH_SECONDS follow it"},
+            status_code=409,
+        )
     metrics.swaps.labels(trigger, "swapped" if result.changed else "unchanged").inc()
     return result
 
