@@ -186,7 +186,9 @@ def start_server(target: str, port: int, version: int, log: Path) -> subprocess.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     common = ["--registry", str(REGISTRY), "--model", MODEL, "--version", str(version), "--port", str(port)]
     if target in ("ours", "ours-v2"):
-        env.update(WBC_REGISTRY=str(REGISTRY), WBC_MODEL_NAME=MODEL, WBC_VERSION=str(version))
+        # Persistence (the review loop's sink) off: the peers do not store cells either.
+        env.update(WBC_REGISTRY=str(REGISTRY), WBC_MODEL_NAME=MODEL, WBC_VERSION=str(version),
+                   WBC_RECORD_PREDICTIONS="false")
         code = (
             "import uvicorn; from service.main import create_app; "
             f"uvicorn.run(create_app(), host='127.0.0.1', port={port}, log_level='warning', access_log=False)"
