@@ -159,7 +159,8 @@ def test_three_site_federation_registers_verified_versions(
 
     # The registered model is served and classifies a real external-site image over real HTTP.
     served = serve_and_classify(tmp_path / "registry", data_root)
-    assert served["model"] == "wbc-classifier" and served["version"] == versions[-1].version
+    # The service follows `production` (set by the promotion policy), else the latest version.
+    assert served["model"] == "wbc-classifier" and served["version"] == registry.resolve().version
     (cell,) = served["results"]
     assert cell["label"] in CLASSES and abs(sum(cell["probabilities"].values()) - 1) < 1e-4
 
