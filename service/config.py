@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
     # ---- dynamic batching -------------------------------------------------------------------------
-    max_batch_size: int = Field(32, ge=1, le=1024, description="Images per ONNX Runtime run")
+    # 4: on a 2-core x86 CPU, EfficientNet-Lite0 at 224 px costs 4.9-5.2 ms of CPU per image at batch
+    # 1-4 and 7.3 ms at 32 (docs/performance.md); on a GPU use 32 or more.
+    max_batch_size: int = Field(4, ge=1, le=1024, description="Images per ONNX Runtime run")
     max_queue_delay_ms: float = Field(
         0.0, ge=0.0, le=1000.0,
         description="How long a batch may wait for more images once the runner is free; 0 = run what is "
