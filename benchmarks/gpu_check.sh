@@ -23,7 +23,7 @@ PY
 
 for device in cuda auto; do
   echo "== WBC_DEVICE=$device: provider granted"
-  WBC_DEVICE=$device WBC_REGISTRY=var/bench/registry WBC_MODEL_NAME=wbc-bench WBC_VERSION=1 "$PY" - <<'PY'
+  WBC_DEVICE=$device WBC_MAX_BATCH_SIZE=32 WBC_REGISTRY=var/bench/registry WBC_MODEL_NAME=wbc-bench WBC_VERSION=1 "$PY" - <<'PY'
 import json
 from fastapi.testclient import TestClient
 from service.main import create_app
@@ -35,6 +35,6 @@ PY
 done
 
 echo "== serving benchmark on the GPU (WBC_DEVICE=cuda)"
-WBC_DEVICE=cuda timeout 420 "$PY" benchmarks/serve.py --targets inprocess,ours,ours-v2 --seconds 8 --warmup 3 \
+WBC_DEVICE=cuda WBC_MAX_BATCH_SIZE=32 timeout 420 "$PY" benchmarks/serve.py --targets inprocess,ours,ours-v2 --seconds 8 --warmup 3 \
   | tee "$OUT_DIR/serve-gpu.txt"
 cp var/bench/serve-*.json "$OUT_DIR/" 2>/dev/null || true
