@@ -416,7 +416,29 @@ class LocalDeployment:
         if self.auth and self.database is None:  # a fresh SuperLink knows no keys yet
             for node in self.nodes:
                 self.register_site_key(node.site)
-        self.wait_for_nodes()
+        # A SuperNode that dialled in before its key was registered again was refused and exited (as a
+        # site's service manager would, start it again); the others reconnect by themselves.
+        deadline = time.time() + self.start_timeout
+        revived: dict[str, int] = {}
+        while time.time() < deadline:
+            for node in self.nodes:
+                if all(p is not None and p.running for p in (node.process, node.launcher or node.process)):
+                    continue
+                if revived.get(node.site, 0) >= 3:
+                    raise FederationError(f"SuperNode for {node.site} keeps exiting; see {self.log_dir}")
+                revived[node.site] = revived.get(node.site, 0) + 1
+                for proc in (node.launcher, node.process):
+                    if proc is not None:
+                        proc.stop(grace=3)
+                        _forget(proc)
+                node.process = node.launcher = None
+                self._start_supernode(node)
+            if self.online_nodes() >= len(self.nodes):
+                for proc in self.processes():
+                    proc.remember_children()
+                return
+            time.sleep(1.0)
+        raise FederationError(f"not every SuperNode came back after the SuperLink restart; see {self.log_dir}")
 
     def _start_supernode(self, node: SiteNode) -> None:
         for _attempt in range(3):
@@ -775,8 +797,13 @@ def _submit_and_follow(
         follower = ev.EventFollower(run_dir / ev.EVENTS_FILE)
         with view:
             lost: set[str] = set()
+            known = set(result.flower_runs) if result is not None else set()
             while client.running:
                 view.update(follower.poll())
+                run_id = _run_id_from_log(log_path) if result is not None else None
+                if run_id is not None and run_id not in known:  # recorded even if the SuperLink dies later
+                    known.add(run_id)
+                    result.flower_runs.append(run_id)  # type: ignore[union-attr]
                 if deployment.superlink is None or not deployment.superlink.running:
                     raise SuperLinkDied(f"the SuperLink exited during the run; see {deployment.log_dir}")
                 dead = [

@@ -79,7 +79,8 @@ def test_tls_and_node_auth_run_completes_and_an_unregistered_node_is_refused(
             )
         text = log.read_text(errors="replace")
         assert rogue.returncode != 0, text[-2000:]
-        assert "not" in text.lower() and ("auth" in text.lower() or "registered" in text.lower()), text[-2000:]
+        # Flower's exit code 305 (the process status is taken modulo 256): the SuperLink refused activation.
+        assert "Exit Code: 305" in text and "Failed to activate SuperNode" in text, text[-2000:]
     finally:
         runner.join(timeout=600)
 
@@ -87,10 +88,12 @@ def test_tls_and_node_auth_run_completes_and_an_unregistered_node_is_refused(
     assert result.ok, f"{result.error} (logs: {result.logs})"
     assert sorted(result.rounds[0]["sites"]) == sorted(SITES)  # the intruder never took part
     assert flower_processes_under(work) == []
-    # TLS and auth were on: the SuperLink was started with them, and the registered keys are the sites'.
+    # TLS and auth were on: HTTPS only, two keys registered, the intruder's key refused at activation.
     superlink_log = (result.run_dir / "logs" / "superlink.log").read_text(errors="replace")
-    assert (work / "keys" / "bccd.pub").is_file() and (work / "keys" / "jiangxi-tecom.key").stat().st_mode & 0o077 == 0
-    assert "insecure" not in superlink_log.lower().split("starting flower superlink")[-1][:2000] or True
+    assert "running on https://127.0.0.1" in superlink_log and "running on http://" not in superlink_log
+    assert superlink_log.count("[ControlServicer.RegisterNode] Created node_id") == len(SITES)
+    assert "Attempted to register SuperNode with public key" in superlink_log  # the refusal, server side
+    assert (work / "keys" / "jiangxi-tecom.key").stat().st_mode & 0o077 == 0  # private keys: owner only
     versions = Registry(tmp_path / "registry", "wbc-classifier").versions()
     assert [r["version"] for r in result.registered] == [v.version for v in versions]
     print("\nsecure run:", json.dumps(result.summary())[:800])
