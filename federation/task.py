@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2 as T
 
+from federation.augment import AugmentConfig, CellAugment
 from federation.sites import Sample
 from models.contract import SHARED_CLASSES, CellCrop, ModelContract
+from models.calibration import CalibrationSummary
 from models.evaluate import Metrics, compute_metrics
 from models.preprocess import finish, prepare, softmax
 from models.zoo import create_model, pretrained_cfg
@@ -53,9 +54,22 @@ def build_contract(
 
 
 def create_model_from_contract(contract: ModelContract, *, pretrained: bool = True) -> nn.Module:
-    return create_model(
+    """The contract's backbone with a new classifier; a pretrained one gets a zero-initialised classifier.
+
+    timm initialises EfficientNet's classifier uniformly in ±1/sqrt(classes) (±0.45 for five): over
+    1280 pretrained features that gives random initial logits of several units, which the first local
+    epochs spend undoing (and sites undo differently). Zero weights start every class equal; the
+    gradient still reaches the weights at once.
+    """
+    model = create_model(
         contract.architecture, contract.num_classes, pretrained=pretrained, img_size=contract.input_size
     )
+    if pretrained:
+        head = model.get_classifier()
+        if isinstance(head, nn.Linear):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+    return model
 
 
 def seed_everything(seed: int) -> None:
@@ -71,32 +85,13 @@ def load_image(path) -> Image.Image:
         return img
 
 
-def train_augmentation(input_size: int) -> Callable[[Image.Image], Image.Image]:
-    """Invariances a smear cell classifier should have: orientation, framing jitter, stain and focus.
+def train_augmentation(input_size: int, config: AugmentConfig | None = None) -> CellAugment:
+    """Invariances a classifier needs at a new site: framing, stain, camera, optics (`federation.augment`).
 
     Applied between `prepare` (cell located and centred) and `finish` (contract colour + resize), so
-    the service never sees any of it.
+    the service never sees any of it. Draws come from Python's `random` (seeded by `seed_everything`).
     """
-    return T.Compose(
-        [
-            T.RandomResizedCrop(input_size, scale=(0.6, 1.0), ratio=(0.85, 1.18), antialias=True),
-            RandomRot90(),
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.5, 0.08)], p=0.9),
-            T.RandomGrayscale(p=0.15),
-            T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.3),
-        ]
-    )
-
-
-class RandomRot90:
-    """Rotation by a multiple of 90°: exact, so no fill colour appears in the corners."""
-
-    _OPS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        op = random.choice(self._OPS)
-        return image if op is None else image.transpose(op)
+    return CellAugment(input_size, config)
 
 
 class CellDataset(Dataset):
@@ -134,11 +129,20 @@ class CellDataset(Dataset):
         return torch.from_numpy(finish(image, self.contract)), self.targets[i]
 
 
-def class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (classes absent locally get weight 0: nothing to learn from)."""
+def class_weights(targets: Sequence[int], num_classes: int, cap: float = 3.0) -> torch.Tensor:
+    """Inverse-frequency class weights, capped at `cap` and normalised to a per-sample mean of 1.
+
+    Uncapped, one basophil among 210 cells (jiangxi-tecom) weighs ~40x a neutrophil: the loss is then
+    dominated by memorising that one cell (losses of 6-10 were seen). Classes absent locally get 0.
+    """
     counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
+    present = counts > 0
+    if not present.any():
+        return torch.zeros(num_classes, dtype=torch.float32)
+    raw = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+    capped = np.minimum(raw, cap)
+    capped *= counts.sum() / float((capped * counts).sum())  # mean weight per sample = 1
+    return torch.tensor(capped, dtype=torch.float32)
 
 
 # ---- training -------------------------------------------------------------------------------------
@@ -150,8 +154,66 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     class_balanced: bool = True
+    class_weight_cap: float = 3.0
     proximal_mu: float = 0.0
     seed: int = 0
+
+
+Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch → (inputs, targets)
+
+
+def fit(
+    forward: nn.Module,
+    params: Sequence[nn.Parameter],
+    batches: Batches,
+    steps_per_epoch: int,
+    targets: Sequence[int],
+    num_classes: int,
+    config: TrainConfig,
+    *,
+    global_params: Sequence[torch.Tensor] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, float]:
+    """The one optimisation loop (sites, centralised and single-site baselines, benchmark tops).
+
+    AdamW with a cosine schedule over all local steps, label smoothing, capped class weights, and the
+    FedProx term (mu/2)·‖w − w_global‖² over `params` when proximal_mu > 0.
+    """
+    weights = class_weights(targets, num_classes, config.class_weight_cap) if config.class_balanced else None
+    params = list(params)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = max(1, config.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+    anchors = [g.detach().clone() for g in global_params] if config.proximal_mu > 0 and global_params else None
+
+    forward.train()
+    seen, loss_sum, correct, step = 0, 0.0, 0, 0
+    for epoch in range(config.epochs):
+        for inputs, labels in batches(epoch):
+            logits = forward(inputs)
+            loss = F.cross_entropy(logits, labels, weight=weights, label_smoothing=config.label_smoothing)
+            if anchors is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+                loss = loss + 0.5 * config.proximal_mu * prox
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            batch = labels.numel()
+            seen += batch
+            loss_sum += float(loss.detach()) * batch
+            correct += int((logits.detach().argmax(1) == labels).sum())
+            if progress is not None:
+                progress(step, total_steps, float(loss.detach()))
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "num_examples": len(targets),
+        "steps": step,
+    }
 
 
 def train_local(
@@ -162,10 +224,11 @@ def train_local(
     *,
     global_params: Sequence[torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    augment: AugmentConfig | None = None,
 ) -> dict[str, float]:
-    """Train in place on local samples; FedProx adds (mu/2)·‖w − w_global‖² when proximal_mu > 0."""
+    """Train the model's trainable parameters in place on local images (fresh augmentation per step)."""
     seed_everything(config.seed)
-    dataset = CellDataset(samples, contract, augment=train_augmentation(contract.input_size))
+    dataset = CellDataset(samples, contract, augment=train_augmentation(contract.input_size, augment))
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -173,41 +236,18 @@ def train_local(
         drop_last=len(dataset) > config.batch_size,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    weights = class_weights(dataset.targets, contract.num_classes) if config.class_balanced else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = max(1, config.epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return fit(
+        model,
+        params,
+        lambda _epoch: loader,
+        len(loader),
+        dataset.targets,
+        contract.num_classes,
+        config,
+        global_params=global_params,
+        progress=progress,
     )
-    anchors = [g.detach().clone() for g in global_params] if config.proximal_mu > 0 and global_params else None
-
-    model.train()
-    seen, loss_sum, correct, step = 0, 0.0, 0, 0
-    for _epoch in range(config.epochs):
-        for images, targets in loader:
-            logits = model(images)
-            loss = F.cross_entropy(logits, targets, weight=weights, label_smoothing=config.label_smoothing)
-            if anchors is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-                loss = loss + 0.5 * config.proximal_mu * prox
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            batch = targets.numel()
-            seen += batch
-            loss_sum += float(loss.detach()) * batch
-            correct += int((logits.detach().argmax(1) == targets).sum())
-            if progress is not None:
-                progress(step, total_steps, float(loss.detach()))
-    return {
-        "train_loss": loss_sum / max(seen, 1),
-        "train_accuracy": correct / max(seen, 1),
-        "num_examples": len(dataset),
-        "steps": step,
-    }
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -233,6 +273,28 @@ def evaluate_samples(
 ) -> Metrics:
     logits, targets = predict_logits(model, samples, contract, batch_size=batch_size)
     return compute_metrics(contract.class_names, targets, softmax(logits, contract.temperature))
+
+
+def evaluation_record(logits: np.ndarray, targets: np.ndarray, contract: ModelContract) -> dict[str, object]:
+    """A site's validation reply as plain numbers: metrics at the contract's temperature, the confusion
+    matrix (the server pools those) and the calibration summary (the server fits temperature and abstain
+    threshold from those). Nothing identifies a cell."""
+    metrics = compute_metrics(contract.class_names, targets, softmax(logits, contract.temperature))
+    return {
+        "num-examples": metrics.n,
+        "loss": _finite(metrics.extra.get("nll")),
+        "ece": _finite(metrics.extra.get("ece")),
+        "balanced-accuracy": _finite(metrics.balanced_accuracy),
+        "accuracy": _finite(metrics.accuracy),
+        "macro-f1": _finite(metrics.macro_f1),
+        "recall": [float(r) for r in metrics.recall],  # NaN for classes absent from this site's val split
+        "confusion": [int(v) for v in metrics.confusion.reshape(-1)],
+        **CalibrationSummary.from_logits(logits, targets).to_record(),
+    }
+
+
+def _finite(value: float | None) -> float:
+    return float(value) if value is not None and math.isfinite(value) else float("nan")
 
 
 # ---- parameters as plain arrays (what travels between server and sites) ---------------------------

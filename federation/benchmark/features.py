@@ -1,0 +1,123 @@
+"""Frozen-trunk outputs for clean and augmented views of every image, cached on disk.
+
+View 0 of an image is the contract's exact preprocessing (`finish(prepare(image))`, what the service
+computes); views 1..K are augmented (`federation.augment.CellAugment`, seeded per image and view, so a
+cache rebuild gives the same bytes). Only the frozen trunk runs here; the trainable top sees these
+tensors as its input, so training on them is exactly training the top of the full model on those views
+(the trunk is in eval mode, its BatchNorm statistics fixed). Stored as float16 under
+`var/benchmark/features/`, keyed by everything that changes the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from federation.augment import AugmentConfig, CellAugment
+from federation.benchmark.prepared import PreparedImages, preparation_key
+from federation.benchmark.trunk import Split
+from federation.sites import Sample
+from models.contract import ModelContract
+from models.preprocess import finish
+
+FEATURES_VERSION = "1"
+
+
+def view_seed(seed: int, index: int, view: int) -> int:
+    return (seed * 1_000_003 + index * 9_176 + view * 7_919 + 17) % (2**63)
+
+
+def render_view(
+    prepared: PreparedImages, i: int, view: int, contract: ModelContract, augment: CellAugment | None, seed: int
+) -> np.ndarray:
+    """The network input of one view: view 0 = exact contract preprocessing, else seeded augmentation."""
+    image = prepared.image(i)
+    if view > 0 and augment is not None:
+        image = augment(image, random.Random(view_seed(seed, i, view)))
+    return finish(image, contract)
+
+
+def cache_key(
+    contract: ModelContract,
+    architecture_top: str,
+    samples: Sequence[Sample],
+    views: int,
+    augment: AugmentConfig | None,
+    seed: int,
+    variant: str = "",
+) -> str:
+    payload = {
+        "variant": variant,
+        "prepare": preparation_key(contract),
+        "architecture": contract.architecture,
+        "input_size": contract.input_size,
+        "color": contract.color,
+        "mean": contract.mean,
+        "std": contract.std,
+        "interpolation": contract.interpolation,
+        "resize": contract.resize,
+        "top": architecture_top,
+        "views": views,
+        "augment": asdict(augment) if augment else None,
+        "seed": seed,
+        "version": FEATURES_VERSION,
+    }
+    h = hashlib.sha1(json.dumps(payload, sort_keys=True, default=list).encode())
+    h.update("\n".join(str(s.path) for s in samples).encode())
+    return h.hexdigest()[:16]
+
+
+def trunk_features(
+    split: Split,
+    samples: Sequence[Sample],
+    prepared: PreparedImages,
+    contract: ModelContract,
+    *,
+    views: int = 0,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    batch_size: int = 64,
+    log: Callable[[str], None] = print,
+    variant: str = "",
+) -> np.ndarray:
+    """Array (N, 1 + views, *trunk output shape), float16: view 0 clean, then `views` augmented views."""
+    if len(prepared) != len(samples):
+        raise ValueError(f"{len(prepared)} prepared images for {len(samples)} samples")
+    path = None
+    if cache_dir is not None:
+        key = cache_key(contract, split.top_name, samples, views, augment if views else None, seed, variant)
+        path = cache_dir / f"{contract.architecture}-{split.top_name}-{contract.input_size}-v{views}-{key}.npy"
+        if path.is_file():
+            return np.load(path, mmap_mode="r")
+    aug = CellAugment(contract.input_size, augment) if views else None
+    jobs = [(i, v) for i in range(len(samples)) for v in range(1 + views)]
+    out: np.ndarray | None = None
+    t0 = time.perf_counter()
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        x = torch.from_numpy(np.stack([render_view(prepared, i, v, contract, aug, seed) for i, v in chunk]))
+        feats = split.trunk_features(x).numpy().astype(np.float16)
+        if out is None:
+            out = np.zeros((len(samples), 1 + views, *feats.shape[1:]), np.float16)
+        for (i, v), f in zip(chunk, feats):
+            out[i, v] = f
+    assert out is not None, "no samples"
+    log(
+        f"{contract.architecture}/{split.top_name} {contract.input_size}px: {len(jobs)} views of "
+        f"{len(samples)} images in {time.perf_counter() - t0:.0f} s"
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npy")
+        np.save(tmp, out)
+        tmp.replace(path)
+    return out

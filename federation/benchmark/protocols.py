@@ -1,0 +1,310 @@
+"""The benchmark protocols of docs/benchmark-protocol.md as functions that return result records.
+
+    records = run_paper(data_root, arms, seeds=(0, 1, 2), strategies=PAPER_STRATEGIES, out=...)
+    records = run_in_domain(data_root, arms, seeds=(0,), ...)
+
+Protocol 1 ("paper"): sites tehran-lisc, jiangxi-tecom, bccd each train on their own `train` split and
+validate on their own `val` split; internal test = their pooled `test` splits; external = barcelona-pbc
+(five shared classes, all splits, never trained on, never used to choose anything). Rows: each site
+alone, centralised (pooled), and federated with each strategy.
+Protocol 2 ("in-domain"): barcelona-pbc `train` split cut into 4 simulated sites by a seeded
+Dirichlet(0.5) label draw (val: the `val` split cut the same way), 8 classes, tested on its `test` split.
+
+Each arm (backbone configuration) computes its frozen-trunk features once (clean view of every image,
+plus K augmented views of every training image); every row of every seed then trains only the arm's top.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from federation.augment import AugmentConfig
+from federation.benchmark.features import trunk_features
+from federation.benchmark.handlers import SiteFeatures
+from federation.benchmark.partition import describe, dirichlet_partition
+from federation.benchmark.prepared import PreparedImages
+from federation.benchmark.runs import Recipe, RowModel, fresh_split, train_federated, train_pooled
+from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, DataRoot, Sample
+from federation.task import build_contract
+from models.calibration import CalibrationSummary, expected_calibration_error, softmax
+from models.contract import SHARED_CLASSES, CellCrop, ModelContract
+from models.evaluate import compute_metrics
+
+PAPER_STRATEGIES = ("fedavg", "fedmedian", "fedprox", "fedadam")
+STRATEGY_LABELS = {
+    "fedavg": "FedAvg",
+    "fedmedian": "FedMedian",
+    "fedprox": "FedProx",
+    "fedadam": "FedOpt (FedAdam)",
+    "fedyogi": "FedOpt (FedYogi)",
+    "fedadagrad": "FedOpt (FedAdagrad)",
+}
+IN_DOMAIN_SITES = 4
+IN_DOMAIN_ALPHA = 0.5
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One backbone configuration: contract preprocessing, what is trained, how many augmented views."""
+
+    name: str
+    architecture: str
+    input_size: int
+    top: str = "stage"
+    views: int = 8
+    color: str = "rgb"
+    color_norm: str = "white-balance"
+    cell_crop: float = 1.3
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    recipe: Recipe = field(default_factory=Recipe)
+    note: str = ""
+
+    def contract(self, class_names: Sequence[str]) -> ModelContract:
+        return build_contract(
+            self.architecture,
+            self.input_size,
+            class_names=class_names,
+            cell_crop=CellCrop(scale=self.cell_crop) if self.cell_crop else None,
+            color=self.color,
+            color_norm=self.color_norm,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["augment"] = "default" if self.augment == AugmentConfig() else asdict(self.augment)
+        return out
+
+
+@dataclass
+class Layout:
+    """Where each sample goes: training sites (train / val indices) and the evaluation sets."""
+
+    samples: list[Sample]
+    class_names: tuple[str, ...]
+    train: dict[str, list[int]]  # site → indices
+    val: dict[str, list[int]]
+    evaluation: dict[str, list[int]]  # "internal" / "external" / "test" → indices
+
+    @property
+    def y(self) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.class_names)}
+        return np.array([index[s.label] for s in self.samples], dtype=np.int64)
+
+
+def paper_layout(data: DataRoot, external_per_class: int = 0) -> Layout:
+    """`external_per_class` > 0: a seeded subsample of Barcelona per class (research runs only)."""
+    external = data.select([EXTERNAL_SITE], classes=SHARED_CLASSES)
+    if external_per_class:
+        rng = np.random.default_rng(0)
+        keep: set[int] = set()
+        for c in SHARED_CLASSES:
+            idx = [i for i, s in enumerate(external) if s.label == c]
+            keep |= set(rng.choice(idx, min(len(idx), external_per_class), replace=False).tolist())
+        external = [s for i, s in enumerate(external) if i in keep]
+    samples = data.select(DEFAULT_TRAINING_SITES, classes=SHARED_CLASSES) + external
+    where = lambda site, split: [  # noqa: E731
+        i for i, s in enumerate(samples) if s.site == site and (split is None or s.split == split)
+    ]
+    return Layout(
+        samples,
+        SHARED_CLASSES,
+        train={site: where(site, "train") for site in DEFAULT_TRAINING_SITES},
+        val={site: where(site, "val") for site in DEFAULT_TRAINING_SITES},
+        evaluation={
+            "internal": [i for site in DEFAULT_TRAINING_SITES for i in where(site, "test")],
+            "external": where(EXTERNAL_SITE, None),
+        },
+    )
+
+
+def in_domain_layout(data: DataRoot, seed: int) -> tuple[Layout, dict[str, Any]]:
+    samples = data.select([EXTERNAL_SITE])
+    classes = tuple(sorted({s.label for s in samples}))
+    train = [i for i, s in enumerate(samples) if s.split == "train"]
+    val = [i for i, s in enumerate(samples) if s.split == "val"]
+    parts_train = dirichlet_partition([samples[i] for i in train], IN_DOMAIN_SITES, IN_DOMAIN_ALPHA, seed)
+    # The val split is cut with the same class shares per site, so each site validates on what it has.
+    parts_val = _same_shares([samples[i] for i in train], parts_train, [samples[i] for i in val], seed)
+    names = [f"pbc-site-{k + 1}" for k in range(IN_DOMAIN_SITES)]
+    split = Layout(
+        samples,
+        classes,
+        train={n: [train[j] for j in p] for n, p in zip(names, parts_train)},
+        val={n: [val[j] for j in p] for n, p in zip(names, parts_val)},
+        evaluation={"test": [i for i, s in enumerate(samples) if s.split == "test"]},
+    )
+    partition = {
+        "alpha": IN_DOMAIN_ALPHA,
+        "seed": seed,
+        "train_counts": dict(zip(names, describe([samples[i] for i in train], parts_train))),
+        "val_counts": dict(zip(names, describe([samples[i] for i in val], parts_val))),
+        "train_files": {n: [samples[i].path.name for i in split.train[n]] for n in names},
+    }
+    return split, partition
+
+
+def _same_shares(
+    train: Sequence[Sample], parts: Sequence[Sequence[int]], val: Sequence[Sample], seed: int
+) -> list[list[int]]:
+    rng = np.random.default_rng([seed, 7])
+    out: list[list[int]] = [[] for _ in parts]
+    for label in sorted({s.label for s in val}):
+        counts = np.array([sum(train[i].label == label for i in p) for p in parts], dtype=np.float64)
+        shares = counts / counts.sum() if counts.sum() else np.full(len(parts), 1.0 / len(parts))
+        idx = rng.permutation([i for i, s in enumerate(val) if s.label == label])
+        cuts = (np.cumsum(shares) * len(idx)).round().astype(int)[:-1]
+        for site, chunk in enumerate(np.split(idx, cuts)):
+            out[site].extend(int(i) for i in chunk)
+    return [sorted(p) for p in out]
+
+
+# ---- features ---------------------------------------------------------------------------------------
+@dataclass
+class ArmData:
+    contract: ModelContract
+    sites: dict[str, SiteFeatures]
+    evaluation: dict[str, tuple[np.ndarray, np.ndarray]]  # name → (clean features, labels)
+    seconds: float
+
+
+def arm_features(
+    arm: Arm, split: Layout, cache: Path, log: Callable[[str], None] = print
+) -> ArmData:
+    t0 = time.time()
+    contract = arm.contract(split.class_names)
+    y = split.y
+    prepared = PreparedImages.build(split.samples, contract, cache / "prepared", log=log)
+    model = fresh_split(contract, arm.top, seed=0)  # the trunk is pretrained and frozen: seed-free
+
+    def feats(indices: list[int], views: int) -> np.ndarray:
+        return trunk_features(
+            model,
+            [split.samples[i] for i in indices],
+            prepared.subset(indices),
+            contract,
+            views=views,
+            augment=arm.augment if views else None,
+            seed=0,
+            cache_dir=cache / "features",
+            log=log,
+        )
+
+    train_idx = sorted(i for idx in split.train.values() for i in idx)
+    train_all = feats(train_idx, arm.views)
+    position = {i: k for k, i in enumerate(train_idx)}
+    other_idx = sorted({i for idx in split.val.values() for i in idx} | {i for v in split.evaluation.values() for i in v})
+    clean_all = feats(other_idx, 0)[:, 0]
+    where = {i: k for k, i in enumerate(other_idx)}
+    sites = {
+        site: SiteFeatures(
+            site,
+            train_all[[position[i] for i in split.train[site]]],
+            y[split.train[site]],
+            clean_all[[where[i] for i in split.val[site]]],
+            y[split.val[site]],
+        )
+        for site in split.train
+    }
+    evaluation = {name: (clean_all[[where[i] for i in idx]], y[idx]) for name, idx in split.evaluation.items()}
+    return ArmData(contract, sites, evaluation, time.time() - t0)
+
+
+# ---- rows ---------------------------------------------------------------------------------------------
+def evaluate_row(
+    kind: str, name: str, arm: Arm, seed: int, data: ArmData, model: RowModel, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    temperature = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+    record: dict[str, Any] = {
+        "arm": arm.name,
+        "kind": kind,
+        "row": name,
+        "seed": seed,
+        "seconds": round(model.seconds, 2),
+        "temperature": temperature,
+        "curves": model.curves,
+        "messages": model.messages,
+        **(extra or {}),
+    }
+    for eval_name, (x, y) in data.evaluation.items():
+        logits = model.logits(x)
+        m = compute_metrics(data.contract.class_names, y, softmax(logits))
+        record[eval_name] = {
+            "balanced_accuracy": m.balanced_accuracy,
+            "macro_f1": m.macro_f1,
+            "accuracy": m.accuracy,
+            "recall": m.as_dict()["recall"],
+            "confusion": m.confusion.tolist(),
+            "ece": expected_calibration_error(softmax(logits), y),
+            "ece_calibrated": expected_calibration_error(softmax(logits, temperature), y),
+            "nll": CalibrationSummary.from_logits(logits, y, (1.0, temperature)).nll(1.0),
+            "nll_calibrated": CalibrationSummary.from_logits(logits, y, (1.0, temperature)).nll(temperature),
+            "n": int(len(y)),
+        }
+    return record
+
+
+def run_rows(
+    arm: Arm,
+    data: ArmData,
+    seed: int,
+    strategies: Sequence[str],
+    *,
+    single_site: bool = True,
+    centralised: bool = True,
+    strategy_params: dict[str, dict[str, float]] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    recipe = arm.recipe
+    top = arm.top
+    rows: list[dict[str, Any]] = []
+    if single_site:
+        for site, d in data.sites.items():
+            model = train_pooled(data.contract, top, d.train_x, d.train_y, [(d.val_x, d.val_y)], recipe, seed)
+            rows.append(evaluate_row("single-site", site, arm, seed, data, model))
+            log(_line(rows[-1]))
+    if centralised:
+        x = np.concatenate([d.train_x for d in data.sites.values()])
+        y = np.concatenate([d.train_y for d in data.sites.values()])
+        val = [(d.val_x, d.val_y) for d in data.sites.values()]
+        model = train_pooled(data.contract, top, x, y, val, recipe, seed)
+        rows.append(evaluate_row("centralised", "centralised", arm, seed, data, model))
+        log(_line(rows[-1]))
+    for strategy in strategies:
+        params = (strategy_params or {}).get(strategy, {})
+        model = train_federated(strategy, data.contract, top, data.sites, recipe, seed, **params)
+        label = STRATEGY_LABELS.get(strategy, strategy)
+        rows.append(evaluate_row("federated", label, arm, seed, data, model, {"strategy": strategy, **params}))
+        log(_line(rows[-1]))
+    return rows
+
+
+def _line(row: dict[str, Any]) -> str:
+    parts = [f"{row['arm']} seed {row['seed']} {row['row']:<18}"]
+    for key in ("internal", "external", "test"):
+        if key in row:
+            parts.append(f"{key} {row[key]['balanced_accuracy']:.3f}")
+    parts.append(f"T={row['temperature']:.2f} {row['seconds']:.1f} s")
+    return "  ".join(parts)
+
+
+def leave_one_site_out(arm: Arm, data: ArmData, seed: int) -> dict[str, float]:
+    """Model-selection criterion that never looks at the external site: for each training site, train
+    centrally on the other two and test on the held-out site's train (clean view) + val cells."""
+    scores = {}
+    for held in data.sites:
+        rest = [d for s, d in data.sites.items() if s != held]
+        x = np.concatenate([d.train_x for d in rest])
+        y = np.concatenate([d.train_y for d in rest])
+        model = train_pooled(data.contract, arm.top, x, y, [], arm.recipe, seed)
+        h = data.sites[held]
+        hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
+        hy = np.concatenate([h.train_y, h.val_y])
+        scores[held] = compute_metrics(data.contract.class_names, hy, softmax(model.logits(hx))).balanced_accuracy
+    scores["mean"] = float(np.mean(list(scores.values())))
+    return scores

@@ -1,0 +1,192 @@
+"""One row of a benchmark table: a model trained single-site, centralised, or federated with a strategy.
+
+Every row trains the same top of the same model with the same loop (`federation.task.fit`) and recipe;
+they differ only in where the data is:
+  - single-site / centralised: `train_top` on one site's / the pooled cached views, for as many epochs
+    as a federated site makes in total (rounds x local epochs), so no row gets more passes over its data;
+  - federated: Flower's `Strategy.start` with our strategy classes (`federation.strategies.make_strategy`,
+    the deployment's aggregation code) over a `LocalGrid` whose nodes are `federation.benchmark.handlers`
+    ClientApps, one per site, each holding only its own arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from federation.benchmark import handlers
+from federation.benchmark.handlers import SiteFeatures, site_split, top_logits, train_top
+from federation.benchmark.local_grid import LocalGrid
+from federation.benchmark.trunk import Split, split_model
+from federation.strategies import SiteReply, make_strategy
+from federation.task import TrainConfig, create_model_from_contract, seed_everything
+from models.calibration import CalibrationSummary, pool
+from models.contract import ModelContract
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training settings shared by every row (the deployment's run-config names in comments)."""
+
+    rounds: int = 5  # num-server-rounds
+    local_epochs: int = 2  # local-epochs
+    lr: float = 3e-3  # lr
+    batch_size: int = 32  # batch-size
+    proximal_mu: float = 0.01  # proximal-mu (FedProx)
+    server_lr: float = 0.1  # server-lr (FedOpt: FedAdam)
+    label_smoothing: float = 0.1
+    weight_decay: float = 1e-4
+    class_weight_cap: float = 3.0
+
+    def train_config(self, epochs: int, seed: int, proximal_mu: float = 0.0) -> TrainConfig:
+        return TrainConfig(
+            epochs=epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            class_weight_cap=self.class_weight_cap,
+            proximal_mu=proximal_mu,
+            seed=seed,
+        )
+
+
+@dataclass
+class RowModel:
+    """A trained model (its top state over the pretrained trunk) and how it was trained."""
+
+    split: Split
+    seconds: float
+    curves: dict[str, list[float]] = field(default_factory=dict)  # site → val balanced accuracy per round
+    val_calibration: CalibrationSummary | None = None  # pooled over the training sites' val splits
+    messages: int = 0
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return top_logits(self.split, x)
+
+
+def fresh_split(contract: ModelContract, top: str, seed: int) -> Split:
+    """The pretrained model with a seeded new head, split; the same start for every row of a seed."""
+    seed_everything(seed)
+    split = split_model(create_model_from_contract(contract, pretrained=True), top)
+    split.freeze_trunk()
+    return split
+
+
+def train_pooled(
+    contract: ModelContract,
+    top: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    val: list[tuple[np.ndarray, np.ndarray]],
+    recipe: Recipe,
+    seed: int,
+) -> RowModel:
+    """Centralised (pooled sites) or single-site training: rounds x local_epochs epochs in one go."""
+    t0 = time.time()
+    split = fresh_split(contract, top, seed)
+    train_top(split, x, y, contract.num_classes, recipe.train_config(recipe.rounds * recipe.local_epochs, seed))
+    summaries = [CalibrationSummary.from_logits(top_logits(split, vx), vy) for vx, vy in val if len(vy)]
+    return RowModel(split, time.time() - t0, val_calibration=pool(summaries) if summaries else None)
+
+
+class BenchObserver:
+    """The strategies' observer (see `federation.strategies.RoundObserver`): records, never intervenes."""
+
+    def __init__(self) -> None:
+        self.node_sites: dict[int, str] = {}
+        self.curves: dict[str, list[float]] = {}
+        self.last_calibration: dict[str, CalibrationSummary] = {}
+        self.failures: list[str] = []
+
+    def start_weights(self, server_round: int, proposed: ArrayRecord) -> ArrayRecord:
+        return proposed
+
+    def record_replies(self, server_round: int, phase: str, replies: list[SiteReply]) -> None:
+        for r in replies:
+            if not r.ok:
+                self.failures.append(f"round {server_round} {phase} {r.site}: {r.error}")
+                continue
+            if phase == "evaluate" and r.site:
+                self.curves.setdefault(r.site, []).append(float(r.metrics["balanced-accuracy"]))
+                self.last_calibration[r.site] = CalibrationSummary.from_record(r.metrics)
+
+    def record_aggregate(self, server_round: int, arrays: ArrayRecord | None) -> None:
+        pass
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        return None
+
+
+def train_federated(
+    strategy: str,
+    contract: ModelContract,
+    top: str,
+    sites: dict[str, SiteFeatures],
+    recipe: Recipe,
+    seed: int,
+    *,
+    proximal_mu: float | None = None,
+    server_lr: float | None = None,
+) -> RowModel:
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    t0 = time.time()
+    split = fresh_split(contract, top, seed)
+    initial = ArrayRecord(split.top_state())
+    buffers = set(split.top_state_keys()) - {n for n, _ in split.model.named_parameters()}
+    observer = BenchObserver()
+    mu = recipe.proximal_mu if proximal_mu is None else proximal_mu
+    strat = make_strategy(
+        strategy,
+        min_nodes=len(sites),
+        proximal_mu=mu,
+        server_lr=recipe.server_lr if server_lr is None else server_lr,
+        client_lr=recipe.lr,
+        observer=observer,
+        buffer_keys=buffers,
+    )
+    keys = {}
+    for i, (site, data) in enumerate(sorted(sites.items())):
+        key = f"{id(data)}-{site}"
+        handlers.SITE_DATA[key] = data
+        keys[1000 + i] = {"site": site, "bench-key": key}
+    # The nodes' skeleton models must not share the server's parameters: site_split builds its own.
+    site_split(contract, top)
+    grid = LocalGrid({n: handlers.app for n in keys}, keys, {})
+    contract_json = contract.to_json()
+    train_config = ConfigRecord(
+        {
+            "contract": contract_json,
+            "top": top,
+            "local-epochs": recipe.local_epochs,
+            "lr": recipe.lr,
+            "batch-size": recipe.batch_size,
+            "seed": seed,
+        }
+    )
+    evaluate_config = ConfigRecord({"contract": contract_json, "top": top, "batch-size": recipe.batch_size})
+    try:
+        with grid:
+            result = strat.start(
+                grid=grid,
+                initial_arrays=initial,
+                num_rounds=recipe.rounds,
+                timeout=3600,
+                train_config=train_config,
+                evaluate_config=evaluate_config,
+                evaluate_fn=observer,
+            )
+    finally:
+        for cfg in keys.values():
+            handlers.SITE_DATA.pop(cfg["bench-key"], None)
+    if observer.failures:
+        raise RuntimeError("site failures: " + "; ".join(observer.failures[:3]))
+    split.load_top_state({k: torch.as_tensor(v) for k, v in result.arrays.to_torch_state_dict().items()})
+    calibration = pool(observer.last_calibration.values()) if observer.last_calibration else None
+    return RowModel(split, time.time() - t0, observer.curves, calibration, grid.messages_sent)
+

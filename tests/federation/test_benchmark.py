@@ -1,0 +1,127 @@
+"""The benchmark machinery on tiny inputs: trunk/top splits, cached views, partitions, in-process federation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.supercore.task_identity import TaskIdentity
+
+from federation.augment import AugmentConfig
+from federation.benchmark.features import trunk_features
+from federation.benchmark.handlers import SiteFeatures
+from federation.benchmark.partition import describe, dirichlet_partition
+from federation.benchmark.prepared import PreparedImages
+from federation.benchmark.runs import Recipe, train_federated, train_pooled
+from federation.benchmark.trunk import split_model
+from federation.sites import DataRoot, Sample
+from federation.task import build_contract
+from models.contract import SHARED_CLASSES
+from models.preprocess import preprocess
+from models.zoo import create_model
+
+
+@pytest.mark.parametrize(
+    "architecture, size",
+    [("tf_efficientnet_lite0", 64), ("vit_small_patch14_dinov2", 28), ("resnet34", 64)],
+)
+@pytest.mark.parametrize("top", ["head", "stage"])
+def test_top_of_trunk_is_the_whole_model(architecture: str, size: int, top: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(architecture, 5, pretrained=False, img_size=size).eval()
+    split = split_model(model, top)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        whole = model(x)
+        split.top.eval()
+        parts = split.top(split.trunk_features(x))
+    torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-4)
+    keys = split.top_state_keys()
+    assert keys and set(keys) < set(model.state_dict())
+    split.freeze_trunk()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable <= set(keys)
+
+
+def test_views_are_exact_then_seeded_and_cached(data_root: DataRoot, tmp_path: Path) -> None:
+    samples = data_root.select(["bccd"], ["val"])[:3]
+    contract = build_contract("tf_efficientnet_lite0", 32)
+    prepared = PreparedImages.build(samples, contract, tmp_path / "prepared", log=lambda _s: None)
+    again = PreparedImages.build(samples[1:], contract, tmp_path / "prepared", log=lambda _s: None)
+    assert np.array_equal(again.array(0), prepared.array(1))
+
+    split = split_model(create_model("tf_efficientnet_lite0", 5, pretrained=False).eval(), "head")
+    feats = trunk_features(split, samples, prepared, contract, views=2, augment=AugmentConfig(),
+                           cache_dir=tmp_path / "features", log=lambda _s: None)
+    assert feats.shape == (3, 3, 1280) and feats.dtype == np.float16
+    from PIL import Image
+
+    with Image.open(samples[0].path) as img:
+        exact = split.trunk_features(torch.from_numpy(preprocess(img, contract))[None]).numpy()[0]
+    np.testing.assert_allclose(feats[0, 0], exact, rtol=2e-2, atol=2e-2)  # view 0 = the service's input
+    assert not np.allclose(feats[0, 1], feats[0, 0])
+    cached = trunk_features(split, samples, prepared, contract, views=2, augment=AugmentConfig(),
+                            cache_dir=tmp_path / "features", log=lambda _s: None)
+    assert np.array_equal(np.asarray(cached), feats)
+
+
+def _samples(counts: dict[str, int]) -> list[Sample]:
+    return [Sample(Path(f"/x/{c}{i}.jpg"), "s", c, "train", "") for c, n in counts.items() for i in range(n)]
+
+
+def test_dirichlet_partition_is_seeded_complete_and_skewed() -> None:
+    samples = _samples({"a": 200, "b": 150, "c": 100, "d": 80})
+    parts = dirichlet_partition(samples, 4, 0.5, seed=3)
+    assert parts == dirichlet_partition(samples, 4, 0.5, seed=3)
+    assert sorted(i for p in parts for i in p) == list(range(len(samples)))
+    shares = np.array([[c.get(k, 0) for k in "abcd"] for c in describe(samples, parts)], dtype=float)
+    shares /= shares.sum(axis=0, keepdims=True)
+    assert shares.max() > 0.5  # some site holds most of some class: label skew
+    assert parts != dirichlet_partition(samples, 4, 0.5, seed=4)
+
+
+def test_dirichlet_partition_keeps_groups_together() -> None:
+    samples = [Sample(Path(f"/x/{i}.jpg"), "s", "ab"[i % 2], "train", f"g{i // 4}") for i in range(80)]
+    parts = dirichlet_partition(samples, 3, 0.5, seed=0, min_per_site=1)
+    where = {i: k for k, p in enumerate(parts) for i in p}
+    for g in range(20):
+        assert len({where[i] for i in range(80) if samples[i].group == f"g{g}"}) == 1
+
+
+def _site(name: str, rng: np.random.Generator, n: int = 40) -> SiteFeatures:
+    y = np.arange(n) % 5
+    centres = np.eye(5, 1280, dtype=np.float32) * 6.0
+    x = (centres[y][:, None, :] + rng.normal(0, 0.1, (n, 2, 1280))).astype(np.float16)
+    vy = np.arange(10) % 5
+    vx = (centres[vy] + rng.normal(0, 0.1, (10, 1280))).astype(np.float16)
+    return SiteFeatures(name, x, y, vx, vy)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedmedian", "fedadam"])
+def test_federated_top_runs_flower_strategies_in_process(strategy: str) -> None:
+    rng = np.random.default_rng(0)
+    sites = {s: _site(s, rng) for s in ("site-a", "site-b")}
+    contract = build_contract("tf_efficientnet_lite0", 64)
+    recipe = Recipe(rounds=2, local_epochs=2, lr=0.01, batch_size=16)
+    before = TaskIdentity._run_id
+    model = train_federated(strategy, contract, "head", sites, recipe, seed=0)
+    assert TaskIdentity._run_id == before  # the in-process server identity is given back
+    assert model.messages == 2 * 2 * 2  # rounds x (train + evaluate) x sites
+    assert set(model.curves) == set(sites) and all(len(c) == 2 for c in model.curves.values())
+    assert model.val_calibration is not None and model.val_calibration.n == 20
+    x = np.concatenate([s.val_x for s in sites.values()])
+    y = np.concatenate([s.val_y for s in sites.values()])
+    assert (model.logits(x).argmax(1) == y).mean() > 0.8
+
+
+def test_pooled_and_federated_rows_start_from_the_same_seeded_model() -> None:
+    rng = np.random.default_rng(1)
+    site = _site("only", rng)
+    contract = build_contract("tf_efficientnet_lite0", 64)
+    recipe = Recipe(rounds=1, local_epochs=1, lr=1e-9, batch_size=64)  # ~no training: the start shows
+    a = train_pooled(contract, "head", site.train_x, site.train_y, [], recipe, seed=5)
+    b = train_federated("fedavg", contract, "head", {"only": site}, recipe, seed=5)
+    np.testing.assert_allclose(a.logits(site.val_x), b.logits(site.val_x), rtol=1e-4, atol=1e-4)
+    assert SHARED_CLASSES == contract.class_names

@@ -1,0 +1,126 @@
+"""The training recipe: capped class weights, seeded augmentation, the shared loop, the validation reply."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from federation.augment import AugmentConfig, CellAugment
+from federation.sites import DataRoot
+from federation.task import (
+    TrainConfig,
+    build_contract,
+    class_weights,
+    evaluation_record,
+    fit,
+    predict_logits,
+    train_local,
+)
+from models.calibration import CalibrationSummary
+from models.contract import SHARED_CLASSES, ModelContract
+
+
+def test_class_weights_are_capped_and_keep_the_loss_scale() -> None:
+    # jiangxi-tecom's train split: one basophil among 213 cells.
+    targets = [0] * 1 + [1] * 16 + [2] * 38 + [3] * 34 + [4] * 124
+    w = class_weights(targets, 5, cap=3.0)
+    counts = np.bincount(targets, minlength=5)
+    assert float((w.numpy() * counts).sum()) == pytest.approx(len(targets), rel=1e-5)  # mean weight 1
+    assert float(w.max() / w.min()) <= 3.0 / (len(targets) / (5 * 124)) + 1e-4  # the cap bounds the ratio
+    assert w[0] == w.max()
+
+
+def test_absent_classes_get_no_weight() -> None:
+    w = class_weights([1, 1, 2], 5)
+    assert w[0] == 0 and w[3] == 0 and w[4] == 0 and w[1] > 0
+
+
+def _cell(side: int = 90) -> Image.Image:
+    arr = np.full((side, side, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:side, :side]
+    arr[(yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (side / 4) ** 2] = (90, 40, 140)
+    return Image.fromarray(arr)
+
+
+def test_augmentation_is_reproducible_from_its_seed_and_changes_the_cell() -> None:
+    aug = CellAugment(64)
+    a = np.asarray(aug(_cell(), random.Random(7)))
+    b = np.asarray(aug(_cell(), random.Random(7)))
+    c = np.asarray(aug(_cell(), random.Random(8)))
+    assert a.shape == (64, 64, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_no_augmentation_is_a_plain_resize() -> None:
+    out = CellAugment(45, AugmentConfig.none())(_cell(90), random.Random(0))
+    ref = _cell(90).resize((45, 45), Image.Resampling.BILINEAR)
+    assert np.abs(np.asarray(out, float) - np.asarray(ref, float)).mean() < 6.0  # flips aside: same cell
+    assert np.asarray(out)[0, 0].tolist() == [235, 235, 235]  # corners keep the background, no black fill
+
+
+def test_fit_learns_a_separable_problem_and_reports_its_steps() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(4, 2)
+    batches = lambda _e: [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]  # noqa: E731
+    out = fit(model, list(model.parameters()), batches, 4, y.tolist(), 2, TrainConfig(epochs=15, lr=0.05))
+    assert out["steps"] == 60 and out["num_examples"] == 64
+    assert (model(x).argmax(1) == y).float().mean() > 0.9
+
+
+def test_fedprox_term_keeps_weights_near_the_global_ones() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    runs = {}
+    for mu in (0.0, 10.0):
+        model = nn.Linear(4, 2)
+        nn.init.zeros_(model.weight)
+        nn.init.zeros_(model.bias)
+        anchors = [p.detach().clone() for p in model.parameters()]
+        cfg = TrainConfig(epochs=10, lr=0.05, proximal_mu=mu, class_balanced=False)
+        fit(model, list(model.parameters()), lambda _e: [(x, y)], 1, y.tolist(), 2, cfg, global_params=anchors)
+        runs[mu] = float(model.weight.detach().norm())
+    assert runs[10.0] < runs[0.0]
+
+
+class _TinyNet(nn.Module):
+    def __init__(self, classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_train_local_on_real_cells_then_a_validation_reply(data_root: DataRoot) -> None:
+    samples = [s for c in SHARED_CLASSES for s in data_root.select(["jiangxi-tecom"], ["train"], [c])[:2]]
+    contract = build_contract("tf_efficientnet_lite0", 32)
+    model = _TinyNet(len(SHARED_CLASSES))
+    out = train_local(model, samples, contract, TrainConfig(epochs=1, batch_size=4))
+    assert out["num_examples"] == len(samples) and out["steps"] >= 1
+    assert np.isfinite(out["train_loss"]) and out["train_loss"] < 5.0  # capped weights: no 6-10 losses
+
+    logits, targets = predict_logits(model, samples, contract)
+    record = evaluation_record(logits, targets, contract)
+    assert record["num-examples"] == len(samples)
+    assert len(record["confusion"]) == len(SHARED_CLASSES) ** 2
+    summary = CalibrationSummary.from_record(record)
+    assert summary.n == len(samples)
+
+
+def test_contract_temperature_is_used_in_the_reply() -> None:
+    contract = ModelContract(
+        architecture="x", class_names=("a", "b"), input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, temperature=4.0
+    )
+    logits = np.array([[4.0, 0.0], [0.0, 4.0]])
+    hot = evaluation_record(logits, np.array([0, 1]), contract.with_updates(temperature=1.0))
+    cool = evaluation_record(logits, np.array([0, 1]), contract)
+    assert cool["loss"] > hot["loss"]  # softer probabilities on correct answers: higher NLL
