@@ -245,8 +245,6 @@ def stop(proc: subprocess.Popen) -> None:
 def inprocess(
     images: list[bytes], version: int, levels: list[int], warmup: float, seconds: float
 ) -> list[dict]:
-    from anyio import CapacityLimiter
-
     from service.batching import DynamicBatcher
     from service.config import Settings
     from service.inference import load_from_registry
@@ -281,9 +279,7 @@ def inprocess(
                 settings.max_queue_images,
                 metrics,
             )
-            pipeline = Pipeline(
-                batcher, CapacityLimiter(settings.preprocess_workers), metrics, settings.max_pixels
-            )
+            pipeline = Pipeline(batcher, settings.preprocess_workers, metrics, settings.max_pixels)
             result = LevelResult(clients, seconds)
             t_start = time.perf_counter()
 
@@ -300,7 +296,7 @@ def inprocess(
                         result.latencies.append(time.perf_counter() - t0)
 
             await asyncio.gather(*(client(i) for i in range(clients)))
-            batcher.close()
+            pipeline.close()
             return result
 
         out.append(asyncio.run(run()).summary())

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,8 +71,15 @@ def _answer(items: list[_Item], values: Any, error: BaseException | None = None)
             pass
 
 
+_STOP = object()  # queued by close(): the runner finishes what is ahead of it, then stops
+
+
 class DynamicBatcher:
-    """Queue of preprocessed images → batched `probabilities` on one runner thread."""
+    """Queue of preprocessed images → batched `probabilities` on one runner thread.
+
+    The queue is a `queue.SimpleQueue` (implemented in C): putting an image and waking the runner
+    costs no Python-level lock, which matters when the GIL is shared with HTTP and preprocessing.
+    """
 
     def __init__(
         self,
@@ -85,35 +92,37 @@ class DynamicBatcher:
         self.max_queue_delay = max_queue_delay
         self.max_queue_images = max_queue_images
         self.metrics = metrics
-        self._queue: deque[_Item] = deque()
-        self._cond = threading.Condition()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="wbc-batcher", daemon=True)
         self._thread.start()
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return self._queue.qsize()
 
     async def probabilities(self, model: LoadedModel, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """One probability row per preprocessed (3, S, S) array, computed with `model`'s session."""
         if not arrays:
             return []
+        if self._closed:
+            raise BatcherClosedError("the service is shutting down")
+        waiting = self._queue.qsize()
+        if waiting + len(arrays) > self.max_queue_images:
+            raise QueueFullError(
+                f"{waiting} images are waiting for inference (limit {self.max_queue_images}, "
+                "WBC_MAX_QUEUE_IMAGES); retry shortly"
+            )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         items = [_Item(model, a, loop.create_future(), loop, now) for a in arrays]
-        with self._cond:
-            if self._closed:
-                raise BatcherClosedError("the service is shutting down")
-            if len(self._queue) + len(items) > self.max_queue_images:
-                raise QueueFullError(
-                    f"{len(self._queue)} images are waiting for inference (limit {self.max_queue_images}, "
-                    "WBC_MAX_QUEUE_IMAGES); retry shortly"
-                )
-            self._queue.extend(items)
-            self._set_depth()
-            self._cond.notify()
+        for item in items:
+            self._queue.put(item)
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._queue.qsize())
         try:
+            if len(items) == 1:
+                return [await items[0].future]
             return list(await asyncio.gather(*(item.future for item in items)))
         except asyncio.CancelledError:
             for item in items:
@@ -122,39 +131,38 @@ class DynamicBatcher:
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop the runner."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._closed = True
+        self._queue.put(_STOP)
         self._thread.join(timeout)
 
     # ---- runner thread ------------------------------------------------------------------------------
-    def _set_depth(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(len(self._queue))
-
-    def _take_batch(self) -> list[_Item] | None:
-        with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            if self.max_queue_delay > 0 and len(self._queue) < self.max_batch_size:
-                deadline = self._queue[0].enqueued + self.max_queue_delay
-                while len(self._queue) < self.max_batch_size and not self._closed:
+    def _take_batch(self) -> tuple[list[_Item], bool]:
+        """Block for the first image, then take what is waiting (up to the batch size); (batch, stop)."""
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        batch, stop = [first], False
+        deadline = first.enqueued + self.max_queue_delay
+        while len(batch) < self.max_batch_size:
+            try:
+                if self.max_queue_delay > 0:
                     left = deadline - time.perf_counter()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-            n = min(self.max_batch_size, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(n)]
-            self._set_depth()
-            return batch
+                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                else:
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._queue.qsize())
+        return batch, stop
 
     def _run(self) -> None:
         while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
+            batch, stop = self._take_batch()
             started = time.perf_counter()
             live = [item for item in batch if not item.future.cancelled()]
             if self.metrics is not None:
@@ -166,6 +174,8 @@ class DynamicBatcher:
                 groups.setdefault(id(item.model), []).append(item)
             for items in groups.values():
                 self._run_group(items)
+            if stop:
+                return
 
     def _run_group(self, items: list[_Item]) -> None:
         model = items[0].model

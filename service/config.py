@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="0 = one per usable core")
     inter_op_threads: int = Field(1, ge=1, description="Parallelism between graph nodes; 1 for CNNs")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    ort_spinning: bool = Field(
+        False, description="Let idle ONNX Runtime threads spin-wait (lower latency, burns the cores "
+        "that preprocess the next images)"
+    )
 
     # ---- dynamic batching -------------------------------------------------------------------------
     # 4: on a 2-core x86 CPU, EfficientNet-Lite0 at 224 px costs 4.9-5.2 ms of CPU per image at batch

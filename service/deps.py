@@ -1,6 +1,7 @@
 """Request dependencies as `Annotated` aliases (the full-stack template's `api/deps.py`).
 
-Access control plugs in here: `get_requester` names the system that sent a classification (default:
+Every dependency is `async def` on purpose: FastAPI runs a plain `def` dependency on its thread pool,
+one thread hop per dependency per request. Access control plugs in here: `get_requester` names the system that sent a classification (default:
 the `X-Requesting-System` header, unauthenticated) and `require_admin` guards /v1/admin/* (default: a
 bearer token equal to WBC_ADMIN_TOKEN, else 403). Replace them (or override them with
 `app.dependency_overrides`) to use real authentication; the routes only see the returned names.
@@ -20,32 +21,32 @@ from service.pipeline import Pipeline
 from service.sink import PredictionSink
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_model_slot(request: Request) -> ModelSlot:
+async def get_model_slot(request: Request) -> ModelSlot:
     return request.app.state.model_slot
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def get_pipeline(request: Request) -> Pipeline:
+async def get_pipeline(request: Request) -> Pipeline:
     return request.app.state.pipeline
 
 
-def get_prediction_sink(request: Request) -> PredictionSink | None:
+async def get_prediction_sink(request: Request) -> PredictionSink | None:
     return getattr(request.app.state, "prediction_sink", None)
 
 
-def get_requester(request: Request) -> str | None:
+async def get_requester(request: Request) -> str | None:
     """Who sent the images (recorded with each prediction). Unauthenticated default: a header."""
     return request.headers.get("x-requesting-system")
 
 
-def require_admin(request: Request) -> str:
+async def require_admin(request: Request) -> str:
     """The acting administrator's name, else 401/403. Default: `Authorization: Bearer $WBC_ADMIN_TOKEN`."""
     token = request.app.state.settings.admin_token
     if token is None:

@@ -90,6 +90,7 @@ class SessionConfig:
             intra_op_threads=settings.onnx_intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             graph_optimization=settings.graph_optimization,
+            allow_spinning=settings.ort_spinning,
             device=settings.device,
             trt_cache=str(settings.trt_cache),
         )

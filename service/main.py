@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from anyio import CapacityLimiter
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
@@ -43,8 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await run_in_threadpool(slot.load)
         batcher = DynamicBatcher(settings.max_batch_size, settings.max_queue_delay_ms / 1000.0,
                                  settings.max_queue_images, service_metrics)
-        app.state.pipeline = Pipeline(batcher, CapacityLimiter(settings.preprocess_workers), service_metrics,
-                                      settings.max_pixels)
+        app.state.pipeline = Pipeline(batcher, settings.preprocess_workers, service_metrics, settings.max_pixels)
         watcher = (asyncio.create_task(watch_registry(slot, service_metrics, settings.watch_seconds))
                    if settings.watch_seconds > 0 else None)
         try:
@@ -54,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
-            await run_in_threadpool(batcher.close)
+            await run_in_threadpool(app.state.pipeline.close)
             await run_in_threadpool(review_wiring.stop, app)
 
     app = FastAPI(

@@ -2,8 +2,8 @@
 
     bytes ──(preprocess worker: decode + contract preprocessing)──► array ──(DynamicBatcher)──► probabilities
 
-Each image is decoded and preprocessed on its own worker thread (at most WBC_PREPROCESS_THREADS at
-once, so 32 clients never start 32 CPU-bound threads on 2 cores) and queued for inference the moment
+Each image is decoded and preprocessed on a worker thread (WBC_PREPROCESS_THREADS of them, so 32
+clients never start 32 CPU-bound threads on 2 cores) and queued for inference the moment
 it is ready, so a request's images and different requests' images overlap with the batch running.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from anyio import CapacityLimiter, to_thread
 
 from models.contract import UNIDENTIFIED, ModelContract
 from models.preprocess import preprocess
@@ -62,17 +62,19 @@ def prepare_image(data: bytes, contract: ModelContract, max_pixels: int) -> _Pre
 
 
 class Pipeline:
-    def __init__(
-        self,
-        batcher: DynamicBatcher,
-        preprocess_limiter: CapacityLimiter,
-        metrics: ServiceMetrics,
-        max_pixels: int,
-    ):
+    """Preprocessing workers (a dedicated thread pool: its queue is C-level `SimpleQueue`, and the app's
+    own thread pool stays free for file reads and the prediction sink) in front of the batcher."""
+
+    def __init__(self, batcher: DynamicBatcher, preprocess_workers: int, metrics: ServiceMetrics, max_pixels: int):
         self.batcher = batcher
-        self.preprocess_limiter = preprocess_limiter
+        self.executor = ThreadPoolExecutor(max_workers=preprocess_workers, thread_name_prefix="wbc-preprocess")
         self.metrics = metrics
         self.max_pixels = max_pixels
+
+    def close(self) -> None:
+        """Stop the preprocessing workers, then the batcher (each finishes what it holds)."""
+        self.executor.shutdown(wait=True)
+        self.batcher.close()
 
     async def classify_bytes(
         self, model: LoadedModel, uploads: Sequence[bytes | ImageError]
@@ -80,6 +82,8 @@ class Pipeline:
         """Encoded images (or an error already found while reading) → one Outcome each, in order.
 
         QueueFullError and BatcherClosedError propagate: the route answers 503 for the whole request."""
+        if len(uploads) == 1:
+            return [await self._one(model, uploads[0])]
         return list(await asyncio.gather(*(self._one(model, item) for item in uploads)))
 
     async def _one(self, model: LoadedModel, item: bytes | ImageError) -> Outcome:
@@ -88,8 +92,9 @@ class Pipeline:
             return Outcome(error=item)
         start = time.perf_counter()
         try:
-            prepared = await to_thread.run_sync(
-                prepare_image, item, model.contract, self.max_pixels, limiter=self.preprocess_limiter
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(
+                self.executor, prepare_image, item, model.contract, self.max_pixels
             )
         except DecodeError as exc:
             self.metrics.image_errors.labels(exc.code).inc()
