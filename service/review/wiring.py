@@ -12,8 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service import auth, deps
 from service.audit import AuditLog
@@ -45,6 +48,10 @@ def attach(app: FastAPI, settings: Settings) -> None:
             audit_log.append(session, actor=actor, action=action, subject=subject, details=details)
 
     app.state.audit_event = audit_event
+    # A lost or refused database connection (or an exhausted pool) anywhere, including the credential
+    # check every request makes, is answered 503 + Retry-After, not 500: the transaction was rolled back.
+    for error in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(error, database_unavailable)
     if settings.auth_enabled:
         app.dependency_overrides[deps.get_requester] = auth.requesting_system
         app.dependency_overrides[deps.require_admin] = auth.admin_name
@@ -57,6 +64,17 @@ def attach(app: FastAPI, settings: Settings) -> None:
     ):
         app.include_router(router)
     app.mount("/review/static", StaticFiles(directory=STATIC), name="review-static")
+
+
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # Only the error's type: its text can hold SQL, and the path is enough to find the route.
+    cause = getattr(exc, "orig", None) or exc
+    log.warning("database unavailable (%s) during %s %s", type(cause).__name__, request.method, request.url.path)
+    return JSONResponse(
+        {"detail": f"the database is unavailable ({type(cause).__name__}); nothing was done, send the request again"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 def start(app: FastAPI) -> None:
