@@ -20,7 +20,9 @@ The model is var/bench/registry/wbc-bench (benchmarks/serve_model.py builds it: 
 access logs off and stopped before the next; the load generator is a small asyncio HTTP/1.1 client with
 keep-alive connections (one per client) sending pre-built requests, so it costs the 2 cores little and
 the same for every target. Each level runs `--warmup` seconds unmeasured, then `--seconds` measured;
-a request counts when it is answered 200. Writes var/bench/serve-<time>.json and prints a Markdown table.
+a request counts when it is answered 200. `--rounds N` repeats all targets N times (alternating, so
+drifting neighbour load hits all alike) and reports per-level medians. Writes var/bench/serve-<time>.json
+and prints a Markdown table and the issue's goals as ratios.
 """
 
 from __future__ import annotations
@@ -187,8 +189,12 @@ def start_server(target: str, port: int, version: int, log: Path) -> subprocess.
     common = ["--registry", str(REGISTRY), "--model", MODEL, "--version", str(version), "--port", str(port)]
     if target in ("ours", "ours-v2"):
         # Persistence (the review loop's sink) off: the peers do not store cells either.
-        env.update(WBC_REGISTRY=str(REGISTRY), WBC_MODEL_NAME=MODEL, WBC_VERSION=str(version),
-                   WBC_RECORD_PREDICTIONS="false")
+        env.update(
+            WBC_REGISTRY=str(REGISTRY),
+            WBC_MODEL_NAME=MODEL,
+            WBC_VERSION=str(version),
+            WBC_RECORD_PREDICTIONS="false",
+        )
         code = (
             "import uvicorn; from service.main import create_app; "
             f"uvicorn.run(create_app(), host='127.0.0.1', port={port}, log_level='warning', access_log=False)"
@@ -311,6 +317,42 @@ def load_images(data_root: str | None, count: int) -> list[tuple[str, bytes]]:
     return [(s.path.name, s.path.read_bytes()) for s in samples[:count]]
 
 
+def measure(
+    target: str, images: list[tuple[str, bytes]], levels: list[int], args: argparse.Namespace
+) -> list[dict]:
+    if target == "inprocess":
+        return inprocess([d for _, d in images], args.model_version, levels, args.warmup, args.seconds)
+    host, port = "127.0.0.1", free_port()
+    if target in ("ours", "naive", "ort"):
+        requests = [multipart_request(host, d, n) for n, d in images]
+    else:
+        requests = [
+            v2_bytes_request(host, d, MODEL, [1, 1] if target == "triton" else [1]) for _, d in images
+        ]
+    log = OUT / f"serve-{target}.log"
+    proc = start_server(target, port, args.model_version, log)
+    try:
+        wait_ready(proc, port, f"/v2/models/{MODEL}/ready" if target == "triton" else "/v2/health/ready", log)
+        return [
+            asyncio.run(drive(port, requests, clients, args.warmup, args.seconds)).summary()
+            for clients in levels
+        ]
+    finally:
+        stop(proc)
+
+
+def median_row(rows: list[dict]) -> dict:
+    """Per level over the rounds: the median of each figure, errors summed."""
+    out = dict(rows[0])
+    for key in ("images_per_s", "p50_ms", "p95_ms", "p99_ms"):
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = round(float(np.median(values)), 1) if values else None
+    out["errors"] = sum(r["errors"] for r in rows)
+    out["requests"] = sum(r["requests"] for r in rows)
+    out["rounds"] = len(rows)
+    return out
+
+
 def table(results: dict[str, list[dict]], levels: list[int]) -> str:
     head = (
         "| target | "
@@ -329,6 +371,28 @@ def table(results: dict[str, list[dict]], levels: list[int]) -> str:
     return "\n".join(lines)
 
 
+def goals(results: dict[str, list[dict]], levels: list[int]) -> list[str]:
+    """The issue's targets, as ratios of this run's figures."""
+    lines = []
+
+    def at(target: str, clients: int) -> dict | None:
+        rows = results.get(target)
+        return rows[levels.index(clients)] if rows and clients in levels else None
+
+    ours = at("ours", 32)
+    for peer, goal in (("triton", 1.2), ("naive", 3.0), ("inprocess", 0.8)):
+        other = at(peer, 32)
+        if ours and other and other["images_per_s"]:
+            ratio = ours["images_per_s"] / other["images_per_s"]
+            lines.append(f"32 clients: this service / {peer} = {ratio:.2f} (goal ≥ {goal})")
+    single, reference = at("ours", 1), at("inprocess", 1)
+    if single and reference:
+        lines.append(
+            f"1 client: p99 {single['p99_ms']} ms vs in-process {reference['p99_ms']} ms + 10 ms (goal: ≤)"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default=",".join(ALL_TARGETS))
@@ -337,6 +401,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level")
     parser.add_argument("--images", type=int, default=64, help="distinct Barcelona JPEGs, sent round-robin")
     parser.add_argument("--model-version", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat all targets; report per-level medians")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -344,7 +409,6 @@ def main() -> None:
     if not (REGISTRY / MODEL / str(args.model_version) / "model.onnx").is_file():
         sys.exit(f"no {MODEL} v{args.model_version} in {REGISTRY}: run benchmarks/serve_model.py first")
     images = load_images(args.data_root, args.images)
-    host = "127.0.0.1"
     run = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "load_average_start": os.getloadavg(),
@@ -353,44 +417,28 @@ def main() -> None:
         "images": len(images),
         "seconds": args.seconds,
         "warmup": args.warmup,
-        "results": {},
+        "rounds_run": args.rounds,
     }
     print(f"load average at start: {run['load_average_start']}", flush=True)
-    for target in targets:
-        t0 = time.perf_counter()
-        if target == "inprocess":
-            run["results"][target] = inprocess(
-                [d for _, d in images], args.model_version, levels, args.warmup, args.seconds
-            )
-        else:
-            port = free_port()
-            if target in ("ours", "naive", "ort"):
-                requests = [multipart_request(host, d, n) for n, d in images]
-            else:
-                requests = [
-                    v2_bytes_request(host, d, MODEL, [1, 1] if target == "triton" else [1]) for _, d in images
-                ]
-            log = OUT / f"serve-{target}.log"
-            proc = start_server(target, port, args.model_version, log)
-            try:
-                wait_ready(
-                    proc, port, f"/v2/models/{MODEL}/ready" if target == "triton" else "/v2/health/ready", log
-                )
-                rows = []
-                for clients in levels:
-                    rows.append(
-                        asyncio.run(drive(port, requests, clients, args.warmup, args.seconds)).summary()
-                    )
-                run["results"][target] = rows
-            finally:
-                stop(proc)
-        print(f"{target}: {run['results'][target]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rounds: dict[str, list[list[dict]]] = {t: [] for t in targets}
+    for r in range(args.rounds):  # targets alternate within each round, so drifting load hits all alike
+        for target in targets:
+            t0 = time.perf_counter()
+            rows = measure(target, images, levels, args)
+            rounds[target].append(rows)
+            print(f"round {r + 1} {target}: {rows} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    run["rounds"] = rounds
+    run["results"] = {
+        t: [median_row([rs[i] for rs in runs]) for i in range(len(levels))] for t, runs in rounds.items()
+    }
     run["load_average_end"] = os.getloadavg()
+    run["goals"] = goals(run["results"], levels)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(run, indent=2) + "\n")
     print()
     print(table(run["results"], levels))
+    print("\n" + "\n".join(run["goals"]))
     print(f"\nload average: start {run['load_average_start']}, end {run['load_average_end']}; {path}")
 
 
