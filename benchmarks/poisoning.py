@@ -1,23 +1,28 @@
 """Poisoning and privacy on protocol 1: FedAvg vs robust strategies, and DP's accuracy cost.
 
-    .venv/bin/python benchmarks/poisoning.py --out var/h6/poisoning.json            # attacks x strategies
-    .venv/bin/python benchmarks/poisoning.py --dp 0.0 0.3 1.0 --out var/h6/dp.json  # DP cost, FedAvg
+    .venv/bin/python benchmarks/poisoning.py --out var/h6/poisoning.json             # attacks x strategies
+    .venv/bin/python benchmarks/poisoning.py --dp 0.01 0.1 1 --out var/h6/dp.json    # DP cost, FedAvg
+    .venv/bin/python benchmarks/poisoning.py --mode full ...                         # fine-tune the whole model
 
-Protocol 1: train at tehran-lisc, jiangxi-tecom and bccd, test at barcelona-pbc (a hospital never seen).
-The server side is the deployment's own: Flower strategies from `federation.strategies.make_strategy`
-(with `federation.privacy.with_dp` for DP), `federation.rounds.RoundBook` (per-site records, pooled
-validation, the acceptance gate) and `federation.resume.run_rounds`; every site is the deployment's
-ClientApp (`federation.client_app.app`, Flower mods included) called in this process through a small
-in-process Grid, so only the transport differs from `federation.deploy` (whose fixed per-step cost would
-dominate a grid of runs on two cores). Registration is off (no ONNX export).
+Protocol 1: train at tehran-lisc, jiangxi-tecom and bccd (their train splits), validate on their val splits,
+test at barcelona-pbc (five shared classes, every split, never trained on). The server side is the
+deployment's own: Flower strategies from `federation.strategies.make_strategy` (+ `federation.privacy.with_dp`),
+`federation.rounds.RoundBook` (per-site records, pooled validation, the acceptance gate) and
+`federation.resume.run_rounds`; only the transport is an in-process Grid.
+
+Two modes for the sites:
+  - `features` (default): the benchmark's frozen-trunk ClientApp (`federation.benchmark.handlers`, issue 3's
+    protocol code): every site trains the model's head on cached trunk features of its own images, with the
+    benchmark recipe (5 rounds, 2 local epochs). Fast enough for a grid of runs on two shared cores; the
+    attacks and aggregation act on the head's weights, which is what moves;
+  - `full`: the deployment's ClientApp (`federation.client_app.app`, mods included) fine-tuning the whole
+    model on scaled-down data (`--per-class`, `--size`); slow here, kept for a spot check.
 
 Attacks (one hostile site each, so that two honest sites remain a majority of three):
-  - flip: jiangxi-tecom's labels are shifted cyclically (basophil→eosinophil→…→neutrophil→basophil);
+  - flip: jiangxi-tecom's training labels are shifted cyclically (basophil→eosinophil→…→neutrophil→basophil);
   - scale: bccd sends global + 20 × (its update) instead of its update (a boosted "model replacement").
 Reported per run: the external balanced accuracy of the final aggregate (what the strategy alone yields)
-and of the last round the gate accepted (what would have reached the registry), and every gate decision.
-Scaled down to fit this machine (see --per-class, --size, --rounds); the absolute numbers are therefore
-low, the comparison between rows is the point.
+and of the last round the gate accepted (what would reach the registry), and every gate decision.
 """
 
 from __future__ import annotations
@@ -208,6 +213,92 @@ def run(strategy: str, attack: str, args, source: DataRoot, external: list[Sampl
     return out
 
 
+def run_features(strategy: str, attack: str, args, arm_data, dp_noise: float = 0.0) -> dict:
+    """One federated run over cached frozen-trunk features (see the module docstring)."""
+    from federation.benchmark import handlers
+    from federation.benchmark.handlers import SiteFeatures, top_logits
+    from federation.benchmark.local_grid import LocalGrid
+    from federation.benchmark.runs import Recipe, fresh_split
+    from federation.privacy import clip_when_asked
+    from federation.strategies import make_strategy
+    from models.evaluate import compute_metrics
+    from models.preprocess import softmax
+
+    recipe = Recipe()
+    contract, top = arm_data.contract, args.top
+    work = Path(args.work) / f"features-{attack}-{strategy}-dp{dp_noise:g}-seed{args.seed}"
+    split = fresh_split(contract, top, args.seed)
+    initial = ArrayRecord(split.top_state())
+    buffers = set(split.top_state_keys()) - {n for n, _ in split.model.named_parameters()}
+    apps, configs = {}, {}
+    for i, (site, data) in enumerate(sorted(arm_data.sites.items())):
+        if attack == "flip" and site == FLIP_SITE:
+            data = SiteFeatures(site, data.train_x, (data.train_y + 1) % contract.num_classes, data.val_x, data.val_y)
+        key = f"poison-{attack}-{strategy}-{site}"
+        handlers.SITE_DATA[key] = data
+        node = 1000 + i
+        configs[node] = {"site": site, "bench-key": key}
+        app = lambda m, c: clip_when_asked(m, c, handlers.app)  # noqa: E731 - the deployment's DP mod
+        apps[node] = scaled(app, SCALE) if attack == "scale" and site == SCALE_SITE else app
+    handlers.site_split(contract, top)
+    book = RoundBook(run_dir=work, events=EventLog(work), class_names=contract.class_names, initial_arrays=initial,
+                     gate_tolerance=0.02, min_sites=3, publish=None, lineage={"run_id": 0, "strategy": {"name": strategy}})
+    strat = make_strategy(strategy, min_nodes=3, observer=book, buffer_keys=buffers, proximal_mu=recipe.proximal_mu,
+                          num_malicious=1, multikrum_keep=2, trim_beta=0.34, uniform_weights=dp_noise > 0)
+    dp = None
+    if dp_noise > 0:
+        from federation.privacy import DPConfig, with_dp
+
+        dp = DPConfig(dp_noise, args.dp_clip, 3)
+        strat = with_dp(strat, dp)
+    train_config = ConfigRecord({"contract": contract.to_json(), "top": top, "local-epochs": recipe.local_epochs,
+                                 "lr": recipe.lr, "batch-size": recipe.batch_size, "seed": args.seed})
+    evaluate_config = ConfigRecord({"contract": contract.to_json(), "top": top, "batch-size": recipe.batch_size})
+    t0 = time.time()
+    try:
+        final = run_rounds(strat, ReportingGrid(LocalGrid(apps, configs, {}), book, poll_interval=0.0), initial,
+                           first_round=1, last_round=recipe.rounds, timeout=3600, train_config=train_config,
+                           evaluate_config=evaluate_config, evaluate_fn=book)
+    finally:
+        for cfg in configs.values():
+            handlers.SITE_DATA.pop(cfg["bench-key"], None)
+    seconds = time.time() - t0
+    x_ext, y_ext = arm_data.evaluation["external"]
+
+    def external_ba(arrays: ArrayRecord) -> float:
+        import torch
+
+        split.load_top_state({k: torch.as_tensor(v) for k, v in arrays.to_torch_state_dict().items()})
+        return float(compute_metrics(contract.class_names, y_ext, softmax(top_logits(split, x_ext))).balanced_accuracy)
+
+    rounds = [book.records[r] for r in sorted(book.records)]
+    out = {
+        "mode": "features",
+        "strategy": strategy,
+        "attack": attack,
+        "dp_noise": dp_noise,
+        "seconds": round(seconds, 1),
+        "external_n": int(len(y_ext)),
+        "external_ba_final_aggregate": external_ba(final),
+        "external_ba_last_accepted": external_ba(book.accepted.arrays) if book.accepted.round else None,
+        "last_accepted_round": book.accepted.round,
+        "pooled_val_ba": [r.get("pooled", {}).get("balanced_accuracy") for r in rounds],
+        "gate": [{"round": r["round"], "accepted": r["gate"]["accepted"], "reason": r["gate"]["reason"]} for r in rounds],
+    }
+    if dp is not None:
+        out["privacy"] = dp.lineage(releases=recipe.rounds)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def feature_data(args, source: DataRoot):
+    from federation.benchmark.protocols import Arm, arm_features, paper_layout
+
+    arm = Arm(name=f"{args.arch}-{args.top}-{args.feature_size}", architecture=args.arch, input_size=args.feature_size,
+              top=args.top, views=args.views)
+    return arm_features(arm, paper_layout(source), ROOT / "var" / "benchmark", log=lambda m: print(m, flush=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=None)
@@ -218,27 +309,67 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=40, help="train images per class and site (cap)")
     parser.add_argument("--external-per-class", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--attacks", nargs="+", default=["none", "flip", "scale"])
     parser.add_argument("--dp", nargs="+", type=float, default=None, help="DP noise multipliers (FedAvg, no attack)")
     parser.add_argument("--dp-clip", type=float, default=1.0)
+    parser.add_argument("--mode", choices=("features", "full"), default="features")
+    parser.add_argument("--arch", default="tf_efficientnet_lite0")
+    parser.add_argument("--feature-size", type=int, default=128)
+    parser.add_argument("--top", default="head", help="what the feature mode trains (federation.benchmark.trunk)")
+    parser.add_argument("--views", type=int, default=0, help="augmented views per training image (feature mode)")
     args = parser.parse_args()
     args.work = str(Path(args.work).resolve())  # node configs take absolute paths only
     logging.getLogger("flwr").setLevel(logging.WARNING)
     claim_server_identity()
     source = DataRoot(resolve_data_root(args.data_root))
     external = [s for c in SHARED_CLASSES for s in source.select([EXTERNAL_SITE], ["test"], [c])[: args.external_per_class]]
+    arm_data = feature_data(args, source) if args.mode == "features" else None
     results = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plan = ([("fedavg", "none", z) for z in args.dp] if args.dp is not None
-            else [(s, a, 0.0) for a in args.attacks for s in (["fedavg"] if a == "none" else args.strategies)])
-    for strategy, attack, noise in plan:
-        results.append(run(strategy, attack, args, source, external, noise))
-        out.write_text(json.dumps({"args": vars(args), "load": os.getloadavg(), "results": results}, indent=2))
-    print(f"wrote {out}")
+            else [(s, a, 0.0) for a in args.attacks for s in args.strategies])
+    for seed in args.seeds:
+        args.seed = seed
+        for strategy, attack, noise in plan:
+            if arm_data is not None:
+                row = run_features(strategy, attack, args, arm_data, noise)
+            else:
+                row = run(strategy, attack, args, source, external, noise)
+            results.append({**row, "seed": seed})
+            out.write_text(json.dumps({"args": vars(args), "load": os.getloadavg(), "results": results}, indent=2))
+    summarise(results, out.with_suffix(".md"))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def summarise(results: list[dict], path: Path) -> None:
+    """Mean ± sd over seeds of the external balanced accuracy, per attack and strategy (markdown)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["attack"], r["strategy"], r["dp_noise"]), []).append(r)
+
+    def ms(values: list[float | None]) -> str:
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return "—"
+        return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+
+    lines = ["| attack | strategy | DP noise | external BA, final aggregate | external BA, last accepted round |"
+             " rounds accepted | ε (δ=1e-5) |", "|---|---|---|---|---|---|---|"]
+    for (attack, strategy, noise), rows in groups.items():
+        accepted = sum(sum(g["accepted"] for g in r["gate"]) for r in rows)
+        total = sum(len(r["gate"]) for r in rows)
+        eps = rows[0].get("privacy", {}).get("epsilon") if noise else None
+        lines.append(
+            f"| {attack} | {strategy} | {noise:g} | {ms([r['external_ba_final_aggregate'] for r in rows])} | "
+            f"{ms([r['external_ba_last_accepted'] for r in rows])} | {accepted}/{total} | "
+            f"{'—' if eps is None else f'{eps:.3g}'} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -305,7 +305,8 @@ class LocalDeployment:
         self.certs: dict[str, Path] = {}
         self.keys_dir = workdir / "keys"
         # `persist_state`: the SuperLink keeps runs, node keys and message objects in SQLite across restarts.
-        # Off by default: it stores every model update on disk (measured several times slower per step here),
+        # Off by default: it stores every model update in SQLite (one tiny run each here: train steps 79-93 s with
+        # it vs 31-42 s without, similar load),
         # and a resumed run needs only its own checkpoint (federation.resume); keys are registered again.
         self.database = self.flwr_dir / "superlink" / "state.db" if persist_state else None
 
