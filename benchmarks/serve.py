@@ -8,6 +8,7 @@ peers, one after the other in the same run, on the same model (not a test).
 Targets:
     ours        the service (uvicorn + service.main.create_app), POST /v1/classify, one image per request
     ours-v2     the service's KServe v2 endpoint, encoded image as BYTES
+    ours-int8   the service with WBC_PRECISION=int8 (its models.quantize variant; not run by default)
     naive       benchmarks/peers/naive_torch.py: FastAPI + eager PyTorch, per request
     ort         benchmarks/peers/ort_per_request.py: FastAPI + ONNX Runtime, one run per request
     triton      benchmarks/peers/pytriton_peer.py: Triton via PyTriton, same preprocessing, dynamic batching
@@ -56,6 +57,7 @@ TARGET_NAMES = {
     "inprocess": "in-process ceiling (no HTTP)",
     "ours": "this service, /v1/classify",
     "ours-v2": "this service, KServe v2 BYTES",
+    "ours-int8": "this service, /v1/classify, INT8 variant",
     "triton": "Triton via PyTriton (dynamic batching)",
     "ort": "FastAPI + ONNX Runtime per request",
     "naive": "FastAPI + PyTorch per request (naive)",
@@ -187,7 +189,7 @@ def free_port() -> int:
 def start_server(target: str, port: int, version: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     common = ["--registry", str(REGISTRY), "--model", MODEL, "--version", str(version), "--port", str(port)]
-    if target in ("ours", "ours-v2"):
+    if target in ("ours", "ours-v2", "ours-int8"):
         # Persistence (the review loop's sink) off: the peers do not store cells either.
         env.update(
             WBC_REGISTRY=str(REGISTRY),
@@ -195,6 +197,8 @@ def start_server(target: str, port: int, version: int, log: Path) -> subprocess.
             WBC_VERSION=str(version),
             WBC_RECORD_PREDICTIONS="false",
         )
+        if target == "ours-int8":  # the INT8 variant registered for that version (models.quantize)
+            env["WBC_PRECISION"] = "int8"
         code = (
             "import uvicorn; from service.main import create_app; "
             f"uvicorn.run(create_app(), host='127.0.0.1', port={port}, log_level='warning', access_log=False)"
@@ -323,7 +327,7 @@ def measure(
     if target == "inprocess":
         return inprocess([d for _, d in images], args.model_version, levels, args.warmup, args.seconds)
     host, port = "127.0.0.1", free_port()
-    if target in ("ours", "naive", "ort"):
+    if target in ("ours", "ours-int8", "naive", "ort"):
         requests = [multipart_request(host, d, n) for n, d in images]
     else:
         requests = [
