@@ -3,8 +3,9 @@
 One runner thread owns inference. It sleeps until an image is queued, then takes everything waiting
 (up to `max_batch_size`), optionally waiting `max_queue_delay` for a fuller batch, and runs it. While a
 batch runs, the next requests are decoded and preprocessed on other threads and pile up in the queue,
-so under load batches form by themselves and decoding, HTTP and inference overlap; with one client the
-runner is idle when an image arrives and runs it at once (no added latency).
+so under load batches form by themselves and decoding, HTTP and inference overlap. When nothing is
+queued and no batch runs (low load), the preprocessing worker runs its image itself (`run_inline`),
+saving the hand-over to the runner thread and back.
 
 Each queued image carries the `LoadedModel` its request started with. A batch that spans a model swap
 is split by model, so requests in flight finish on the session they began with.
@@ -93,6 +94,7 @@ class DynamicBatcher:
         self.max_queue_images = max_queue_images
         self.metrics = metrics
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._inference = threading.Lock()  # one ONNX Runtime run at a time: the runner's or an inline one
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="wbc-batcher", daemon=True)
         self._thread.start()
@@ -128,6 +130,29 @@ class DynamicBatcher:
             for item in items:
                 item.future.cancel()
             raise
+
+    def run_inline(self, model: LoadedModel, array: np.ndarray) -> np.ndarray | None:
+        """On a preprocessing worker: when nothing is queued and no batch is running, infer this one image
+        right here and return its probabilities (saves handing it to the runner thread and back: the
+        common case at low load). Otherwise None: queue it with `probabilities` as usual. Never with a
+        queue delay set: then the caller asked for fuller batches (a GPU) rather than the lowest latency."""
+        if self.max_queue_delay > 0 or self._closed or not self._queue.empty():
+            return None
+        if not self._inference.acquire(blocking=False):
+            return None
+        try:
+            start = time.perf_counter()
+            try:
+                row = model.classifier.probabilities(array[None])[0]
+            except Exception:  # the queued path runs it again and answers the error
+                return None
+            if self.metrics is not None:
+                self.metrics.queue_seconds.observe(0.0)
+                self.metrics.inference_seconds.observe(time.perf_counter() - start)
+                self.metrics.batch_size.observe(1)
+            return row
+        finally:
+            self._inference.release()
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop the runner."""
@@ -172,8 +197,9 @@ class DynamicBatcher:
             groups: dict[int, list[_Item]] = {}
             for item in live:
                 groups.setdefault(id(item.model), []).append(item)
-            for items in groups.values():
-                self._run_group(items)
+            with self._inference:
+                for items in groups.values():
+                    self._run_group(items)
             if stop:
                 return
 

@@ -90,19 +90,24 @@ class Pipeline:
         if isinstance(item, ImageError):
             self.metrics.image_errors.labels(item.code).inc()
             return Outcome(error=item)
-        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
         try:
-            loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(
-                self.executor, prepare_image, item, model.contract, self.max_pixels
-            )
+            prepared, seconds, row = await loop.run_in_executor(self.executor, self._prepare, item, model)
         except DecodeError as exc:
             self.metrics.image_errors.labels(exc.code).inc()
             return Outcome(error=ImageError(exc.code, exc.message))
-        self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
-        [row] = await self.batcher.probabilities(model, [prepared.array])
+        self.metrics.preprocess_seconds.observe(seconds)
+        if row is None:
+            [row] = await self.batcher.probabilities(model, [prepared.array])
         prediction = self.predict(model, row)
         return Outcome(prediction, format=prepared.format, sop_instance_uid=prepared.sop_instance_uid)
+
+    def _prepare(self, data: bytes, model: LoadedModel) -> tuple[_Prepared, float, np.ndarray | None]:
+        """Worker thread: decode + preprocess, then infer here too if the batcher is idle."""
+        start = time.perf_counter()
+        prepared = prepare_image(data, model.contract, self.max_pixels)
+        seconds = time.perf_counter() - start
+        return prepared, seconds, self.batcher.run_inline(model, prepared.array)
 
     async def classify_arrays(self, model: LoadedModel, batch: np.ndarray) -> list[Prediction]:
         """Already preprocessed (N, 3, S, S) float32 tensors (KServe v2 FP32 input) → predictions."""
