@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from federation.augment import AugmentConfig  # noqa: E402
 from federation.benchmark.features import trunk_features  # noqa: E402
 from federation.benchmark.prepared import PreparedImages  # noqa: E402
-from federation.benchmark.trunk import split_model  # noqa: E402
+from federation.trunk import split_model  # noqa: E402
 from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, DataRoot, resolve_data_root  # noqa: E402
 from federation.task import build_contract  # noqa: E402
 from models.contract import SHARED_CLASSES, CellCrop  # noqa: E402

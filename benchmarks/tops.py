@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +39,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10, help="rounds x local epochs")
     ap.add_argument("--strategies", nargs="*", default=[])
     ap.add_argument("--loso", action="store_true")
+    ap.add_argument("--confusion", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-class", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -50,12 +51,14 @@ def main() -> None:
               args.size, args.top, args.views, args.color, args.norm, args.crop, aug[args.augment], recipe)
     layout = paper_layout(DataRoot(resolve_data_root(None)), args.per_class)
     data = arm_features(arm, layout, ROOT / "var" / "benchmark")
-    rows = run_rows(arm, data, 0, args.strategies, single_site=False, log=lambda s: None)
+    rows = run_rows(arm, data, args.seed, args.strategies, single_site=False, log=lambda s: None)
     for r in rows:
         rec = " ".join(f"{v:.2f}" for v in r["external"]["recall"].values())
         print(f"{arm.name} lr{args.lr} ep{args.epochs} {r['row']:<12} internal {r['internal']['balanced_accuracy']:.3f} "
               f"external {r['external']['balanced_accuracy']:.3f} [{rec}] ece {r['external']['ece']:.3f}->"
               f"{r['external']['ece_calibrated']:.3f} T={r['temperature']:.2f} {r['seconds']:.0f}s", flush=True)
+        if args.confusion:
+            print("  external confusion (rows true b/e/l/m/n):", r["external"]["confusion"], flush=True)
     if args.loso:
         print(f"{arm.name} LOSO", {k: round(v, 3) for k, v in leave_one_site_out(arm, data, 0).items()}, flush=True)
 

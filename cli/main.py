@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import typer
 
-from cli import accounts_cmd, audit_cmd, data_cmd, db_cmd, registry_cmd, review_cmd, schedule_cmd, serve_cmd
+from cli import (
+    accounts_cmd,
+    audit_cmd,
+    benchmark_cmd,
+    data_cmd,
+    db_cmd,
+    registry_cmd,
+    review_cmd,
+    schedule_cmd,
+    serve_cmd,
+)
 from cli.demo_cmd import demo
 from cli.evaluate_cmd import evaluate
 from cli.federate_cmd import federate
@@ -29,6 +39,7 @@ accounts_cmd.register(app)  # wbc users, wbc tokens
 app.add_typer(review_cmd.app, name="review")
 app.add_typer(audit_cmd.app, name="audit")
 schedule_cmd.register(app)  # wbc schedule
+app.add_typer(benchmark_cmd.app, name="benchmark")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ def train(msg: Message, context: Context) -> Message:
         train_config,
         global_params=global_params,
         progress=_progress(site, server_round),
+        top=str(config.get("train-top", "full")),
     )
     seconds = time.time() - t0
     counts = Counter(s.label for s in samples)
@@ -130,29 +131,20 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from federation.task import evaluate_samples
+    from federation.task import evaluation_record, predict_logits
 
     site, config, contract, samples, model = _setup(msg, context)
-    metrics = evaluate_samples(model, samples, contract, batch_size=int(config.get("batch-size", 64)))
-    recall = [float(r) for r in metrics.recall]  # NaN for classes absent from this site's val split
+    logits, targets = predict_logits(model, samples, contract, batch_size=int(config.get("batch-size", 64)))
+    # Metrics, confusion matrix and the calibration summary (models.calibration): counts only, no cells.
+    record = evaluation_record(logits, targets, contract)
     _log(
         site,
-        f"round {config.get('server-round')}: val n={metrics.n} balanced accuracy {metrics.balanced_accuracy:.4f}",
+        f"round {config.get('server-round')}: val n={record[WEIGHT_KEY]} "
+        f"balanced accuracy {record['balanced-accuracy']:.4f}",
     )
     content = RecordDict(
         {
-            METRICS_KEY: MetricRecord(
-                {
-                    WEIGHT_KEY: metrics.n,
-                    "loss": _finite(metrics.extra.get("nll")),
-                    "ece": _finite(metrics.extra.get("ece")),
-                    "balanced-accuracy": _finite(metrics.balanced_accuracy),
-                    "accuracy": _finite(metrics.accuracy),
-                    "macro-f1": _finite(metrics.macro_f1),
-                    "recall": recall,
-                    "confusion": [int(v) for v in metrics.confusion.reshape(-1)],
-                }
-            ),
+            METRICS_KEY: MetricRecord(record),  # type: ignore[arg-type]
             SITE_KEY: ConfigRecord({"site": site, "class-names": list(contract.class_names)}),
         }
     )

@@ -102,9 +102,14 @@ class Publisher:
         self.work_dir = Path(work_dir)
         self.atol = atol
 
-    def publish(self, state_dict: dict[str, Any], metadata: dict[str, Any]) -> PublishOutcome:
+    def publish(
+        self, state_dict: dict[str, Any], metadata: dict[str, Any], contract: ModelContract | None = None
+    ) -> PublishOutcome:
+        """`contract`: this version's contract when it differs from the run's (the fitted temperature and
+        abstain threshold); the network input and classes must be the run's."""
         from models.export import check_parity, export_onnx
 
+        contract = contract or self.contract
         self.model.load_state_dict(state_dict, strict=True)
         self.model.eval()
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -112,16 +117,16 @@ class Publisher:
         try:
             onnx_path = tmp / "model.onnx"
             try:
-                export_onnx(self.model, self.contract, onnx_path)
+                export_onnx(self.model, contract, onnx_path)
             except Exception as exc:  # noqa: BLE001 - recorded in the round record; the run goes on
                 return PublishOutcome("export-failed", f"ONNX export failed: {type(exc).__name__}: {exc}")
-            report = check_parity(self.model, onnx_path, self.images, self.contract, atol=self.atol)
+            report = check_parity(self.model, onnx_path, self.images, contract, atol=self.atol)
             parity = {**report.as_dict(), "images": [str(p) for p in self.parity_paths]}
             if not report.ok:
                 why = "; ".join(report.problems) or f"max |Δprob| {report.max_abs_diff:.2e} > {self.atol:g}"
                 return PublishOutcome("parity-failed", f"parity check failed: {why}", parity=parity)
             try:
-                info = self.registry.register(onnx_path, self.contract, {**metadata, "parity": parity})
+                info = self.registry.register(onnx_path, contract, {**metadata, "parity": parity})
             except Exception as exc:  # noqa: BLE001 - the same: recorded, not fatal
                 return PublishOutcome(
                     "register-failed", f"registry refused: {type(exc).__name__}: {exc}", parity=parity

@@ -289,6 +289,8 @@ class RoundBook:
             "loss": m.get("loss"),
             "ece": m.get("ece"),
             "reported_balanced_accuracy": m.get("balanced-accuracy"),
+            # the site's calibration summary (models.calibration), for the temperature fitted at export
+            "calibration": {k: v for k, v in m.items() if k.startswith("cal-")} or None,
         }
 
     @staticmethod

@@ -39,6 +39,7 @@ class RunSettings:
     color: str = "rgb"
     cell_crop: float = 1.3  # CellCrop scale; 0 = no cell crop
     color_norm: str = "white-balance"  # none | white-balance | stain
+    train_top: str = "full"  # full | stage | head: what the sites train, the rest frozen (federation.trunk)
     seed: int = 0
     min_nodes: int = 3
     round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes
@@ -91,6 +92,8 @@ class RunSettings:
         for key in ("lr", "server_lr", "round_timeout"):
             if not getattr(self, key) > 0:
                 problems.append(f"{key.replace('_', '-')} must be > 0")
+        if self.train_top not in ("full", "stage", "head"):
+            problems.append(f"train-top {self.train_top!r} is not one of full, stage, head")
         if self.proximal_mu < 0 or self.gate_tolerance < 0:
             problems.append("proximal-mu and gate-tolerance must be >= 0")
         if self.dp_noise < 0 or not self.dp_clip > 0 or not 0 < self.dp_delta < 1:
@@ -192,6 +195,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
     from federation.publish import Publisher, find_parity_images
     from federation.rounds import Accepted, ReportingGrid, RoundBook, write_json_atomic
     from federation.task import create_model_from_contract, seed_everything
+    from models.calibration import calibrate_sites, without_summaries
     from models.zoo import weight_source
 
     params = strategy_params(
@@ -249,7 +253,17 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         if found is not None:  # registered before a restart cut the round short: never twice
             return {"status": "registered", "reason": f"already registered as v{found.version} before a restart",
                     "version": found.version, "path": str(found.path), "sha256": found.sha256, "parity": {}}
-        return publisher.publish(arrays.to_torch_state_dict(), metadata).as_dict()
+        # Temperature and abstain threshold from the sites' pooled validation summaries (no cells pooled).
+        per_site = metadata.get("metrics", {}).get("per_site_val", {})
+        calibration = calibrate_sites(per_site, contract.num_classes)
+        version_contract = contract
+        if calibration is not None:
+            version_contract = contract.with_updates(
+                temperature=calibration.temperature, abstain_threshold=calibration.abstain_threshold
+            )
+            metadata["metrics"] = {**metadata["metrics"], "per_site_val": without_summaries(per_site)}
+        metadata["calibration"] = calibration.as_dict() if calibration else None
+        return publisher.publish(arrays.to_torch_state_dict(), metadata, version_contract).as_dict()
 
     def lifecycle(book: RoundBook, record: dict[str, Any]) -> dict[str, Any]:
         from models.lifecycle import after_registration
@@ -339,6 +353,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         {
             "contract": contract_json,
             "local-epochs": settings.local_epochs,
+            "train-top": settings.train_top,
             "lr": settings.lr,
             "batch-size": settings.batch_size,
             "seed": settings.seed,

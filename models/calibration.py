@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# 2^(k/16): 0.5 .. 4.97 in 4.4 % steps (NLL is flat within a step), with 1.0 exactly on the grid.
-TEMPERATURE_GRID: tuple[float, ...] = tuple(float(2.0 ** (k / 16)) for k in range(-16, 38))
+# 2^(k/16): 0.25 .. 4.97 in 4.4 % steps (NLL is flat within a step), with 1.0 exactly on the grid.
+TEMPERATURE_GRID: tuple[float, ...] = tuple(float(2.0 ** (k / 16)) for k in range(-32, 38))
 BINS = 20  # equal-width confidence bins on [0, 1] (ECE uses the same bins)
 
 
@@ -203,3 +203,24 @@ def calibrate(
         val_coverage=info["coverage"],
         val_accuracy_kept=info["accuracy_kept"],
     )
+
+
+SUMMARY_KEY = "calibration"  # where a round record keeps a site's raw summary (federation.rounds)
+
+
+def calibrate_sites(
+    per_site: dict[str, dict], num_classes: int, target_accuracy: float = 0.95, max_abstain: float = 0.2
+) -> Calibration | None:
+    """Pool the sites' summaries (each site's validation record holds its own under SUMMARY_KEY) and fit
+    the temperature and abstain threshold; None when no site sent one (an older ClientApp)."""
+    summaries = [
+        CalibrationSummary.from_record(m[SUMMARY_KEY]) for m in per_site.values() if m.get(SUMMARY_KEY)
+    ]
+    if not summaries:
+        return None
+    return calibrate(pool(summaries), num_classes, target_accuracy, max_abstain)
+
+
+def without_summaries(per_site: dict[str, dict]) -> dict[str, dict]:
+    """The same site records without the raw summaries (thousands of numbers; lineage keeps the result)."""
+    return {site: {k: v for k, v in m.items() if k != SUMMARY_KEY} for site, m in per_site.items()}

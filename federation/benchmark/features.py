@@ -23,7 +23,7 @@ import torch
 
 from federation.augment import AugmentConfig, CellAugment
 from federation.benchmark.prepared import PreparedImages, preparation_key
-from federation.benchmark.trunk import Split
+from federation.trunk import Split
 from federation.sites import Sample
 from models.contract import ModelContract
 from models.preprocess import finish

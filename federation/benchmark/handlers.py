@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation.benchmark.trunk import Split, split_model
+from federation.trunk import Split, split_model
 from federation.strategies import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
 from federation.task import TrainConfig, create_model_from_contract, evaluation_record, fit, seed_everything
 from models.contract import ModelContract

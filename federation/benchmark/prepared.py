@@ -98,6 +98,15 @@ class PreparedImages:
         return cls(buffer, shapes)
 
 
+def cached_source(cache_dir: Path) -> Callable[[Sample, ModelContract], Image.Image]:
+    """A `federation.task.set_prepared_source` callable over this cache (prepares and stores on a miss)."""
+
+    def source(sample: Sample, contract: ModelContract) -> Image.Image:
+        return PreparedImages.build([sample], contract, cache_dir, log=lambda _s: None).image(0)
+
+    return source
+
+
 def _save(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, array)

@@ -28,10 +28,10 @@ from federation.augment import AugmentConfig
 from federation.benchmark.features import trunk_features
 from federation.benchmark.handlers import SiteFeatures
 from federation.benchmark.partition import describe, dirichlet_partition
-from federation.benchmark.prepared import PreparedImages
+from federation.benchmark.prepared import PreparedImages, cached_source
 from federation.benchmark.runs import Recipe, RowModel, fresh_split, train_federated, train_pooled
 from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, DataRoot, Sample
-from federation.task import build_contract
+from federation.task import build_contract, set_prepared_source
 from models.calibration import CalibrationSummary, expected_calibration_error, softmax
 from models.contract import SHARED_CLASSES, CellCrop, ModelContract
 from models.evaluate import compute_metrics
@@ -63,6 +63,7 @@ class Arm:
     cell_crop: float = 1.3
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     recipe: Recipe = field(default_factory=Recipe)
+    pretrained: bool = True  # False: random init (ResNet-34: no offline ImageNet weights here)
     note: str = ""
 
     def contract(self, class_names: Sequence[str]) -> ModelContract:
@@ -168,17 +169,24 @@ def _same_shares(
 @dataclass
 class ArmData:
     contract: ModelContract
-    sites: dict[str, SiteFeatures]
-    evaluation: dict[str, tuple[np.ndarray, np.ndarray]]  # name → (clean features, labels)
+    sites: dict[str, SiteFeatures]  # empty for full (image) arms
+    evaluation: dict[str, tuple[Any, np.ndarray]]  # name → (clean features, or samples for full arms; labels)
     seconds: float
+    layout: Layout | None = None  # full arms train on the layout's images
+    data: DataRoot | None = None
+    workdir: Path | None = None
 
 
 def arm_features(
-    arm: Arm, split: Layout, cache: Path, log: Callable[[str], None] = print
+    arm: Arm, split: Layout, cache: Path, log: Callable[[str], None] = print, data: DataRoot | None = None
 ) -> ArmData:
     t0 = time.time()
     contract = arm.contract(split.class_names)
     y = split.y
+    if arm.top == "full":  # images, not features: only the prepared cells are cached
+        set_prepared_source(cached_source(cache / "prepared"))
+        evaluation = {name: ([split.samples[i] for i in idx], y[idx]) for name, idx in split.evaluation.items()}
+        return ArmData(contract, {}, evaluation, time.time() - t0, split, data, cache / "sites")
     prepared = PreparedImages.build(split.samples, contract, cache / "prepared", log=log)
     model = fresh_split(contract, arm.top, seed=0)  # the trunk is pretrained and frozen: seed-free
 
@@ -198,7 +206,9 @@ def arm_features(
     train_idx = sorted(i for idx in split.train.values() for i in idx)
     train_all = feats(train_idx, arm.views)
     position = {i: k for k, i in enumerate(train_idx)}
-    other_idx = sorted({i for idx in split.val.values() for i in idx} | {i for v in split.evaluation.values() for i in v})
+    other_idx = sorted(
+        {i for idx in split.val.values() for i in idx} | {i for v in split.evaluation.values() for i in v}
+    )
     clean_all = feats(other_idx, 0)[:, 0]
     where = {i: k for k, i in enumerate(other_idx)}
     sites = {
@@ -212,7 +222,7 @@ def arm_features(
         for site in split.train
     }
     evaluation = {name: (clean_all[[where[i] for i in idx]], y[idx]) for name, idx in split.evaluation.items()}
-    return ArmData(contract, sites, evaluation, time.time() - t0)
+    return ArmData(contract, sites, evaluation, time.time() - t0, split, data)
 
 
 # ---- rows ---------------------------------------------------------------------------------------------
@@ -260,28 +270,69 @@ def run_rows(
     strategy_params: dict[str, dict[str, float]] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    recipe = arm.recipe
-    top = arm.top
     rows: list[dict[str, Any]] = []
+    trainers = _FullTrainers(arm, data) if arm.top == "full" else _TopTrainers(arm, data)
     if single_site:
-        for site, d in data.sites.items():
-            model = train_pooled(data.contract, top, d.train_x, d.train_y, [(d.val_x, d.val_y)], recipe, seed)
-            rows.append(evaluate_row("single-site", site, arm, seed, data, model))
+        for site in trainers.site_names:
+            rows.append(evaluate_row("single-site", site, arm, seed, data, trainers.pooled([site], seed)))
             log(_line(rows[-1]))
     if centralised:
-        x = np.concatenate([d.train_x for d in data.sites.values()])
-        y = np.concatenate([d.train_y for d in data.sites.values()])
-        val = [(d.val_x, d.val_y) for d in data.sites.values()]
-        model = train_pooled(data.contract, top, x, y, val, recipe, seed)
+        model = trainers.pooled(trainers.site_names, seed)
         rows.append(evaluate_row("centralised", "centralised", arm, seed, data, model))
         log(_line(rows[-1]))
     for strategy in strategies:
         params = (strategy_params or {}).get(strategy, {})
-        model = train_federated(strategy, data.contract, top, data.sites, recipe, seed, **params)
+        model = trainers.federated(strategy, seed, params)
         label = STRATEGY_LABELS.get(strategy, strategy)
         rows.append(evaluate_row("federated", label, arm, seed, data, model, {"strategy": strategy, **params}))
         log(_line(rows[-1]))
     return rows
+
+
+class _TopTrainers:
+    """Rows of a cached-feature arm: the top trained on the sites' cached views."""
+
+    def __init__(self, arm: Arm, data: ArmData):
+        self.arm, self.data = arm, data
+        self.site_names = list(data.sites)
+
+    def pooled(self, sites: Sequence[str], seed: int) -> RowModel:
+        d = [self.data.sites[s] for s in sites]
+        x = np.concatenate([s.train_x for s in d]) if len(d) > 1 else d[0].train_x
+        y = np.concatenate([s.train_y for s in d])
+        val = [(s.val_x, s.val_y) for s in d]
+        return train_pooled(self.data.contract, self.arm.top, x, y, val, self.arm.recipe, seed)
+
+    def federated(self, strategy: str, seed: int, params: dict[str, float]) -> RowModel:
+        return train_federated(strategy, self.data.contract, self.arm.top, self.data.sites, self.arm.recipe, seed,
+                               **params)
+
+
+class _FullTrainers:
+    """Rows of an image arm: every layer trained on images (the federated rows run the real ClientApp)."""
+
+    def __init__(self, arm: Arm, data: ArmData):
+        assert data.layout is not None and data.data is not None and data.workdir is not None
+        self.arm, self.data, self.layout = arm, data, data.layout
+        self.site_names = list(self.layout.train)
+        self.pretrained = arm.pretrained
+
+    def pooled(self, sites: Sequence[str], seed: int) -> RowModel:
+        from federation.benchmark.full import train_full_pooled
+
+        samples = self.layout.samples
+        train = [samples[i] for s in sites for i in self.layout.train[s]]
+        val = [[samples[i] for i in self.layout.val[s]] for s in sites]
+        return train_full_pooled(self.data.contract, train, val, self.arm.recipe, seed, pretrained=self.pretrained)
+
+    def federated(self, strategy: str, seed: int, params: dict[str, float]) -> RowModel:
+        from federation.benchmark.full import train_full_federated
+
+        assert self.data.data is not None and self.data.workdir is not None
+        return train_full_federated(
+            strategy, self.data.contract, self.data.data, self.site_names, self.arm.recipe, seed,
+            self.data.workdir, pretrained=self.pretrained, **params,
+        )  # fmt: skip
 
 
 def _line(row: dict[str, Any]) -> str:

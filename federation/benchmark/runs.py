@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from federation.benchmark import handlers
 from federation.benchmark.handlers import SiteFeatures, site_split, top_logits, train_top
 from federation.benchmark.local_grid import LocalGrid
-from federation.benchmark.trunk import Split, split_model
+from federation.trunk import Split, split_model
 from federation.strategies import SiteReply, make_strategy
 from federation.task import TrainConfig, create_model_from_contract, seed_everything
 from models.calibration import CalibrationSummary, pool
@@ -66,14 +66,21 @@ class RowModel:
     val_calibration: CalibrationSummary | None = None  # pooled over the training sites' val splits
     messages: int = 0
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return top_logits(self.split, x)
+    contract: ModelContract | None = None  # needed by full rows, whose inputs are images
+
+    def logits(self, inputs) -> np.ndarray:  # noqa: ANN001 - cached features, or samples for full rows
+        if self.split.top_name == "full":
+            from federation.task import predict_logits
+
+            assert self.contract is not None
+            return predict_logits(self.split.model, list(inputs), self.contract, batch_size=64)[0]
+        return top_logits(self.split, inputs)
 
 
-def fresh_split(contract: ModelContract, top: str, seed: int) -> Split:
-    """The pretrained model with a seeded new head, split; the same start for every row of a seed."""
+def fresh_split(contract: ModelContract, top: str, seed: int, pretrained: bool = True) -> Split:
+    """The (pretrained) model with a seeded new head, split; the same start for every row of a seed."""
     seed_everything(seed)
-    split = split_model(create_model_from_contract(contract, pretrained=True), top)
+    split = split_model(create_model_from_contract(contract, pretrained=pretrained), top)
     split.freeze_trunk()
     return split
 

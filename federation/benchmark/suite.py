@@ -61,7 +61,7 @@ def run_paper(
     arm_info = []
     for arm in arms:
         log(f"== {arm.name}: {arm.architecture} {arm.input_size}px, top={arm.top}, views={arm.views}")
-        d = arm_features(arm, layout, cache, log=log)
+        d = arm_features(arm, layout, cache, log=log, data=data)
         arm_info.append({**arm.describe(), "feature_seconds": round(d.seconds, 1)})
         for seed in (seeds_for or {}).get(arm.name, seeds):
             rows += run_rows(arm, d, seed, strategies, log=log)
@@ -105,7 +105,7 @@ def run_in_domain(
     arm_info = []
     for arm in arms:
         log(f"== {arm.name}: {arm.architecture} {arm.input_size}px, top={arm.top}, views={arm.views}")
-        d = arm_features(arm, layout, cache, log=log)
+        d = arm_features(arm, layout, cache, log=log, data=data)
         arm_info.append({**arm.describe(), "feature_seconds": round(d.seconds, 1)})
         for seed in seeds:
             rows += run_rows(arm, d, seed, strategies, single_site=False, log=log)

@@ -15,7 +15,7 @@ from federation.benchmark.handlers import SiteFeatures
 from federation.benchmark.partition import describe, dirichlet_partition
 from federation.benchmark.prepared import PreparedImages
 from federation.benchmark.runs import Recipe, train_federated, train_pooled
-from federation.benchmark.trunk import split_model
+from federation.trunk import split_model
 from federation.sites import DataRoot, Sample
 from federation.task import build_contract
 from models.contract import SHARED_CLASSES
@@ -125,3 +125,23 @@ def test_pooled_and_federated_rows_start_from_the_same_seeded_model() -> None:
     b = train_federated("fedavg", contract, "head", {"only": site}, recipe, seed=5)
     np.testing.assert_allclose(a.logits(site.val_x), b.logits(site.val_x), rtol=1e-4, atol=1e-4)
     assert SHARED_CLASSES == contract.class_names
+
+
+@pytest.mark.slow  # ~1 min idle, several under load: four real ClientApp messages training EfficientNet-Lite0
+def test_full_rows_run_the_deployments_clientapp_in_process(
+    data_root: DataRoot, tiny_root_factory, tmp_path: Path
+) -> None:
+    from federation.benchmark.full import train_full_federated
+
+    sites = ("jiangxi-tecom", "bccd")
+    classes = ("eosinophil", "lymphocyte", "neutrophil")
+    root = DataRoot(tiny_root_factory(data_root, tmp_path / "data", sites, classes, train_per_class=2,
+                                      val_per_class=1))
+    contract = build_contract("tf_efficientnet_lite0", 32, class_names=classes)
+    recipe = Recipe(rounds=1, local_epochs=1, lr=1e-3, batch_size=4)
+    model = train_full_federated("fedavg", contract, root, sites, recipe, 0, tmp_path / "sites", train_top="stage")
+    assert model.messages == 1 * 2 * 2
+    assert set(model.curves) == set(sites)
+    assert model.val_calibration is not None and model.val_calibration.n == len(sites) * len(classes)
+    logits = model.logits(root.select(list(sites), ["val"]))
+    assert logits.shape == (len(sites) * len(classes), len(classes))

@@ -27,7 +27,7 @@ def _overconfident(n: int, seed: int, scale: float = 4.0) -> tuple[np.ndarray, n
 
 def test_grid_holds_one_exactly() -> None:
     assert 1.0 in TEMPERATURE_GRID
-    assert min(TEMPERATURE_GRID) == 0.5 and max(TEMPERATURE_GRID) < 5.0
+    assert min(TEMPERATURE_GRID) == 0.25 and max(TEMPERATURE_GRID) < 5.0
 
 
 def test_overconfident_logits_get_a_temperature_above_one_and_lower_ece() -> None:

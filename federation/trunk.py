@@ -156,8 +156,8 @@ class Split:
 def split_model(model: nn.Module, top: str) -> Split:
     if top not in TOPS:
         raise ValueError(f"unknown top {top!r}; choose one of {TOPS}")
-    family = _family(model)
-    if top == "full":
+    if top == "full":  # any module: nothing is frozen
         return Split(model, top, model)
+    family = _family(model)
     wrapper = {"efficientnet": _EfficientNetTop, "vit": _VitTop, "resnet": _ResNetTop}[family](model, top)
     return Split(model, top, wrapper)
