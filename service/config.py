@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(16 * MiB, ge=1, description="Bytes per uploaded file")
     max_request_bytes: int = Field(64 * MiB, ge=1, description="Bytes per request body, all files together")
     max_pixels: int = Field(25_000_000, ge=1, description="Width x height per image, checked before decoding")
+    rate_limit: str | None = Field(
+        None,
+        description="Requests per credential (per client address without one), e.g. '20/second;1000/minute'; "
+        "over it: 429 + Retry-After (service.ratelimit). Unset = no limit; probes and /metrics never limited",
+    )
 
     # ---- review loop: database, stored cells, accounts, audit (service/review, service/auth.py) ---------
     site: str = Field(
@@ -142,6 +147,16 @@ class Settings(BaseSettings):
             if not (value.isdigit() or value in ("latest", *ALIASES)):
                 raise ValueError(f"version {value!r}: a number, 'latest' or one of {ALIASES}")
         return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from service.ratelimit import parse_rate_limit
+
+        parse_rate_limit(value)  # a bad value stops the start, with an example of a good one
+        return value.strip()
 
     @model_validator(mode="after")
     def _request_holds_a_file(self) -> Settings:

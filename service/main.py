@@ -18,6 +18,7 @@ from service.inference import LoadedModel, ModelSlot
 from service.limits import RequestSizeLimit
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.pipeline import Pipeline
+from service.ratelimit import RateLimit
 from service.review import wiring as review_wiring
 from service.routes import admin, classify, health, metrics, v2
 from service.watch import watch_registry
@@ -72,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     review_wiring.attach(app, settings)  # database, prediction sink, auth, review pages, audit
     # The last added is outermost: metrics see every answer, including the size guard's 413s.
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    if settings.rate_limit:  # before the size guard and the credential check: a flood costs neither
+        app.add_middleware(RateLimit, limits=settings.rate_limit)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics)
     return app
 

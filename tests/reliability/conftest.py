@@ -52,6 +52,7 @@ pg_db = _review.pg_db
 review_registry = _review.review_registry
 make_settings = _review.make_settings
 barcelona_cells = _review.barcelona_cells
+audit_log = _review.audit_log
 
 MODEL_NAME = _service.MODEL_NAME
 BARCELONA = "barcelona-pbc"
@@ -74,6 +75,8 @@ def production_like_registry(
     """The test network registered with the preprocessing the federation's models use (cell crop 1.3 and
     white balance, federation/pyproject defaults): what decides the memory a huge image costs."""
     root = tmp_path_factory.mktemp("production-like-registry")
-    contract = model_contract.model_copy(update={"cell_crop": CellCrop(scale=1.3), "color_norm": "white-balance"})
+    contract = model_contract.model_copy(
+        update={"cell_crop": CellCrop(scale=1.3), "color_norm": "white-balance"}
+    )
     Registry(root, MODEL_NAME).register(exported_onnx, contract, {"lineage": {"run_id": "reliability"}})
     return root

@@ -53,14 +53,24 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def png_raw(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes | None,
-            extra_chunks: list[tuple[bytes, bytes]] = ()) -> bytes:
+def png_raw(
+    width: int,
+    height: int,
+    bit_depth: int,
+    colour_type: int,
+    rows: bytes | None,
+    extra_chunks: list[tuple[bytes, bytes]] = (),
+) -> bytes:
     """A PNG from raw scanlines (filter byte 0 prepended per row by the caller's `rows`), or with an IDAT
     that holds almost nothing when `rows` is None (a header that claims more than the file carries)."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     idat = zlib.compress(rows if rows is not None else b"\x00" * 16, 9)
-    chunks = [_png_chunk(b"IHDR", ihdr), *(_png_chunk(k, p) for k, p in extra_chunks),
-              _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b"")]
+    chunks = [
+        _png_chunk(b"IHDR", ihdr),
+        *(_png_chunk(k, p) for k, p in extra_chunks),
+        _png_chunk(b"IDAT", idat),
+        _png_chunk(b"IEND", b""),
+    ]
     return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
 
 
@@ -70,8 +80,12 @@ def png_zero_bomb(side: int) -> bytes:
     row = b"\x00" * (side + 1)
     idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def jpeg_with_size(jpeg: bytes, width: int, height: int) -> bytes:
@@ -190,8 +204,13 @@ def build_corpus(jpeg: bytes, png: bytes, seed: int = 0) -> list[Case]:
         _case("one-byte.jpg", "truncated", b"\xff", "unsupported_type", "corrupt"),
     ]
     # Truncated: every supported container cut at several points (decoders differ on where they notice).
-    containers = {"jpg": jpeg, "png": png, "bmp": encode(cell, "BMP"), "tif": encode(cell, "TIFF"),
-                  "lzw.tif": encode(cell, "TIFF", compression="tiff_lzw")}
+    containers = {
+        "jpg": jpeg,
+        "png": png,
+        "bmp": encode(cell, "BMP"),
+        "tif": encode(cell, "TIFF"),
+        "lzw.tif": encode(cell, "TIFF", compression="tiff_lzw"),
+    }
     for ext, data in containers.items():
         for fraction in (0.02, 0.3, 0.7, 0.98):
             cut = data[: max(8, int(len(data) * fraction))]
@@ -216,15 +235,43 @@ def build_corpus(jpeg: bytes, png: bytes, seed: int = 0) -> list[Case]:
         ("bomb-wide-1px.png", png_raw(30_000_000, 1, 8, 0, None)),
     ]
     cases += [_case(name, "bomb", data, "too_many_pixels") for name, data in bombs]
-    cases.append(_case("bomb-header-50k.dcm", "bomb", dicom_claiming(cell, HUGE_SIDE, HUGE_SIDE), "too_many_pixels"))
+    cases.append(
+        _case("bomb-header-50k.dcm", "bomb", dicom_claiming(cell, HUGE_SIDE, HUGE_SIDE), "too_many_pixels")
+    )
     # Text chunks that inflate to 100 MB (Pillow caps text chunks; the image itself is fine).
     text_bomb = zlib.compress(b"\x00" * 100_000_000, 9)
-    cases.append(_case("bomb-ztxt.png", "bomb",
-                       png_raw(8, 8, 8, 0, b"".join(b"\x00" + bytes(8) for _ in range(8)),
-                               [(b"zTXt", b"comment\x00\x00" + text_bomb)]), OK, "corrupt"))
-    cases.append(_case("bomb-iccp.png", "bomb",
-                       png_raw(8, 8, 8, 0, b"".join(b"\x00" + bytes(8) for _ in range(8)),
-                               [(b"iCCP", b"profile\x00\x00" + text_bomb)]), OK, "corrupt"))
+    cases.append(
+        _case(
+            "bomb-ztxt.png",
+            "bomb",
+            png_raw(
+                8,
+                8,
+                8,
+                0,
+                b"".join(b"\x00" + bytes(8) for _ in range(8)),
+                [(b"zTXt", b"comment\x00\x00" + text_bomb)],
+            ),
+            OK,
+            "corrupt",
+        )
+    )
+    cases.append(
+        _case(
+            "bomb-iccp.png",
+            "bomb",
+            png_raw(
+                8,
+                8,
+                8,
+                0,
+                b"".join(b"\x00" + bytes(8) for _ in range(8)),
+                [(b"iCCP", b"profile\x00\x00" + text_bomb)],
+            ),
+            OK,
+            "corrupt",
+        )
+    )
 
     # Valid images in every mode a lab system might send: classified, never a 5xx.
     modes: list[tuple[str, bytes]] = [
@@ -299,4 +346,3 @@ def _can_write(fmt: str) -> bool:
     from PIL import features
 
     return features.check(fmt.lower())
-

@@ -79,7 +79,9 @@ def run_load(
                     continue
                 report.statuses[response.status_code] += 1
                 if response.status_code != 200:
-                    report.failures.append(f"client {number}: HTTP {response.status_code}: {response.text[:200]}")
+                    report.failures.append(
+                        f"client {number}: HTTP {response.status_code}: {response.text[:200]}"
+                    )
                     continue
                 report.latencies.append(time.perf_counter() - sent)
                 body = response.json()

@@ -31,8 +31,14 @@ class ServiceProcess:
             f"uvicorn.run(create_app(), host='127.0.0.1', port={self.port}, log_level='info')\n"
         )
         log = self.log_path.open("a")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **self.env},
-                                     stdout=log, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         log.close()
         deadline = time.monotonic() + wait_live
         while True:

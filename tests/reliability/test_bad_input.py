@@ -44,14 +44,18 @@ def test_every_corpus_file_alone_gets_its_answer(client: TestClient, corpus: lis
             continue
         assert entry["filename"] == case.name
         if not case.allows(outcome_of(entry)):
-            wrong.append(f"{case.name}: {outcome_of(entry)} (expected {sorted(case.expect)}) "
-                         f"{entry.get('error', {}).get('message', '')[:160]}")
+            wrong.append(
+                f"{case.name}: {outcome_of(entry)} (expected {sorted(case.expect)}) "
+                f"{entry.get('error', {}).get('message', '')[:160]}"
+            )
     groups = Counter(case.group for case in corpus)
     print(f"\n{len(corpus)} corpus files: {dict(groups)}")
     assert not wrong, "\n".join(wrong)
 
 
-def test_corpus_in_full_requests_is_207_in_order(client: TestClient, corpus: list[Case], jpeg_bytes: bytes) -> None:
+def test_corpus_in_full_requests_is_207_in_order(
+    client: TestClient, corpus: list[Case], jpeg_bytes: bytes
+) -> None:
     """The corpus 31 files at a time plus one good crop per request: 207, one entry per file, in order."""
     for start in range(0, len(corpus), 31):
         chunk = corpus[start : start + 31]
@@ -81,7 +85,9 @@ def test_thousands_of_files_in_one_request(client: TestClient, jpeg_bytes: bytes
     assert response.status_code in (400, 413), response.text[:300]
     assert "files" in response.text.lower()
     # 5,000 plain form fields beside one file: the form parser's field limit answers.
-    fields, content_type = _multipart([("files", "a.jpg", jpeg_bytes)] + [(f"f{i}", "", b"x") for i in range(5000)])
+    fields, content_type = _multipart(
+        [("files", "a.jpg", jpeg_bytes)] + [(f"f{i}", "", b"x") for i in range(5000)]
+    )
     response = client.post("/v1/classify", content=fields, headers={"content-type": content_type})
     assert response.status_code in (400, 413, 422), response.text[:300]
 
@@ -94,18 +100,31 @@ def test_thousands_of_files_in_one_request(client: TestClient, jpeg_bytes: bytes
         ("application/x-www-form-urlencoded", b"files=abc"),
         ("text/plain", b"hello"),
         ("multipart/form-data", b"--x\r\n\r\n"),  # no boundary parameter
-        ("multipart/form-data; boundary=x", b"--x\r\nContent-Disposition: form-data; name=\"files\"; "
-                                            b"filename=\"a.jpg\"\r\n\r\n\xff\xd8\xff"),  # never closed
+        (
+            "multipart/form-data; boundary=x",
+            (b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n\xff\xd8\xff'),
+        ),  # never closed
         ("multipart/form-data; boundary=x", b"garbage without any boundary"),
         ("multipart/form-data; boundary=" + "b" * 5000, b"--" + b"b" * 5000 + b"--\r\n"),
         ("multipart/mixed; boundary=x", b"--x--\r\n"),
         ("", b""),
     ],
-    ids=["raw-jpeg", "json", "urlencoded", "text", "no-boundary", "unclosed", "no-parts", "long-boundary",
-         "mixed", "empty"],
+    ids=[
+        "raw-jpeg",
+        "json",
+        "urlencoded",
+        "text",
+        "no-boundary",
+        "unclosed",
+        "no-parts",
+        "long-boundary",
+        "mixed",
+        "empty",
+    ],
 )
-def test_wrong_content_types_are_a_clear_4xx(client: TestClient, jpeg_bytes: bytes, content_type: str,
-                                             body: bytes | str) -> None:
+def test_wrong_content_types_are_a_clear_4xx(
+    client: TestClient, jpeg_bytes: bytes, content_type: str, body: bytes | str
+) -> None:
     data = jpeg_bytes if body == "JPEG" else body
     headers = {"content-type": content_type} if content_type else {}
     response = client.post("/v1/classify", content=data, headers=headers)
@@ -116,16 +135,20 @@ def test_wrong_content_types_are_a_clear_4xx(client: TestClient, jpeg_bytes: byt
 def test_part_content_type_is_not_trusted(client: TestClient, jpeg_bytes: bytes) -> None:
     """The bytes decide, not the declared type: a JPEG declared as text is classified, a text file
     declared as image/jpeg is refused as text."""
-    files = [("files", ("cell.txt", jpeg_bytes, "text/plain")),
-             ("files", ("cell.jpg", b"definitely not a jpeg\n", "image/jpeg")),
-             ("files", ("cell.dcm", jpeg_bytes, "application/dicom"))]
+    files = [
+        ("files", ("cell.txt", jpeg_bytes, "text/plain")),
+        ("files", ("cell.jpg", b"definitely not a jpeg\n", "image/jpeg")),
+        ("files", ("cell.dcm", jpeg_bytes, "application/dicom")),
+    ]
     response = client.post("/v1/classify", files=files)
     assert response.status_code == 207
     assert [outcome_of(r) for r in response.json()["results"]] == [OK, "unsupported_type", OK]
 
 
 def test_oversized_form_fields_and_names(client: TestClient, jpeg_bytes: bytes) -> None:
-    too_long = client.post("/v1/classify", files=files_field(("a.jpg", jpeg_bytes)), data={"specimen": "S" * 10_000})
+    too_long = client.post(
+        "/v1/classify", files=files_field(("a.jpg", jpeg_bytes)), data={"specimen": "S" * 10_000}
+    )
     assert too_long.status_code == 422 and too_long.json()["detail"][0]["loc"] == ["body", "specimen"]
     long_name = "n" * 1000 + ".jpg"
     named = client.post("/v1/classify", files=files_field((long_name, jpeg_bytes)))
@@ -138,8 +161,12 @@ def test_oversized_form_fields_and_names(client: TestClient, jpeg_bytes: bytes) 
 def test_limits_are_configurable(registry_root: Path, jpeg_bytes: bytes, png_bytes: bytes) -> None:
     """WBC_MAX_FILES / _FILE_BYTES / _REQUEST_BYTES / _PIXELS each move the line (tests/service covers
     each limit alone; here they are read from the environment, as a deployment sets them)."""
-    env = {"WBC_MAX_FILES": "3", "WBC_MAX_FILE_BYTES": str(len(jpeg_bytes)),
-           "WBC_MAX_REQUEST_BYTES": str(len(jpeg_bytes) * 3 + 4096), "WBC_MAX_PIXELS": "10000"}
+    env = {
+        "WBC_MAX_FILES": "3",
+        "WBC_MAX_FILE_BYTES": str(len(jpeg_bytes)),
+        "WBC_MAX_REQUEST_BYTES": str(len(jpeg_bytes) * 3 + 4096),
+        "WBC_MAX_PIXELS": "10000",
+    }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -147,10 +174,16 @@ def test_limits_are_configurable(registry_root: Path, jpeg_bytes: bytes, png_byt
     assert (settings.max_files, settings.max_pixels) == (3, 10_000)
     with TestClient(create_app(settings)) as small:
         assert small.post("/v1/classify", files=files_field(*[("a.jpg", b"x")] * 4)).status_code == 413
-        over = small.post("/v1/classify", content=b"x" * (len(jpeg_bytes) * 3 + 5000),
-                          headers={"content-type": "multipart/form-data; boundary=x"})
+        over = small.post(
+            "/v1/classify",
+            content=b"x" * (len(jpeg_bytes) * 3 + 5000),
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
         assert over.status_code == 413 and "WBC_MAX_REQUEST_BYTES" in over.json()["detail"]
-        codes = [outcome_of(e) for e in small.post(
-            "/v1/classify", files=files_field(("big.jpg", jpeg_bytes + b"\0"), ("cell.jpg", jpeg_bytes))
-        ).json()["errors"]]
+        codes = [
+            outcome_of(e)
+            for e in small.post(
+                "/v1/classify", files=files_field(("big.jpg", jpeg_bytes + b"\0"), ("cell.jpg", jpeg_bytes))
+            ).json()["errors"]
+        ]
         assert codes == ["too_large", "too_many_pixels"]  # 224 x 224 > 10,000 pixels

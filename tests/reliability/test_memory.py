@@ -59,15 +59,17 @@ def largest_allowed_cell(jpeg: bytes) -> bytes:
     return out.getvalue()
 
 
-def test_bad_input_and_huge_bodies_keep_memory_bounded(
-    production_like_registry: Path, jpeg_bytes: bytes, png_bytes: bytes
+def bad_input_and_huge_bodies(
+    registry: Path, jpeg_bytes: bytes, png_bytes: bytes, big_requests: int, big_per_request: int
 ) -> None:
     corpus = build_corpus(jpeg_bytes, png_bytes)
     huge_cell = largest_allowed_cell(jpeg_bytes)
     env = {"WBC_PREPROCESS_THREADS": "2", "WBC_MAX_PIXELS": str(MAX_PIXELS)}
     statuses: list[int] = []
-    with running_server(production_like_registry, MODEL_NAME, env=env) as server, \
-            httpx.Client(base_url=server.url, timeout=120) as http:
+    with (
+        running_server(registry, MODEL_NAME, env=env) as server,
+        httpx.Client(base_url=server.url, timeout=120) as http,
+    ):
         pid = server.proc.pid
         for _ in range(3):  # warm: model, decoders, first requests
             assert http.post("/v1/classify", files=files_field(("cell.jpg", jpeg_bytes))).status_code == 200
@@ -81,8 +83,12 @@ def test_bad_input_and_huge_bodies_keep_memory_bounded(
 
         # 2. bodies over the 64 MiB limit: declared (answered before the body is read) and chunked
         #    (counted as it arrives: 200 MiB streamed, refused at the first byte over)
-        declared = raw_request(server.url, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-                               b"boundary=x\r\nContent-Length: 10737418240\r\n\r\n", b"--x\r\n")
+        declared = raw_request(
+            server.url,
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            b"boundary=x\r\nContent-Length: 10737418240\r\n\r\n",
+            b"--x\r\n",
+        )
         statuses.append(status_of(declared))
 
         def two_hundred_mib():
@@ -91,33 +97,53 @@ def test_bad_input_and_huge_bodies_keep_memory_bounded(
                 yield b"\0" * MiB
 
         try:
-            chunked = http.post("/v1/classify", content=two_hundred_mib(),
-                                headers={"content-type": "multipart/form-data; boundary=x"})
+            chunked = http.post(
+                "/v1/classify",
+                content=two_hundred_mib(),
+                headers={"content-type": "multipart/form-data; boundary=x"},
+            )
             statuses.append(chunked.status_code)
         except httpx.WriteError:  # the server answered 413 and closed while the client still wrote
             statuses.append(413)
         for bad_length in (b"-1", b"abc", b"1e9"):
-            statuses.append(status_of(raw_request(
-                server.url, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: " + bad_length + b"\r\n\r\n")))
+            statuses.append(
+                status_of(
+                    raw_request(
+                        server.url,
+                        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                        + bad_length
+                        + b"\r\n\r\n",
+                    )
+                )
+            )
         # 1 MB of headers on a probe: answered (uvicorn's httptools parser sets no header limit), not a 5xx
-        padded = status_of(raw_request(
-            server.url, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1_000_000 + b"\r\n\r\n"))
+        padded = status_of(
+            raw_request(
+                server.url,
+                b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1_000_000 + b"\r\n\r\n",
+            )
+        )
 
         # 3. 5,000 files in one request
-        many = http.post("/v1/classify", files=files_field(*((f"{i}.jpg", jpeg_bytes[:100]) for i in range(5000))))
+        many = http.post(
+            "/v1/classify", files=files_field(*((f"{i}.jpg", jpeg_bytes[:100]) for i in range(5000)))
+        )
         statuses.append(many.status_code)
         after_abuse = rss_mib(pid)
 
-        # 4. the worst legitimate load: 3 concurrent requests of 2 images at the pixel limit each
+        # 4. the worst legitimate load: concurrent requests of images right at the pixel limit
         big: list[int] = []
 
         def send_big() -> None:
             with httpx.Client(base_url=server.url, timeout=300) as own:
-                r = own.post("/v1/classify", files=files_field(("big-1.jpg", huge_cell), ("big-2.jpg", huge_cell)))
+                r = own.post(
+                    "/v1/classify",
+                    files=files_field(*((f"big-{i}.jpg", huge_cell) for i in range(big_per_request))),
+                )
                 big.append(r.status_code)
 
         started = time.perf_counter()
-        senders = [threading.Thread(target=send_big) for _ in range(3)]
+        senders = [threading.Thread(target=send_big) for _ in range(big_requests)]
         for t in senders:
             t.start()
         for t in senders:
@@ -128,15 +154,37 @@ def test_bad_input_and_huge_bodies_keep_memory_bounded(
         assert server.proc.poll() is None
         log = server.log()
 
-    print(f"\nRSS MiB: warm {start:.0f}, after corpus {after_corpus:.0f}, after huge bodies {after_abuse:.0f}, "
-          f"after 6 images at {MAX_PIXELS:,} px {end:.0f}; peak (VmHWM) {peak:.0f}; "
-          f"6 max-pixel images in {big_seconds:.1f} s; {load_average()}")
+    n_big = big_requests * big_per_request
+    print(
+        f"\nRSS MiB: warm {start:.0f}, after corpus {after_corpus:.0f}, after huge bodies {after_abuse:.0f}, "
+        f"after {n_big} images at {MAX_PIXELS:,} px {end:.0f}; peak (VmHWM) {peak:.0f}; "
+        f"{n_big} max-pixel images in {big_seconds:.1f} s; {load_average()}"
+    )
     assert all(s < 500 for s in statuses + big), statuses + big
     assert statuses[: len(range(0, len(corpus), 32))] == [207] * len(range(0, len(corpus), 32))
-    abuse = statuses[len(range(0, len(corpus), 32)):]
+    abuse = statuses[len(range(0, len(corpus), 32)) :]
     assert abuse[:2] == [413, 413] and all(400 <= s < 500 for s in abuse), abuse
-    assert big == [200, 200, 200] and padded in (200, 400, 413, 431)
+    assert big == [200] * big_requests and padded in (200, 400, 413, 431)
     assert "Traceback" not in log and "Exception in ASGI application" not in log
     # The body of a refused request is never kept: bad input alone leaves the process where it was.
     assert after_abuse - start < 100, (start, after_abuse)
     assert peak < PEAK_BOUND_MIB, f"peak RSS {peak:.0f} MiB (pod limit {POD_LIMIT_MIB} MiB)"
+
+
+def test_bad_input_and_huge_bodies_keep_memory_bounded(
+    production_like_registry: Path, jpeg_bytes: bytes, png_bytes: bytes
+) -> None:
+    """Two concurrent max-pixel images: both preprocessing workers busy with the largest allowed image."""
+    bad_input_and_huge_bodies(
+        production_like_registry, jpeg_bytes, png_bytes, big_requests=2, big_per_request=1
+    )
+
+
+@pytest.mark.slow
+def test_bad_input_and_huge_bodies_keep_memory_bounded_many_big_images(
+    production_like_registry: Path, jpeg_bytes: bytes, png_bytes: bytes
+) -> None:
+    """Three concurrent requests of two max-pixel images each: more queued than there are workers."""
+    bad_input_and_huge_bodies(
+        production_like_registry, jpeg_bytes, png_bytes, big_requests=3, big_per_request=2
+    )
