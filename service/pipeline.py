@@ -65,9 +65,13 @@ class Pipeline:
     """Preprocessing workers (a dedicated thread pool: its queue is C-level `SimpleQueue`, and the app's
     own thread pool stays free for file reads and the prediction sink) in front of the batcher."""
 
-    def __init__(self, batcher: DynamicBatcher, preprocess_workers: int, metrics: ServiceMetrics, max_pixels: int):
+    def __init__(
+        self, batcher: DynamicBatcher, preprocess_workers: int, metrics: ServiceMetrics, max_pixels: int
+    ):
         self.batcher = batcher
-        self.executor = ThreadPoolExecutor(max_workers=preprocess_workers, thread_name_prefix="wbc-preprocess")
+        self.executor = ThreadPoolExecutor(
+            max_workers=preprocess_workers, thread_name_prefix="wbc-preprocess"
+        )
         self.metrics = metrics
         self.max_pixels = max_pixels
 
