@@ -9,7 +9,8 @@ Triton's Python backend on this machine loads the system libpython instead of th
 
 Clients send KServe v2 infer requests with one encoded image per request (`image`, BYTES [1, 1]);
 Triton batches them (max 32, queue delay `--queue-delay-us`) and calls `infer` with the batch, which
-decodes + preprocesses each image and runs one ONNX Runtime batch with the service's session options.
+decodes + preprocesses each image and runs one ONNX Runtime batch (one intra-op thread per core,
+no spinning).
 """
 
 from __future__ import annotations
