@@ -138,4 +138,4 @@ def test_schemathesis_quick(fuzz_registry: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_schemathesis_full(fuzz_registry: Path, tmp_path: Path) -> None:
-    run_and_check(fuzz_registry, tmp_path, examples_per_mode=50, at_least=2000)
+    run_and_check(fuzz_registry, tmp_path, examples_per_mode=75, at_least=2000)
