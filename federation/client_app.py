@@ -22,6 +22,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from federation.packing import LAYOUT_KEY, Layout, is_packed
 from federation.privacy import clip_when_asked
 from federation.site_data import SiteConfigError, SiteData
 from federation.strategies import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
@@ -71,8 +72,12 @@ def _setup(msg: Message, context: Context):
         roots = ", ".join(str(r) for r in site_data.roots)
         raise DataError(f"site {site}: no {split} samples of classes {list(contract.class_names)} in {roots}")
     model = create_model_from_contract(contract, pretrained=False)  # weights come from the message
-    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict(), strict=True)
+    layout, arrays = Layout.of_model(model), msg.content[ARRAYS_KEY]
+    if is_packed(arrays) and str(config.get(LAYOUT_KEY, layout.digest)) != layout.digest:
+        raise ValueError(f"the server's model layout {config.get(LAYOUT_KEY)} is not this site's {layout.digest}")
+    model.load_state_dict(layout.to_torch(arrays), strict=True)  # packed (federation.packing) or plain
     config["data-sources"] = json.dumps(sources)  # read back by the handlers for their reply
+    config["reply-packed"] = is_packed(arrays)  # answer in the format the server used
     return site, config, contract, samples, model
 
 
@@ -106,7 +111,11 @@ def train(msg: Message, context: Context) -> Message:
     _log(site, f"round {server_round}: trained on {len(samples)} cells in {seconds:.1f} s: {result}")
     content = RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord(model.state_dict()),
+            ARRAYS_KEY: (
+                Layout.of_model(model).pack(model.state_dict())
+                if bool(config["reply-packed"])
+                else ArrayRecord(model.state_dict())
+            ),
             METRICS_KEY: MetricRecord(
                 {
                     WEIGHT_KEY: len(samples),

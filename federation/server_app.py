@@ -192,6 +192,7 @@ def main(grid: Grid, context: Context) -> None:
 def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLog) -> dict[str, Any]:
     # Heavy imports here, not at module level: `deploy.py` imports RunSettings without torch.
     from federation import resume as rs
+    from federation.packing import LAYOUT_KEY, Layout, buffer_groups
     from federation.publish import Publisher, find_parity_images
     from federation.rounds import Accepted, ReportingGrid, RoundBook, write_json_atomic
     from federation.task import create_model_from_contract, seed_everything
@@ -224,8 +225,11 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
     contract = build_contract_from_settings(settings)
     model = create_model_from_contract(contract, pretrained=True)
     source = weight_source(model).as_dict()
-    initial = ArrayRecord(model.state_dict())
-    buffers = set(model.state_dict()) - {name for name, _ in model.named_parameters()}
+    # Three big arrays on the wire instead of one per tensor (federation.packing: Flower moves each Array as
+    # its own object); FedOpt averages the buffer groups instead of stepping them.
+    layout = Layout.of_model(model)
+    initial = layout.pack(model.state_dict())
+    buffers = buffer_groups(initial)
 
     parity_paths = find_parity_images(settings.parity_images, contract)
     publisher = Publisher(
@@ -263,7 +267,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
             )
             metadata["metrics"] = {**metadata["metrics"], "per_site_val": without_summaries(per_site)}
         metadata["calibration"] = calibration.as_dict() if calibration else None
-        return publisher.publish(arrays.to_torch_state_dict(), metadata, version_contract).as_dict()
+        return publisher.publish(layout.to_torch(arrays), metadata, version_contract).as_dict()
 
     def lifecycle(book: RoundBook, record: dict[str, Any]) -> dict[str, Any]:
         from models.lifecycle import after_registration
@@ -352,6 +356,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
     train_config = ConfigRecord(
         {
             "contract": contract_json,
+            LAYOUT_KEY: layout.digest,
             "local-epochs": settings.local_epochs,
             "train-top": settings.train_top,
             "lr": settings.lr,
@@ -359,7 +364,9 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
             "seed": settings.seed,
         }
     )
-    evaluate_config = ConfigRecord({"contract": contract_json, "batch-size": settings.batch_size})
+    evaluate_config = ConfigRecord(
+        {"contract": contract_json, LAYOUT_KEY: layout.digest, "batch-size": settings.batch_size}
+    )
     rs.run_rounds(
         strategy,
         ReportingGrid(grid, book),
