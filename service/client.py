@@ -22,8 +22,18 @@ class ClientError(RuntimeError):
     """The service could not be asked, or did not answer with a classification."""
 
 
-def classify_files(paths: Sequence[Path], url: str = DEFAULT_URL, timeout: float = 60.0) -> dict[str, Any]:
-    """POST the files to `url`/v1/classify; returns the JSON body of a 200/207/422 answer."""
+def classify_files(
+    paths: Sequence[Path],
+    url: str = DEFAULT_URL,
+    timeout: float = 60.0,
+    *,
+    token: str | None = None,
+    specimen: str | None = None,
+) -> dict[str, Any]:
+    """POST the files to `url`/v1/classify; returns the JSON body of a 200/207/422 answer.
+
+    `token` is a lab-system API token (sent as a bearer token); `specimen` groups the cells for review.
+    """
     files = []
     for path in paths:
         try:
@@ -34,7 +44,13 @@ def classify_files(paths: Sequence[Path], url: str = DEFAULT_URL, timeout: float
         files.append(("files", (path.name, data, mime)))
     endpoint = url.rstrip("/") + "/v1/classify"
     try:
-        response = httpx.post(endpoint, files=files, timeout=timeout)
+        response = httpx.post(
+            endpoint,
+            files=files,
+            data={"specimen": specimen} if specimen else None,
+            headers={"Authorization": f"Bearer {token}"} if token else None,
+            timeout=timeout,
+        )
     except httpx.HTTPError as exc:
         raise ClientError(f"{endpoint}: {exc}") from None
     try:
@@ -93,11 +109,15 @@ def classify_command(
                                                 dir_okay=False, readable=True)],
     url: Annotated[str, typer.Option("--url", envvar="WBC_URL", help="Base URL of the service")] = DEFAULT_URL,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer")] = 60.0,
+    token: Annotated[str | None, typer.Option(envvar="WBC_TOKEN", help="Lab-system API token "
+                                              "(needed when the service requires auth)")] = None,
+    specimen: Annotated[str | None, typer.Option(help="Specimen identifier the cells belong to "
+                                                 "(groups them on the review worklist)")] = None,
 ) -> None:
     """Classify images with a running `wbc serve`; prints label, confidence and per-class probabilities."""
     console = Console()
     try:
-        body = classify_files(files, url, timeout)
+        body = classify_files(files, url, timeout, token=token, specimen=specimen)
     except ClientError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
