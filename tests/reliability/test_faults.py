@@ -307,21 +307,32 @@ def test_kill_during_export_and_registration_leaves_only_whole_versions(
             registry.register(onnx, contract, {{"lineage": {{"run_id": "killed"}}, "padding": "x" * 100000}})
             print("registered", flush=True)
         """)
-    kills = []
-    for delay in (0.4, 1.3, 2.9, 4.1):
+
+    def writer() -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=ROOT, text=True)
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(delay)
+        return proc
+
+    # First run: time one export + registration cycle, then kill in the middle of the next one.
+    proc = writer()
+    began = time.monotonic()
+    assert proc.stdout.readline().strip() == "registered"
+    cycle = time.monotonic() - began
+    kills = []
+    for fraction in (0.5, 0.3, 0.8, 1.4, 1.9):
+        if kills:
+            proc = writer()
+        time.sleep(fraction * cycle)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills.append(delay)
+        kills.append(round(fraction * cycle, 2))
     registry = Registry(root, MODEL)
     versions = registry.versions()
     assert versions, "the writer never registered a version before it was killed"
     for info in versions:
         info.verify()  # sha256 of model.onnx as recorded
     assert [v.version for v in versions] == list(range(1, len(versions) + 1))
-    registry.clean_staging()
+    leftovers = registry.clean_staging()  # staging folders of registrations cut short
 
     from fastapi.testclient import TestClient
 
@@ -338,6 +349,9 @@ def test_kill_during_export_and_registration_leaves_only_whole_versions(
     with TestClient(create_app(settings)) as client:
         ready = client.get("/v2/health/ready")
         classified = client.post("/v1/classify", files=[("files", ("cell.jpg", jpeg_bytes))])
-    print(f"\nkilled at {kills} s after start: {len(versions)} whole versions; {load_average()}")
+    print(
+        f"\none export + registration cycle {cycle:.1f} s; killed at {kills} s into a cycle: "
+        f"{len(versions)} whole versions, {leftovers} unfinished staging folders removed; {load_average()}"
+    )
     assert ready.status_code == 200 and ready.json()["version"] == versions[-1].version
     assert classified.status_code == 200

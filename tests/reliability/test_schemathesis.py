@@ -105,10 +105,16 @@ def fuzz_registry(tmp_path: Path, exported_onnx: Path, model_contract: ModelCont
     return tmp_path / "registry"
 
 
-def run_and_check(fuzz_registry: Path, tmp_path: Path, examples_per_mode: int, at_least: int) -> None:
+def run_and_check(
+    fuzz_registry: Path,
+    tmp_path: Path,
+    examples_per_mode: int,
+    at_least: int,
+    database_url: str | None = None,
+) -> None:
     env = {
         "WBC_ADMIN_TOKEN": ADMIN_TOKEN,
-        "WBC_DATABASE_URL": f"sqlite:///{tmp_path}/fuzz.db",
+        "WBC_DATABASE_URL": database_url or f"sqlite:///{tmp_path}/fuzz.db",
         "WBC_IMAGE_STORE": str(tmp_path / "cells"),
         "WBC_MODEL_RETRY_SECONDS": "0",
     }
@@ -139,3 +145,9 @@ def test_schemathesis_quick(fuzz_registry: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_schemathesis_full(fuzz_registry: Path, tmp_path: Path) -> None:
     run_and_check(fuzz_registry, tmp_path, examples_per_mode=75, at_least=2000)
+
+
+@pytest.mark.slow
+def test_schemathesis_on_postgresql(fuzz_registry: Path, tmp_path: Path, pg_url: str) -> None:
+    """The same against PostgreSQL, whose types differ from SQLite's (32-bit INTEGER ids, strict text)."""
+    run_and_check(fuzz_registry, tmp_path, examples_per_mode=40, at_least=1000, database_url=pg_url)
