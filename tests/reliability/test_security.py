@@ -676,10 +676,7 @@ def test_patient_identifiers_reach_no_log_and_no_record(
                 )
                 answers.append(f"{r.status_code} {r.text}")
 
-        sender = threading.Thread(target=send, args=(8,))
-        sender.start()
-        for _ in range(3):
-            time.sleep(0.4)
+        def cut_connections() -> None:
             with pg_admin.connect() as connection:
                 connection.execute(
                     text(
@@ -688,6 +685,23 @@ def test_patient_identifiers_reach_no_log_and_no_record(
                     ),
                     {"db": database},
                 )
+
+        send(2)
+        # The database refuses connections: every request now takes the error path (503, logged).
+        with pg_admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false'))
+        try:
+            cut_connections()
+            send(2)
+        finally:
+            with pg_admin.connect() as connection:
+                connection.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true'))
+        # Connections cut while requests run: whatever each one hits.
+        sender = threading.Thread(target=send, args=(4,))
+        sender.start()
+        for _ in range(3):
+            time.sleep(0.3)
+            cut_connections()
         sender.join()
         send(1)
         metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
@@ -702,8 +716,9 @@ def test_patient_identifiers_reach_no_log_and_no_record(
         f"\nDICOM with patient attributes: answers {sorted(statuses)}, {len(log.splitlines())} log lines, "
         f"{len(rows)} database rows searched"
     )
-    assert statuses <= {"207", "503"} and "207" in statuses
+    assert statuses == {"207", "503"}, statuses
     assert "DEBUG" in log and "POST /v1/classify" in log  # the log was captured, at debug level
+    assert "database unavailable" in log  # and the error path wrote to it
     for value in PATIENT.values():
         for part in value.split("^"):
             for where, haystack in (
