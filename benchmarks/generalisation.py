@@ -25,17 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from federation.augment import AugmentConfig  # noqa: E402
-from federation.benchmark.features import trunk_features  # noqa: E402
-from federation.benchmark.prepared import PreparedImages  # noqa: E402
-from federation.trunk import split_model  # noqa: E402
-from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, DataRoot, resolve_data_root  # noqa: E402
-from federation.task import build_contract  # noqa: E402
-from models.contract import SHARED_CLASSES, CellCrop  # noqa: E402
-from models.evaluate import Metrics, confusion_matrix  # noqa: E402
-from models.zoo import create_model  # noqa: E402
+from federation.augment import AugmentConfig
+from federation.benchmark.features import trunk_features
+from federation.benchmark.prepared import PreparedImages
+from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, DataRoot, resolve_data_root
+from federation.task import build_contract
+from federation.trunk import split_model
+from models.contract import SHARED_CLASSES, CellCrop
+from models.evaluate import Metrics, confusion_matrix
+from models.zoo import create_model
 
 VAR = ROOT / "var" / "benchmark"
 
@@ -46,8 +46,9 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, l2: float, classes: int) -> torch.n
     w = np.minimum(w, 5.0)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     head = torch.nn.Linear(x.shape[1], classes)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        head.parameters(), lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe"
+    )
     loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))
 
     def closure():
@@ -104,29 +105,49 @@ def main() -> None:
         external = [s for i, s in enumerate(external) if i in keep]
     samples = internal + external
     y = np.array([SHARED_CLASSES.index(s.label) for s in samples])
-    contract = build_contract(args.arch, args.size, cell_crop=CellCrop(scale=args.crop) if args.crop else None,
-                              color=args.color, color_norm=args.norm)
+    contract = build_contract(
+        args.arch,
+        args.size,
+        cell_crop=CellCrop(scale=args.crop) if args.crop else None,
+        color=args.color,
+        color_norm=args.norm,
+    )
     prepared = PreparedImages.build(samples, contract, VAR / "prepared")
-    split = split_model(create_model(args.arch, len(SHARED_CLASSES), pretrained=True, img_size=args.size), "head")
+    split = split_model(
+        create_model(args.arch, len(SHARED_CLASSES), pretrained=True, img_size=args.size), "head"
+    )
     aug = AugmentConfig() if args.augment == "default" else AugmentConfig.geometry_only()
-    clean = trunk_features(split, samples, prepared, contract, cache_dir=VAR / "features", variant=variant)[:, 0].astype(np.float32)
-    idx = {k: np.array([i for i, s in enumerate(samples) if s.site != EXTERNAL_SITE and s.split == k])
-           for k in ("train", "val", "test")}
+    clean = trunk_features(split, samples, prepared, contract, cache_dir=VAR / "features", variant=variant)[
+        :, 0
+    ].astype(np.float32)
+    idx = {
+        k: np.array([i for i, s in enumerate(samples) if s.site != EXTERNAL_SITE and s.split == k])
+        for k in ("train", "val", "test")
+    }
     ext = np.array([i for i, s in enumerate(samples) if s.site == EXTERNAL_SITE])
     site_of = np.array([s.site for s in samples])
     train_internal = [s for s in samples if s.site != EXTERNAL_SITE and s.split == "train"]
     prep_train = PreparedImages.build(train_internal, contract, VAR / "prepared")
     for views in args.views:
         if views:
-            feats = trunk_features(split, train_internal, prep_train, contract, views=views, augment=aug,
-                                   seed=0, cache_dir=VAR / "features", variant=variant).astype(np.float32)
+            feats = trunk_features(
+                split,
+                train_internal,
+                prep_train,
+                contract,
+                views=views,
+                augment=aug,
+                seed=0,
+                cache_dir=VAR / "features",
+                variant=variant,
+            ).astype(np.float32)
         else:
             feats = clean[idx["train"]][:, None]
         xtr = feats.reshape(-1, feats.shape[-1])
         ytr = np.repeat(y[idx["train"]], feats.shape[1])
         str_ = np.repeat(site_of[idx["train"]], feats.shape[1])
         mean, std = xtr.mean(0), xtr.std(0) + 1e-6
-        z = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+        z = lambda a: ((a - mean) / std).astype(np.float32)
         rows = []
         for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
             loso = []
@@ -143,10 +164,13 @@ def main() -> None:
         best = max(rows, key=lambda r: r[1])
         for r in rows:
             mark = "*" if r is best else " "
-            print(f"{mark} {args.arch} {args.size} lp{args.lowpass} {args.color} {args.norm} crop{args.crop} views={views} "
-                  f"aug={args.augment} l2={r[0]:g} LOSO {r[1]:.3f} ({' '.join(f'{v:.2f}' for v in r[2])}) "
-                  f"val {r[3]:.3f} test {r[4]:.3f} | Barcelona {r[5].balanced_accuracy:.3f} "
-                  f"recall {' '.join(f'{v:.2f}' for v in r[5].recall)}", flush=True)
+            print(
+                f"{mark} {args.arch} {args.size} lp{args.lowpass} {args.color} {args.norm} crop{args.crop} views={views} "
+                f"aug={args.augment} l2={r[0]:g} LOSO {r[1]:.3f} ({' '.join(f'{v:.2f}' for v in r[2])}) "
+                f"val {r[3]:.3f} test {r[4]:.3f} | Barcelona {r[5].balanced_accuracy:.3f} "
+                f"recall {' '.join(f'{v:.2f}' for v in r[5].recall)}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

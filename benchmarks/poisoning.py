@@ -318,7 +318,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("features", "full"), default="features")
     parser.add_argument("--arch", default="tf_efficientnet_lite0")
     parser.add_argument("--feature-size", type=int, default=128)
-    parser.add_argument("--top", default="head", help="what the feature mode trains (federation.benchmark.trunk)")
+    parser.add_argument("--top", default="head", help="what the feature mode trains (federation.trunk)")
     parser.add_argument("--views", type=int, default=0, help="augmented views per training image (feature mode)")
     args = parser.parse_args()
     args.work = str(Path(args.work).resolve())  # node configs take absolute paths only

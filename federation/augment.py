@@ -44,6 +44,7 @@ class AugmentConfig:
     lowres_scale: tuple[float, float] = (0.35, 0.8)
     noise_p: float = 0.2
     noise_sigma: tuple[float, float] = (1.0, 6.0)
+    hue: float = 0.0  # max hue rotation, fraction of the colour circle (0 = off)
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -52,6 +53,11 @@ class AugmentConfig:
             contrast=0.0, saturation=(1.0, 1.0), gamma=(1.0, 1.0), cast=0.0, gray_p=0.0, blur_p=0.0,
             lowres_p=0.0, noise_p=0.0,
         )  # fmt: skip
+
+    @classmethod
+    def strong_colour(cls) -> AugmentConfig:
+        """Colour cues that identify a site more than a cell type: hue rotation, more gray, wider stain."""
+        return cls(stain_gain=(0.5, 1.6), stain_mix=0.25, saturation=(0.4, 1.6), gray_p=0.3, hue=0.08)
 
     @classmethod
     def geometry_only(cls) -> AugmentConfig:
@@ -69,7 +75,7 @@ def _border_colour(arr: np.ndarray) -> tuple[int, int, int]:
 def geometric(image: Image.Image, rng: random.Random, cfg: AugmentConfig, out_side: int) -> Image.Image:
     """Zoom, shift, rotate and flip in one affine resample to `out_side` (fill: the slide background)."""
     if image.width > 1.5 * out_side:  # an affine resample does not antialias: shrink first
-        side = int(round(1.5 * out_side))
+        side = round(1.5 * out_side)
         image = image.resize((side, round(side * image.height / image.width)), Image.Resampling.BILINEAR)
     w, h = image.size
     zoom = math.exp(rng.uniform(math.log(cfg.zoom[0]), math.log(cfg.zoom[1])))
@@ -121,15 +127,25 @@ def optics(image: Image.Image, rng: random.Random, cfg: AugmentConfig) -> Image.
     """Blur, a lower-resolution camera, sensor noise."""
     if rng.random() < cfg.lowres_p:
         side = image.width
-        low = max(8, int(round(side * rng.uniform(*cfg.lowres_scale))))
-        image = image.resize((low, low), Image.Resampling.BILINEAR).resize((side, side), Image.Resampling.BILINEAR)
+        low = max(8, round(side * rng.uniform(*cfg.lowres_scale)))
+        image = image.resize((low, low), Image.Resampling.BILINEAR).resize(
+            (side, side), Image.Resampling.BILINEAR
+        )
     if rng.random() < cfg.blur_p:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(*cfg.blur_sigma)))
     if rng.random() < cfg.noise_p:
         arr = np.asarray(image, dtype=np.float32)
-        noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, rng.uniform(*cfg.noise_sigma), arr.shape)
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(
+            0.0, rng.uniform(*cfg.noise_sigma), arr.shape
+        )
         image = Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
     return image
+
+
+def _rotate_hue(image: Image.Image, shift: float) -> Image.Image:
+    h, s, v = image.convert("HSV").split()
+    h = h.point(lambda x: (x + round(shift * 256)) % 256)
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
 
 
 class CellAugment:
@@ -147,6 +163,8 @@ class CellAugment:
         image = Image.fromarray(arr)
         if cfg.saturation != (1.0, 1.0):
             image = ImageEnhance.Color(image).enhance(rng.uniform(*cfg.saturation))
+        if cfg.hue:
+            image = _rotate_hue(image, rng.uniform(-cfg.hue, cfg.hue))
         if rng.random() < cfg.gray_p:
             image = image.convert("L").convert("RGB")
         return optics(image, rng, cfg)

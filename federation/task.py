@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from federation.augment import AugmentConfig, CellAugment
 from federation.sites import Sample
-from models.contract import SHARED_CLASSES, CellCrop, ModelContract
 from models.calibration import CalibrationSummary
+from models.contract import SHARED_CLASSES, CellCrop, ModelContract
 from models.evaluate import Metrics, compute_metrics
 from models.preprocess import finish, prepare, softmax
 from models.zoo import create_model, pretrained_cfg
@@ -160,6 +160,13 @@ def class_weights(targets: Sequence[int], num_classes: int, cap: float = 3.0) ->
     return torch.tensor(capped, dtype=torch.float32)
 
 
+def logit_adjustment(targets: Sequence[int], num_classes: int, tau: float) -> torch.Tensor:
+    """tau·log(local class prior); absent classes get the prior of 1e-6 of a cell (effectively masked)."""
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    prior = (counts + 1e-6) / max(counts.sum(), 1.0)
+    return torch.tensor(tau * np.log(prior), dtype=torch.float32)
+
+
 # ---- training -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainConfig:
@@ -170,6 +177,10 @@ class TrainConfig:
     label_smoothing: float = 0.1
     class_balanced: bool = True
     class_weight_cap: float = 3.0
+    # Logit adjustment (Menon et al. 2021) with the local label prior: the loss sees logits + tau·log(prior),
+    # so the network learns what does not depend on how common a class is at this site; a class absent
+    # here gets log(prior) ≈ -14 and is neither pushed up nor down. 0 = off.
+    logit_adjustment: float = 0.0
     proximal_mu: float = 0.0
     seed: int = 0
 
@@ -195,20 +206,24 @@ def fit(
     FedProx term (mu/2)·‖w − w_global‖² over `params` when proximal_mu > 0.
     """
     weights = class_weights(targets, num_classes, config.class_weight_cap) if config.class_balanced else None
+    adjust = logit_adjustment(targets, num_classes, config.logit_adjustment) if config.logit_adjustment else None
     params = list(params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total_steps = max(1, config.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
-    anchors = [g.detach().clone() for g in global_params] if config.proximal_mu > 0 and global_params else None
+    anchors = (
+        [g.detach().clone() for g in global_params] if config.proximal_mu > 0 and global_params else None
+    )
 
     forward.train()
     seen, loss_sum, correct, step = 0, 0.0, 0, 0
     for epoch in range(config.epochs):
         for inputs, labels in batches(epoch):
             logits = forward(inputs)
-            loss = F.cross_entropy(logits, labels, weight=weights, label_smoothing=config.label_smoothing)
+            trained = logits + adjust if adjust is not None else logits
+            loss = F.cross_entropy(trained, labels, weight=weights, label_smoothing=config.label_smoothing)
             if anchors is not None:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
                 loss = loss + 0.5 * config.proximal_mu * prox
@@ -285,7 +300,7 @@ def train_local(
 class _TrunkThenTop(nn.Module):
     """Frozen trunk (no_grad, eval mode) then the trainable top: the same function as the model."""
 
-    def __init__(self, split):  # noqa: ANN001 - federation.trunk.Split
+    def __init__(self, split):
         super().__init__()
         self.split = split
         self.top = split.top

@@ -60,7 +60,7 @@ class CalibrationSummary:
             count[k] = np.bincount(b, minlength=BINS)
             correct[k] = np.bincount(b, hit, minlength=BINS)
             conf_sum[k] = np.bincount(b, conf, minlength=BINS)
-        return cls(tuple(float(t) for t in temperatures), int(len(y)), nll, count, correct, conf_sum)
+        return cls(tuple(float(t) for t in temperatures), len(y), nll, count, correct, conf_sum)
 
     # ---- transport: flat lists of numbers (a Flower MetricRecord holds lists of floats) ---------------
     def to_record(self) -> dict[str, list[float] | int]:

@@ -23,8 +23,8 @@ import torch
 
 from federation.augment import AugmentConfig, CellAugment
 from federation.benchmark.prepared import PreparedImages, preparation_key
-from federation.trunk import Split
 from federation.sites import Sample
+from federation.trunk import Split
 from models.contract import ModelContract
 from models.preprocess import finish
 
@@ -36,13 +36,29 @@ def view_seed(seed: int, index: int, view: int) -> int:
 
 
 def render_view(
-    prepared: PreparedImages, i: int, view: int, contract: ModelContract, augment: CellAugment | None, seed: int
+    prepared: PreparedImages,
+    i: int,
+    view: int,
+    contract: ModelContract,
+    augment: CellAugment | None,
+    seed: int,
 ) -> np.ndarray:
     """The network input of one view: view 0 = exact contract preprocessing, else seeded augmentation."""
     image = prepared.image(i)
     if view > 0 and augment is not None:
         image = augment(image, random.Random(view_seed(seed, i, view)))
     return finish(image, contract)
+
+
+# Fields added to AugmentConfig after caches existed: left out of the key at their "off" value, so the
+# views cached before them (identical bytes) stay valid.
+_LATER_FIELDS = {"hue": 0.0}
+
+
+def _augment_key(augment: AugmentConfig | None) -> dict | None:
+    if augment is None:
+        return None
+    return {k: v for k, v in asdict(augment).items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
 
 
 def cache_key(
@@ -66,7 +82,7 @@ def cache_key(
         "resize": contract.resize,
         "top": architecture_top,
         "views": views,
-        "augment": asdict(augment) if augment else None,
+        "augment": _augment_key(augment),
         "seed": seed,
         "version": FEATURES_VERSION,
     }
@@ -92,10 +108,14 @@ def trunk_features(
     """Array (N, 1 + views, *trunk output shape), float16: view 0 clean, then `views` augmented views."""
     if len(prepared) != len(samples):
         raise ValueError(f"{len(prepared)} prepared images for {len(samples)} samples")
+    if views == 0 and cache_dir is not None:
+        return _clean_features(split, samples, prepared, contract, cache_dir, batch_size, log, variant)
     path = None
     if cache_dir is not None:
         key = cache_key(contract, split.top_name, samples, views, augment if views else None, seed, variant)
-        path = cache_dir / f"{contract.architecture}-{split.top_name}-{contract.input_size}-v{views}-{key}.npy"
+        path = (
+            cache_dir / f"{contract.architecture}-{split.top_name}-{contract.input_size}-v{views}-{key}.npy"
+        )
         if path.is_file():
             return np.load(path, mmap_mode="r")
     aug = CellAugment(contract.input_size, augment) if views else None
@@ -121,3 +141,35 @@ def trunk_features(
         np.save(tmp, out)
         tmp.replace(path)
     return out
+
+
+def _clean_features(
+    split: Split,
+    samples: Sequence[Sample],
+    prepared: PreparedImages,
+    contract: ModelContract,
+    cache_dir: Path,
+    batch_size: int,
+    log: Callable[[str], None],
+    variant: str,
+) -> np.ndarray:
+    """Clean views (no randomness) are cached per image, so any later sample list reuses them."""
+    key = cache_key(contract, split.top_name, [], 0, None, 0, variant)
+    store = cache_dir / f"clean-{contract.architecture}-{split.top_name}-{contract.input_size}-{key}"
+    store.mkdir(parents=True, exist_ok=True)
+    files = [store / (hashlib.sha1(str(s.path).encode()).hexdigest()[:20] + ".npy") for s in samples]
+    todo = [i for i, f in enumerate(files) if not f.is_file()]
+    t0 = time.perf_counter()
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        x = torch.from_numpy(np.stack([render_view(prepared, i, 0, contract, None, 0) for i in chunk]))
+        for i, f in zip(chunk, split.trunk_features(x).numpy().astype(np.float16)):
+            tmp = files[i].with_name(files[i].name + ".tmp.npy")
+            np.save(tmp, f)
+            tmp.replace(files[i])
+    if todo:
+        log(
+            f"{contract.architecture}/{split.top_name} {contract.input_size}px: {len(todo)} clean views "
+            f"in {time.perf_counter() - t0:.0f} s ({len(samples) - len(todo)} cached)"
+        )
+    return np.stack([np.load(f) for f in files])[:, None]

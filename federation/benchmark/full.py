@@ -20,7 +20,14 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from federation import client_app
 from federation.benchmark.local_grid import LocalGrid
-from federation.benchmark.runs import BenchObserver, Recipe, RowModel, fresh_split
+from federation.benchmark.runs import (
+    BenchObserver,
+    Recipe,
+    RowModel,
+    add_confusion,
+    confusion_of,
+    fresh_split,
+)
 from federation.sites import DataRoot, Sample, materialize_site
 from federation.strategies import make_strategy
 from federation.task import TrainConfig, predict_logits, train_local
@@ -41,13 +48,19 @@ def train_full_pooled(
     split = fresh_split(contract, "full", seed, pretrained)
     config: TrainConfig = recipe.train_config(recipe.rounds * recipe.local_epochs, seed)
     train_local(split.model, train, contract, config)
-    summaries = []
+    summaries, confusion = [], None
     for samples in val:
         if samples:
             logits, y = predict_logits(split.model, samples, contract)
             summaries.append(CalibrationSummary.from_logits(logits, y))
-    return RowModel(split, time.time() - t0, val_calibration=pool(summaries) if summaries else None,
-                    contract=contract)
+            confusion = add_confusion(confusion, confusion_of(y, logits.argmax(1), contract.num_classes))
+    return RowModel(
+        split,
+        time.time() - t0,
+        val_calibration=pool(summaries) if summaries else None,
+        contract=contract,
+        val_confusion=confusion,
+    )
 
 
 def train_full_federated(
@@ -112,4 +125,12 @@ def train_full_federated(
         {k: torch.as_tensor(v) for k, v in result.arrays.to_torch_state_dict().items()}, strict=True
     )
     calibration = pool(observer.last_calibration.values()) if observer.last_calibration else None
-    return RowModel(split, time.time() - t0, observer.curves, calibration, grid.messages_sent, contract)
+    return RowModel(
+        split,
+        time.time() - t0,
+        observer.curves,
+        calibration,
+        grid.messages_sent,
+        contract,
+        observer.pooled_confusion(),
+    )

@@ -20,9 +20,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation.trunk import Split, split_model
 from federation.strategies import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
 from federation.task import TrainConfig, create_model_from_contract, evaluation_record, fit, seed_everything
+from federation.trunk import Split, split_model
 from models.contract import ModelContract
 
 
@@ -51,9 +51,7 @@ def site_split(contract: ModelContract, top: str) -> Split:
     return _SPLITS[key]
 
 
-def view_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int
-) -> tuple[int, callable]:  # type: ignore[valid-type]
+def view_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tuple[int, callable]:  # type: ignore[valid-type]
     """Each epoch visits every image once, with one of its views drawn at random (online augmentation
     from a finite pool of K augmented views plus the clean one)."""
     n, views = x.shape[0], x.shape[1]
@@ -127,23 +125,30 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0))
     mu = float(config.get("proximal-mu", 0.0))
     global_params = [p.detach().clone() for p in split.trainable_parameters()] if mu > 0 else None
+    defaults = TrainConfig()
     train_config = TrainConfig(
         epochs=int(config["local-epochs"]),
         lr=float(config["lr"]),
         batch_size=int(config["batch-size"]),
+        weight_decay=float(config.get("weight-decay", defaults.weight_decay)),
+        label_smoothing=float(config.get("label-smoothing", defaults.label_smoothing)),
+        class_balanced=bool(config.get("class-balanced", defaults.class_balanced)),
+        class_weight_cap=float(config.get("class-weight-cap", defaults.class_weight_cap)),
+        logit_adjustment=float(config.get("logit-adjustment", defaults.logit_adjustment)),
         proximal_mu=mu,
         seed=site_seed(int(config["seed"]), server_round, data.site),
     )
     t0 = time.time()
-    result = train_top(split, data.train_x, data.train_y, contract.num_classes, train_config,
-                       global_params=global_params)
+    result = train_top(
+        split, data.train_x, data.train_y, contract.num_classes, train_config, global_params=global_params
+    )
     counts = np.bincount(data.train_y, minlength=contract.num_classes)
     content = RecordDict(
         {
             ARRAYS_KEY: ArrayRecord(split.top_state()),
             METRICS_KEY: MetricRecord(
                 {
-                    WEIGHT_KEY: int(len(data.train_y)),
+                    WEIGHT_KEY: len(data.train_y),
                     "train-loss": float(result["train_loss"]),
                     "train-accuracy": float(result["train_accuracy"]),
                     "steps": int(result["steps"]),
@@ -164,7 +169,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    data, config, contract, split = _setup(msg, context)
+    data, _config, contract, split = _setup(msg, context)
     record = evaluation_record(top_logits(split, data.val_x), data.val_y, contract)
     content = RecordDict(
         {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Iterable, Mapping
+from typing import Self
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -43,7 +44,7 @@ class LocalGrid(Grid):
         self.messages_sent = 0
 
     # ---- the process's task identity, while the run lasts ------------------------------------------------
-    def __enter__(self) -> LocalGrid:
+    def __enter__(self) -> Self:
         """Flower's Message constructor reads the process's task identity, which a flwr-serverapp process
         gets from the SuperLink; in-process, this process is the server of run RUN_ID until exit."""
         self._saved_identity = tuple(getattr(TaskIdentity, a) for a in _IDENTITY)
@@ -57,15 +58,20 @@ class LocalGrid(Grid):
                 setattr(TaskIdentity, attr, value)
 
     # ---- Grid API ----------------------------------------------------------------------------------
-    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
+    def set_run(self, run) -> None:
         self._run = run
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self):
         return self._run
 
     def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
     ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
@@ -87,7 +93,9 @@ class LocalGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return list(self.pull_messages(list(self.push_messages(messages))))
 
     # ---- delivery ----------------------------------------------------------------------------------
@@ -98,4 +106,3 @@ class LocalGrid(Grid):
             reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
             return Message(Error(CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
         return reply
-

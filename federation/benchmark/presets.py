@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from federation.benchmark.protocols import Arm
 from federation.benchmark.runs import Recipe
 
-DEFAULT_RECIPE = Recipe(rounds=5, local_epochs=2, lr=3e-3, batch_size=32, proximal_mu=0.01, server_lr=0.1)
+DEFAULT_RECIPE = Recipe(rounds=5, local_epochs=2, lr=3e-3, batch_size=32, proximal_mu=0.01, server_lr=0.01)
 
 LITE0 = Arm("EfficientNet-Lite0", "tf_efficientnet_lite0", 128, top="stage", views=8, recipe=DEFAULT_RECIPE)
 DINOV2 = Arm(

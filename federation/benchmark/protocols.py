@@ -65,6 +65,9 @@ class Arm:
     recipe: Recipe = field(default_factory=Recipe)
     pretrained: bool = True  # False: random init (ResNet-34: no offline ImageNet weights here)
     note: str = ""
+    # Image arms cost ~10-20 min of CPU per row here: they may run a subset of the rows.
+    strategies: tuple[str, ...] | None = None  # None: every strategy the command asks for
+    single_site: bool = True
 
     def contract(self, class_names: Sequence[str]) -> ModelContract:
         return build_contract(
@@ -109,7 +112,7 @@ def paper_layout(data: DataRoot, external_per_class: int = 0) -> Layout:
             keep |= set(rng.choice(idx, min(len(idx), external_per_class), replace=False).tolist())
         external = [s for i, s in enumerate(external) if i in keep]
     samples = data.select(DEFAULT_TRAINING_SITES, classes=SHARED_CLASSES) + external
-    where = lambda site, split: [  # noqa: E731
+    where = lambda site, split: [
         i for i, s in enumerate(samples) if s.site == site and (split is None or s.split == split)
     ]
     return Layout(
@@ -185,7 +188,9 @@ def arm_features(
     y = split.y
     if arm.top == "full":  # images, not features: only the prepared cells are cached
         set_prepared_source(cached_source(cache / "prepared"))
-        evaluation = {name: ([split.samples[i] for i in idx], y[idx]) for name, idx in split.evaluation.items()}
+        evaluation = {
+            name: ([split.samples[i] for i in idx], y[idx]) for name, idx in split.evaluation.items()
+        }
         return ArmData(contract, {}, evaluation, time.time() - t0, split, data, cache / "sites")
     prepared = PreparedImages.build(split.samples, contract, cache / "prepared", log=log)
     model = fresh_split(contract, arm.top, seed=0)  # the trunk is pretrained and frozen: seed-free
@@ -221,13 +226,21 @@ def arm_features(
         )
         for site in split.train
     }
-    evaluation = {name: (clean_all[[where[i] for i in idx]], y[idx]) for name, idx in split.evaluation.items()}
+    evaluation = {
+        name: (clean_all[[where[i] for i in idx]], y[idx]) for name, idx in split.evaluation.items()
+    }
     return ArmData(contract, sites, evaluation, time.time() - t0, split, data)
 
 
 # ---- rows ---------------------------------------------------------------------------------------------
 def evaluate_row(
-    kind: str, name: str, arm: Arm, seed: int, data: ArmData, model: RowModel, extra: dict[str, Any] | None = None
+    kind: str,
+    name: str,
+    arm: Arm,
+    seed: int,
+    data: ArmData,
+    model: RowModel,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     temperature = model.val_calibration.best_temperature() if model.val_calibration else 1.0
     record: dict[str, Any] = {
@@ -237,6 +250,7 @@ def evaluate_row(
         "seed": seed,
         "seconds": round(model.seconds, 2),
         "temperature": temperature,
+        "val_balanced_accuracy": model.val_balanced_accuracy,
         "curves": model.curves,
         "messages": model.messages,
         **(extra or {}),
@@ -254,7 +268,7 @@ def evaluate_row(
             "ece_calibrated": expected_calibration_error(softmax(logits, temperature), y),
             "nll": CalibrationSummary.from_logits(logits, y, (1.0, temperature)).nll(1.0),
             "nll_calibrated": CalibrationSummary.from_logits(logits, y, (1.0, temperature)).nll(temperature),
-            "n": int(len(y)),
+            "n": len(y),
         }
     return record
 
@@ -272,19 +286,27 @@ def run_rows(
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     trainers = _FullTrainers(arm, data) if arm.top == "full" else _TopTrainers(arm, data)
+    # CPU seconds beside wall seconds: other work on a shared machine stretches the wall clock only.
     if single_site:
         for site in trainers.site_names:
-            rows.append(evaluate_row("single-site", site, arm, seed, data, trainers.pooled([site], seed)))
+            c0 = time.process_time()
+            model = trainers.pooled([site], seed)
+            cpu = {"cpu_seconds": round(time.process_time() - c0, 1)}
+            rows.append(evaluate_row("single-site", site, arm, seed, data, model, cpu))
             log(_line(rows[-1]))
     if centralised:
+        c0 = time.process_time()
         model = trainers.pooled(trainers.site_names, seed)
-        rows.append(evaluate_row("centralised", "centralised", arm, seed, data, model))
+        cpu = {"cpu_seconds": round(time.process_time() - c0, 1)}
+        rows.append(evaluate_row("centralised", "centralised", arm, seed, data, model, cpu))
         log(_line(rows[-1]))
     for strategy in strategies:
         params = (strategy_params or {}).get(strategy, {})
+        c0 = time.process_time()
         model = trainers.federated(strategy, seed, params)
+        extra = {"strategy": strategy, **params, "cpu_seconds": round(time.process_time() - c0, 1)}
         label = STRATEGY_LABELS.get(strategy, strategy)
-        rows.append(evaluate_row("federated", label, arm, seed, data, model, {"strategy": strategy, **params}))
+        rows.append(evaluate_row("federated", label, arm, seed, data, model, extra))
         log(_line(rows[-1]))
     return rows
 
@@ -304,8 +326,9 @@ class _TopTrainers:
         return train_pooled(self.data.contract, self.arm.top, x, y, val, self.arm.recipe, seed)
 
     def federated(self, strategy: str, seed: int, params: dict[str, float]) -> RowModel:
-        return train_federated(strategy, self.data.contract, self.arm.top, self.data.sites, self.arm.recipe, seed,
-                               **params)
+        return train_federated(
+            strategy, self.data.contract, self.arm.top, self.data.sites, self.arm.recipe, seed, **params
+        )
 
 
 class _FullTrainers:
@@ -323,7 +346,9 @@ class _FullTrainers:
         samples = self.layout.samples
         train = [samples[i] for s in sites for i in self.layout.train[s]]
         val = [[samples[i] for i in self.layout.val[s]] for s in sites]
-        return train_full_pooled(self.data.contract, train, val, self.arm.recipe, seed, pretrained=self.pretrained)
+        return train_full_pooled(
+            self.data.contract, train, val, self.arm.recipe, seed, pretrained=self.pretrained
+        )
 
     def federated(self, strategy: str, seed: int, params: dict[str, float]) -> RowModel:
         from federation.benchmark.full import train_full_federated
@@ -340,22 +365,37 @@ def _line(row: dict[str, Any]) -> str:
     for key in ("internal", "external", "test"):
         if key in row:
             parts.append(f"{key} {row[key]['balanced_accuracy']:.3f}")
-    parts.append(f"T={row['temperature']:.2f} {row['seconds']:.1f} s")
+    parts.append(f"T={row['temperature']:.2f} {row['seconds']:.1f} s ({row.get('cpu_seconds', 0):.0f} s CPU)")
     return "  ".join(parts)
 
 
 def leave_one_site_out(arm: Arm, data: ArmData, seed: int) -> dict[str, float]:
     """Model-selection criterion that never looks at the external site: for each training site, train
-    centrally on the other two and test on the held-out site's train (clean view) + val cells."""
-    scores = {}
+    centrally on the other two and test on the held-out site's train (clean view) + val cells.
+
+    Also the calibration rules a new hospital would get, judged on the held-out sites: ECE of the raw
+    model (T = 1), with the temperature fitted on the two training sites' val splits (T_val), and with
+    that temperature never below 1 (T = max(1, T_val): only ever soften).
+    """
+    scores: dict[str, float] = {}
+    held_logits, held_y, temps = [], [], []
     for held in data.sites:
         rest = [d for s, d in data.sites.items() if s != held]
         x = np.concatenate([d.train_x for d in rest])
         y = np.concatenate([d.train_y for d in rest])
-        model = train_pooled(data.contract, arm.top, x, y, [], arm.recipe, seed)
+        model = train_pooled(data.contract, arm.top, x, y, [(d.val_x, d.val_y) for d in rest], arm.recipe, seed)
         h = data.sites[held]
         hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
         hy = np.concatenate([h.train_y, h.val_y])
-        scores[held] = compute_metrics(data.contract.class_names, hy, softmax(model.logits(hx))).balanced_accuracy
-    scores["mean"] = float(np.mean(list(scores.values())))
+        logits = model.logits(hx)
+        scores[held] = compute_metrics(data.contract.class_names, hy, softmax(logits)).balanced_accuracy
+        t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+        held_logits.append(logits)
+        held_y.append(hy)
+        temps.append(t)
+    scores["mean"] = float(np.mean([scores[s] for s in data.sites]))
+    for rule, pick in (("ece_t1", lambda t: 1.0), ("ece_tval", lambda t: t), ("ece_tmax1", lambda t: max(1.0, t))):
+        scores[rule] = float(
+            np.mean([expected_calibration_error(softmax(lg, pick(t)), y) for lg, y, t in zip(held_logits, held_y, temps)])
+        )
     return scores

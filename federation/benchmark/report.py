@@ -130,8 +130,15 @@ def plot_confusions(
         ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
         for i in range(len(class_names)):
             for j in range(len(class_names)):
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{norm[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
         ax.set_xticks(range(len(short)), short, fontsize=7, rotation=90)
         ax.set_yticks(range(len(short)), short, fontsize=7)
         ax.set_title(name, fontsize=9)

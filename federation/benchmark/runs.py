@@ -22,9 +22,9 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from federation.benchmark import handlers
 from federation.benchmark.handlers import SiteFeatures, site_split, top_logits, train_top
 from federation.benchmark.local_grid import LocalGrid
-from federation.trunk import Split, split_model
 from federation.strategies import SiteReply, make_strategy
 from federation.task import TrainConfig, create_model_from_contract, seed_everything
+from federation.trunk import Split, split_model
 from models.calibration import CalibrationSummary, pool
 from models.contract import ModelContract
 
@@ -38,10 +38,12 @@ class Recipe:
     lr: float = 3e-3  # lr
     batch_size: int = 32  # batch-size
     proximal_mu: float = 0.01  # proximal-mu (FedProx)
-    server_lr: float = 0.1  # server-lr (FedOpt: FedAdam)
+    server_lr: float = 0.01  # server-lr (FedOpt: FedAdam)
     label_smoothing: float = 0.1
     weight_decay: float = 1e-4
+    class_balanced: bool = True
     class_weight_cap: float = 3.0
+    logit_adjustment: float = 0.0
 
     def train_config(self, epochs: int, seed: int, proximal_mu: float = 0.0) -> TrainConfig:
         return TrainConfig(
@@ -50,10 +52,23 @@ class Recipe:
             batch_size=self.batch_size,
             weight_decay=self.weight_decay,
             label_smoothing=self.label_smoothing,
+            class_balanced=self.class_balanced,
             class_weight_cap=self.class_weight_cap,
+            logit_adjustment=self.logit_adjustment,
             proximal_mu=proximal_mu,
             seed=seed,
         )
+
+    def message_config(self) -> dict[str, float | int | bool]:
+        """The loss settings the benchmark's site handlers read from the train config (the deployment's
+        ClientApp uses TrainConfig's defaults, which are these defaults)."""
+        return {
+            "label-smoothing": self.label_smoothing,
+            "weight-decay": self.weight_decay,
+            "class-balanced": self.class_balanced,
+            "class-weight-cap": self.class_weight_cap,
+            "logit-adjustment": self.logit_adjustment,
+        }
 
 
 @dataclass
@@ -67,8 +82,17 @@ class RowModel:
     messages: int = 0
 
     contract: ModelContract | None = None  # needed by full rows, whose inputs are images
+    val_confusion: np.ndarray | None = None  # pooled over the training sites' val splits (model selection)
 
-    def logits(self, inputs) -> np.ndarray:  # noqa: ANN001 - cached features, or samples for full rows
+    @property
+    def val_balanced_accuracy(self) -> float | None:
+        if self.val_confusion is None:
+            return None
+        support = self.val_confusion.sum(axis=1)
+        present = support > 0
+        return float((np.diag(self.val_confusion)[present] / support[present]).mean()) if present.any() else None
+
+    def logits(self, inputs) -> np.ndarray:
         if self.split.top_name == "full":
             from federation.task import predict_logits
 
@@ -97,9 +121,31 @@ def train_pooled(
     """Centralised (pooled sites) or single-site training: rounds x local_epochs epochs in one go."""
     t0 = time.time()
     split = fresh_split(contract, top, seed)
-    train_top(split, x, y, contract.num_classes, recipe.train_config(recipe.rounds * recipe.local_epochs, seed))
-    summaries = [CalibrationSummary.from_logits(top_logits(split, vx), vy) for vx, vy in val if len(vy)]
-    return RowModel(split, time.time() - t0, val_calibration=pool(summaries) if summaries else None)
+    train_top(
+        split, x, y, contract.num_classes, recipe.train_config(recipe.rounds * recipe.local_epochs, seed)
+    )
+    summaries, confusion = [], None
+    for vx, vy in val:
+        if len(vy):
+            logits = top_logits(split, vx)
+            summaries.append(CalibrationSummary.from_logits(logits, vy))
+            confusion = add_confusion(confusion, confusion_of(vy, logits.argmax(1), contract.num_classes))
+    return RowModel(
+        split,
+        time.time() - t0,
+        val_calibration=pool(summaries) if summaries else None,
+        val_confusion=confusion,
+    )
+
+
+def confusion_of(y: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
+    cm = np.zeros((classes, classes), np.int64)
+    np.add.at(cm, (np.asarray(y, np.int64), np.asarray(pred, np.int64)), 1)
+    return cm
+
+
+def add_confusion(a: np.ndarray | None, b: np.ndarray) -> np.ndarray:
+    return b if a is None else a + b
 
 
 class BenchObserver:
@@ -109,6 +155,7 @@ class BenchObserver:
         self.node_sites: dict[int, str] = {}
         self.curves: dict[str, list[float]] = {}
         self.last_calibration: dict[str, CalibrationSummary] = {}
+        self.last_confusion: dict[str, np.ndarray] = {}
         self.failures: list[str] = []
 
     def start_weights(self, server_round: int, proposed: ArrayRecord) -> ArrayRecord:
@@ -122,6 +169,12 @@ class BenchObserver:
             if phase == "evaluate" and r.site:
                 self.curves.setdefault(r.site, []).append(float(r.metrics["balanced-accuracy"]))
                 self.last_calibration[r.site] = CalibrationSummary.from_record(r.metrics)
+                flat = np.asarray(r.metrics["confusion"], dtype=np.int64)
+                side = round(len(flat) ** 0.5)
+                self.last_confusion[r.site] = flat.reshape(side, side)
+
+    def pooled_confusion(self) -> np.ndarray | None:
+        return sum(self.last_confusion.values()) if self.last_confusion else None  # type: ignore[return-value]
 
     def record_aggregate(self, server_round: int, arrays: ArrayRecord | None) -> None:
         pass
@@ -174,6 +227,7 @@ def train_federated(
             "lr": recipe.lr,
             "batch-size": recipe.batch_size,
             "seed": seed,
+            **recipe.message_config(),
         }
     )
     evaluate_config = ConfigRecord({"contract": contract_json, "top": top, "batch-size": recipe.batch_size})
@@ -195,5 +249,11 @@ def train_federated(
         raise RuntimeError("site failures: " + "; ".join(observer.failures[:3]))
     split.load_top_state({k: torch.as_tensor(v) for k, v in result.arrays.to_torch_state_dict().items()})
     calibration = pool(observer.last_calibration.values()) if observer.last_calibration else None
-    return RowModel(split, time.time() - t0, observer.curves, calibration, grid.messages_sent)
-
+    return RowModel(
+        split,
+        time.time() - t0,
+        observer.curves,
+        calibration,
+        grid.messages_sent,
+        val_confusion=observer.pooled_confusion(),
+    )

@@ -15,9 +15,9 @@ from federation.benchmark.handlers import SiteFeatures
 from federation.benchmark.partition import describe, dirichlet_partition
 from federation.benchmark.prepared import PreparedImages
 from federation.benchmark.runs import Recipe, train_federated, train_pooled
-from federation.trunk import split_model
 from federation.sites import DataRoot, Sample
 from federation.task import build_contract
+from federation.trunk import split_model
 from models.contract import SHARED_CLASSES
 from models.preprocess import preprocess
 from models.zoo import create_model
@@ -53,8 +53,16 @@ def test_views_are_exact_then_seeded_and_cached(data_root: DataRoot, tmp_path: P
     assert np.array_equal(again.array(0), prepared.array(1))
 
     split = split_model(create_model("tf_efficientnet_lite0", 5, pretrained=False).eval(), "head")
-    feats = trunk_features(split, samples, prepared, contract, views=2, augment=AugmentConfig(),
-                           cache_dir=tmp_path / "features", log=lambda _s: None)
+    feats = trunk_features(
+        split,
+        samples,
+        prepared,
+        contract,
+        views=2,
+        augment=AugmentConfig(),
+        cache_dir=tmp_path / "features",
+        log=lambda _s: None,
+    )
     assert feats.shape == (3, 3, 1280) and feats.dtype == np.float16
     from PIL import Image
 
@@ -62,8 +70,16 @@ def test_views_are_exact_then_seeded_and_cached(data_root: DataRoot, tmp_path: P
         exact = split.trunk_features(torch.from_numpy(preprocess(img, contract))[None]).numpy()[0]
     np.testing.assert_allclose(feats[0, 0], exact, rtol=2e-2, atol=2e-2)  # view 0 = the service's input
     assert not np.allclose(feats[0, 1], feats[0, 0])
-    cached = trunk_features(split, samples, prepared, contract, views=2, augment=AugmentConfig(),
-                            cache_dir=tmp_path / "features", log=lambda _s: None)
+    cached = trunk_features(
+        split,
+        samples,
+        prepared,
+        contract,
+        views=2,
+        augment=AugmentConfig(),
+        cache_dir=tmp_path / "features",
+        log=lambda _s: None,
+    )
     assert np.array_equal(np.asarray(cached), feats)
 
 
@@ -135,11 +151,14 @@ def test_full_rows_run_the_deployments_clientapp_in_process(
 
     sites = ("jiangxi-tecom", "bccd")
     classes = ("eosinophil", "lymphocyte", "neutrophil")
-    root = DataRoot(tiny_root_factory(data_root, tmp_path / "data", sites, classes, train_per_class=2,
-                                      val_per_class=1))
+    root = DataRoot(
+        tiny_root_factory(data_root, tmp_path / "data", sites, classes, train_per_class=2, val_per_class=1)
+    )
     contract = build_contract("tf_efficientnet_lite0", 32, class_names=classes)
     recipe = Recipe(rounds=1, local_epochs=1, lr=1e-3, batch_size=4)
-    model = train_full_federated("fedavg", contract, root, sites, recipe, 0, tmp_path / "sites", train_top="stage")
+    model = train_full_federated(
+        "fedavg", contract, root, sites, recipe, 0, tmp_path / "sites", train_top="stage"
+    )
     assert model.messages == 1 * 2 * 2
     assert set(model.curves) == set(sites)
     assert model.val_calibration is not None and model.val_calibration.n == len(sites) * len(classes)

@@ -69,7 +69,7 @@ def test_fit_learns_a_separable_problem_and_reports_its_steps() -> None:
     x = torch.randn(64, 4)
     y = (x[:, 0] > 0).long()
     model = nn.Linear(4, 2)
-    batches = lambda _e: [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]  # noqa: E731
+    batches = lambda _e: [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
     out = fit(model, list(model.parameters()), batches, 4, y.tolist(), 2, TrainConfig(epochs=15, lr=0.05))
     assert out["steps"] == 60 and out["num_examples"] == 64
     assert (model(x).argmax(1) == y).float().mean() > 0.9
@@ -85,7 +85,9 @@ def test_fedprox_term_keeps_weights_near_the_global_ones() -> None:
         nn.init.zeros_(model.bias)
         anchors = [p.detach().clone() for p in model.parameters()]
         cfg = TrainConfig(epochs=10, lr=0.05, proximal_mu=mu, class_balanced=False)
-        fit(model, list(model.parameters()), lambda _e: [(x, y)], 1, y.tolist(), 2, cfg, global_params=anchors)
+        fit(
+            model, list(model.parameters()), lambda _e: [(x, y)], 1, y.tolist(), 2, cfg, global_params=anchors
+        )
         runs[mu] = float(model.weight.detach().norm())
     assert runs[10.0] < runs[0.0]
 
@@ -118,7 +120,12 @@ def test_train_local_on_real_cells_then_a_validation_reply(data_root: DataRoot) 
 
 def test_contract_temperature_is_used_in_the_reply() -> None:
     contract = ModelContract(
-        architecture="x", class_names=("a", "b"), input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, temperature=4.0
+        architecture="x",
+        class_names=("a", "b"),
+        input_size=32,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        temperature=4.0,
     )
     logits = np.array([[4.0, 0.0], [0.0, 4.0]])
     hot = evaluation_record(logits, np.array([0, 1]), contract.with_updates(temperature=1.0))

@@ -1,0 +1,134 @@
+"""Ablations of the default arm (protocol 1): one change per row, everything else as shipped.
+
+    .venv/bin/python benchmarks/ablations.py --out var/benchmark/ablations --seeds 0
+    .venv/bin/python benchmarks/ablations.py --only recipe        # cached-feature rows only (cheap)
+
+Rows (centralised and FedAvg unless the row is about a strategy):
+  recipe     no class weights; no label smoothing; no augmented views (clean view only); head-only top;
+             FedProx mu 0.01 / 0.1 / 1; FedAdam server lr 0.001 / 0.01 / 0.1
+  input      no cell crop; no colour normalisation; stain normalisation; grayscale (each needs new features)
+  full       full fine-tuning on images (no frozen trunk, fresh augmentation every step)
+Model selection reads only `val_balanced_accuracy` (the training sites' pooled val splits); the external
+(Barcelona) column is reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from federation.augment import AugmentConfig
+from federation.benchmark import report
+from federation.benchmark.presets import LITE0, LITE0_FULL
+from federation.benchmark.protocols import arm_features, leave_one_site_out, paper_layout, run_rows
+from federation.sites import DataRoot, resolve_data_root
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "var" / "benchmark" / "ablations")
+    ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--only", nargs="*", default=["recipe", "input", "full"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--loso", action="store_true", help="also the leave-one-training-site-out criterion")
+    ap.add_argument("--arms", nargs="*", default=None, help="only these ablation names")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    data = DataRoot(resolve_data_root(None))
+    layout = paper_layout(data)
+    rows = []
+    t0, c0 = time.time(), time.process_time()
+
+    loso: dict[str, dict[str, float]] = {}
+
+    def run(arm, strategies=("fedavg",), single=False, central=True, params=None):
+        if args.arms and arm.name not in args.arms:
+            return
+        d = arm_features(arm, layout, args.cache, data=data)
+        if args.loso and arm.top != "full":
+            loso[arm.name] = leave_one_site_out(arm, d, seeds[0])
+            print(f"{arm.name}: leave-one-site-out {loso[arm.name]}", flush=True)
+        for seed in seeds:
+            rows.extend(
+                run_rows(
+                    arm, d, seed, strategies, single_site=single, centralised=central, strategy_params=params
+                )
+            )
+        save()
+
+    def save():
+        report.write_json(
+            args.out / "ablations.json",
+            {"rows": rows, "wall_seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0},
+        )
+        table = report.markdown_table(rows, ["internal", "external"])
+        val = "\n".join(
+            f"- {r['arm']} / {r['row']} seed {r['seed']}: pooled val balanced accuracy "
+            f"{r['val_balanced_accuracy']:.3f}"
+            for r in rows
+            if r.get("val_balanced_accuracy") is not None
+        )
+        (args.out / "ablations.md").write_text(
+            f"{table}\n\nModel-selection criterion (training sites' val):\n\n{val}\n"
+        )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = LITE0
+    if "recipe" in args.only:
+        run(
+            replace(base, name="default"),
+            strategies=("fedavg", "fedprox", "fedadam"),
+            params={"fedprox": {"proximal_mu": 0.01}, "fedadam": {"server_lr": 0.01}},
+        )
+        for mu in (0.1, 1.0):
+            run(
+                replace(base, name=f"FedProx mu={mu}"),
+                strategies=("fedprox",),
+                central=False,
+                params={"fedprox": {"proximal_mu": mu}},
+            )
+        for lr in (0.001, 0.1):
+            run(
+                replace(base, name=f"FedAdam server lr={lr}"),
+                strategies=("fedadam",),
+                central=False,
+                params={"fedadam": {"server_lr": lr}},
+            )
+        for epochs in (1, 4):
+            run(replace(base, name=f"local epochs {epochs}", recipe=replace(base.recipe, local_epochs=epochs)))
+        run(replace(base, name="logit adjustment, no class weights",
+                    recipe=replace(base.recipe, logit_adjustment=1.0, class_balanced=False)))
+        run(replace(base, name="logit adjustment + class weights",
+                    recipe=replace(base.recipe, logit_adjustment=1.0)))
+        run(replace(base, name="no class weights", recipe=replace(base.recipe, class_balanced=False)))
+        run(replace(base, name="no label smoothing", recipe=replace(base.recipe, label_smoothing=0.0)))
+        run(replace(base, name="no augmented views (clean only)", views=0))
+        run(replace(base, name="head only (linear probe)", top="head", recipe=replace(base.recipe, lr=1e-2)))
+    if "input" in args.only:
+        run(replace(base, name="no cell crop", cell_crop=0.0))
+        run(replace(base, name="no colour normalisation", color_norm="none"))
+        run(replace(base, name="stain normalisation", color_norm="stain"))
+        run(replace(base, name="grayscale input", color="gray"))
+        run(replace(base, name="augmentation: geometry only", augment=AugmentConfig.geometry_only()))
+        run(replace(base, name="augmentation: strong colour", augment=AugmentConfig.strong_colour()))
+        run(replace(base, name="16 augmented views", views=16))
+    if "full" in args.only:
+        run(LITE0_FULL)
+    save()
+    print(f"done in {time.time() - t0:.0f} s ({time.process_time() - c0:.0f} CPU-s)")
+
+
+if __name__ == "__main__":
+    main()
