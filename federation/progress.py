@@ -31,7 +31,9 @@ class ProgressView:
         self._live: Live | None = None
 
     def __enter__(self) -> Self:
-        if self.enabled:
+        # Piped output (CI logs, `| tee`) gets one line per event instead of a live frame, which a
+        # non-terminal would only show at the very end.
+        if self.enabled and self.console.is_terminal:
             self._live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
             self._live.__enter__()
         return self
@@ -44,7 +46,10 @@ class ProgressView:
 
     def update(self, events: list[dict[str, Any]]) -> None:
         for event in events:
+            before = len(self.lines)
             self.apply(event)
+            if self.enabled and self._live is None:
+                self._print_plain(event, self.lines[before:])
         if self._live is not None and events:
             self._live.update(self.render())
 
@@ -107,10 +112,21 @@ class ProgressView:
             Text(self.header, style="bold"), table, *(Text.from_markup(line) for line in self.lines[-12:])
         )
 
+    def _print_plain(self, event: dict[str, Any], new_lines: list[str]) -> None:
+        kind = event.get("kind")
+        if kind in (ev.RUN_STARTED, ev.NODES_READY):
+            self.console.print(self.header)
+        elif kind == ev.ROUND_STARTED:
+            self.console.print(f"round {self.round}/{self.rounds} started")
+        elif kind == ev.SITE_REPLIED:
+            site = str(event.get("site"))
+            phase = event.get("phase", "train")
+            self.console.print(f"  {site} {phase}: {self.state.get(site, {}).get(phase, '')}")
+        for line in new_lines:
+            self.console.print(line)
+
     def finish(self, status: str) -> None:
         if self.enabled:
-            if not self.console.is_terminal:
-                self.console.line()  # rich leaves a piped Live's last frame without its newline
             self.console.print(f"Flower run status: {escape(status)}")
 
 
