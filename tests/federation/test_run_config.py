@@ -1,0 +1,41 @@
+"""The app's run config (pyproject's [tool.flwr.app.config]) and the ServerApp's typed settings agree.
+
+Flower refuses a `--run-config` key that the app does not declare, so a setting the ServerApp knows but
+pyproject lacks can never be set; one that pyproject declares but the ServerApp lacks fails every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from federation.server_app import RunSettings
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def _declared() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_every_setting_is_declared_and_every_declared_key_is_a_setting():
+    settings = {f.name.replace("_", "-") for f in dataclasses.fields(RunSettings)}
+    assert sorted(settings - set(_declared())) == []
+    assert sorted(set(_declared()) - settings) == []
+
+
+def test_declared_defaults_are_the_settings_defaults():
+    fields = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunSettings)}
+    for key, value in _declared().items():
+        assert value == fields[key], key
+
+
+def test_declared_defaults_pass_the_checks(tmp_path: Path):
+    paths = {"run-dir": str(tmp_path / "run"), "registry": str(tmp_path / "reg"), "parity-images": str(tmp_path)}
+    settings = RunSettings.from_run_config({**_declared(), **paths})
+    assert settings.train_top == "full"
+    with pytest.raises(ValueError, match="train-top"):
+        RunSettings.from_run_config({**_declared(), **paths, "train-top": "everything"})
