@@ -36,6 +36,6 @@ def test_declared_defaults_are_the_settings_defaults():
 def test_declared_defaults_pass_the_checks(tmp_path: Path):
     paths = {"run-dir": str(tmp_path / "run"), "registry": str(tmp_path / "reg"), "parity-images": str(tmp_path)}
     settings = RunSettings.from_run_config({**_declared(), **paths})
-    assert settings.train_top == "full"
+    assert settings.train_top == _declared()["train-top"]
     with pytest.raises(ValueError, match="train-top"):
         RunSettings.from_run_config({**_declared(), **paths, "train-top": "everything"})
