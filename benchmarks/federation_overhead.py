@@ -9,7 +9,7 @@ same number of passes over each image (5), same validation after each pass (each
   - federated: `federation.deploy.run_federation` — SuperLink + 3 SuperNodes as processes on loopback,
     ClientApps launched by `federation.warm_exec` (or Flower's own launcher), FedAvg, every accepted round
     exported to ONNX, parity-checked and registered; wall time from the call to the last process stopped;
-  - centralised: one process, the pooled train images, `federation.task.train_local` for 1 epoch 5 times
+  - centralised: one process, the pooled train images, `federation.task.train_local` for local-epochs, 5 times
     from the same pretrained start, validation on the pooled val images after each epoch, one ONNX export
     + registration at the end (what the federation does per accepted round, once).
 Reported: both wall times, the ratio, and the federation's time split (per-step phases from its event
@@ -48,7 +48,7 @@ def federated(args, source: DataRoot, scratch: Path) -> dict:
         source.root,
         list(DEFAULT_TRAINING_SITES),
         scratch / "registry-fed",
-        {"num-server-rounds": args.rounds, "strategy": "fedavg", "local-epochs": 1, "seed": args.seed},
+        {"num-server-rounds": args.rounds, "strategy": "fedavg", "seed": args.seed},  # the app's defaults otherwise
         scratch / "work",
         show_progress=False,
     )
@@ -123,8 +123,9 @@ def centralised(args, source: DataRoot, scratch: Path) -> dict:
     epochs = []
     for epoch in range(args.rounds):
         e0 = time.time()
-        train_local(model, train, contract, TrainConfig(epochs=1, lr=settings.lr, batch_size=settings.batch_size,
-                                                        seed=settings.seed + epoch))
+        config = TrainConfig(epochs=settings.local_epochs, lr=settings.lr, batch_size=settings.batch_size,
+                             seed=settings.seed + epoch)
+        train_local(model, train, contract, config, top=settings.train_top)  # what the sites train, as they do
         e1 = time.time()
         metrics = evaluate_samples(model, val, contract, batch_size=settings.batch_size)
         epochs.append({"train_s": round(e1 - e0, 1), "val_s": round(time.time() - e1, 1),
