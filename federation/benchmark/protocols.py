@@ -242,7 +242,8 @@ def evaluate_row(
     model: RowModel,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    temperature = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+    fitted = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+    temperature = max(1.0, fitted)  # the shipped rule (models.calibration.calibrate): only ever soften
     record: dict[str, Any] = {
         "arm": arm.name,
         "kind": kind,
@@ -250,6 +251,7 @@ def evaluate_row(
         "seed": seed,
         "seconds": round(model.seconds, 2),
         "temperature": temperature,
+        "val_temperature": fitted,
         "val_balanced_accuracy": model.val_balanced_accuracy,
         "curves": model.curves,
         "messages": model.messages,

@@ -88,3 +88,19 @@ def test_empty_summary_is_neutral() -> None:
     s = CalibrationSummary.from_logits(np.zeros((0, 5)), np.zeros(0, dtype=int))
     assert s.best_temperature() == 1.0
     assert s.abstain_threshold(1.0)[0] == 0.0
+
+
+def test_calibration_only_ever_softens() -> None:
+    # Under-confident on the sites' own validation (best T about 0.5): the contract keeps T = 1, since a
+    # new hospital is less accurate than the sites' validation; the fitted value is kept for lineage.
+    logits, y = _overconfident(4000, 5, scale=0.5)
+    s = CalibrationSummary.from_logits(logits, y)
+    assert s.best_temperature() < 0.7
+    cal = calibrate(s, 5)
+    assert cal.temperature == 1.0
+    assert cal.val_temperature == s.best_temperature()
+    # Over-confident: softened as fitted.
+    logits, y = _overconfident(4000, 5, scale=2.0)
+    s = CalibrationSummary.from_logits(logits, y)
+    cal = calibrate(s, 5)
+    assert cal.temperature == cal.val_temperature == s.best_temperature() > 1.5
