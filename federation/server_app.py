@@ -46,6 +46,9 @@ class RunSettings:
     min_nodes: int = 3
     round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes
     gate_tolerance: float = 0.02
+    # soften-only: contract temperature = max(1, T fitted on the sites' val) (new hospitals);
+    # fitted: T as fitted (best on cells like the sites' own; docs/results.md, "Calibration")
+    temperature_rule: str = "soften-only"
     num_malicious: int = 1  # krum / multikrum: sites assumed hostile
     multikrum_keep: int = 2  # multikrum: updates averaged
     trim_beta: float = 0.34  # trimmedmean: fraction cut per tail (>= 1/3 trims one of three sites)
@@ -94,6 +97,8 @@ class RunSettings:
         for key in ("lr", "server_lr", "round_timeout"):
             if not getattr(self, key) > 0:
                 problems.append(f"{key.replace('_', '-')} must be > 0")
+        if self.temperature_rule not in ("soften-only", "fitted"):
+            problems.append(f"temperature-rule {self.temperature_rule!r} is not one of soften-only, fitted")
         if self.train_top not in ("full", "stage", "head"):
             problems.append(f"train-top {self.train_top!r} is not one of full, stage, head")
         if self.proximal_mu < 0 or self.gate_tolerance < 0:
@@ -261,7 +266,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
                     "version": found.version, "path": str(found.path), "sha256": found.sha256, "parity": {}}
         # Temperature and abstain threshold from the sites' pooled validation summaries (no cells pooled).
         per_site = metadata.get("metrics", {}).get("per_site_val", {})
-        calibration = calibrate_sites(per_site, contract.num_classes)
+        soften_only = settings.temperature_rule == "soften-only"
+        calibration = calibrate_sites(per_site, contract.num_classes, soften_only=soften_only)
         version_contract = contract
         if calibration is not None:
             version_contract = contract.with_updates(

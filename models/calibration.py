@@ -188,9 +188,14 @@ class Calibration:
 
 
 def calibrate(
-    summary: CalibrationSummary, num_classes: int, target_accuracy: float = 0.95, max_abstain: float = 0.2
+    summary: CalibrationSummary,
+    num_classes: int,
+    target_accuracy: float = 0.95,
+    max_abstain: float = 0.2,
+    soften_only: bool = True,
 ) -> Calibration:
-    """Temperature = max(1, T fitted on the sites' validation): only ever soften.
+    """Temperature = max(1, T fitted on the sites' validation): only ever soften (`soften_only=False`:
+    the fitted T as it is, best for cells like the training sites' own).
 
     The sites' own validation cells look like their training cells, so the fitted T is often below 1
     (sharpen); a hospital that never trained is less accurate than that. Left-out training sites
@@ -198,7 +203,7 @@ def calibrate(
     T < 1 and 0.084 with max(1, T). The fitted value stays in lineage (`val_temperature`).
     """
     fitted = summary.best_temperature()
-    t = max(1.0, fitted)
+    t = max(1.0, fitted) if soften_only else fitted
     threshold, info = summary.abstain_threshold(t, target_accuracy, max_abstain)
     if threshold and threshold <= 1.0 / num_classes:  # the contract refuses a threshold that never abstains
         threshold = 0.0
@@ -220,7 +225,11 @@ SUMMARY_KEY = "calibration"  # where a round record keeps a site's raw summary (
 
 
 def calibrate_sites(
-    per_site: dict[str, dict], num_classes: int, target_accuracy: float = 0.95, max_abstain: float = 0.2
+    per_site: dict[str, dict],
+    num_classes: int,
+    target_accuracy: float = 0.95,
+    max_abstain: float = 0.2,
+    soften_only: bool = True,
 ) -> Calibration | None:
     """Pool the sites' summaries (each site's validation record holds its own under SUMMARY_KEY) and fit
     the temperature and abstain threshold; None when no site sent one (an older ClientApp)."""
@@ -229,7 +238,7 @@ def calibrate_sites(
     ]
     if not summaries:
         return None
-    return calibrate(pool(summaries), num_classes, target_accuracy, max_abstain)
+    return calibrate(pool(summaries), num_classes, target_accuracy, max_abstain, soften_only)
 
 
 def without_summaries(per_site: dict[str, dict]) -> dict[str, dict]:

@@ -9,6 +9,7 @@ from models.calibration import (
     TEMPERATURE_GRID,
     CalibrationSummary,
     calibrate,
+    calibrate_sites,
     expected_calibration_error,
     pool,
     softmax,
@@ -104,3 +105,10 @@ def test_calibration_only_ever_softens() -> None:
     s = CalibrationSummary.from_logits(logits, y)
     cal = calibrate(s, 5)
     assert cal.temperature == cal.val_temperature == s.best_temperature() > 1.5
+
+
+def test_fitted_rule_keeps_a_sharpening_temperature() -> None:
+    logits, y = _overconfident(4000, 5, scale=0.5)
+    s = CalibrationSummary.from_logits(logits, y)
+    cal = calibrate_sites({"a": {"calibration": s.to_record()}}, 5, soften_only=False)
+    assert cal is not None and cal.temperature == s.best_temperature() < 0.7
