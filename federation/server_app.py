@@ -46,9 +46,8 @@ class RunSettings:
     min_nodes: int = 3
     round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes
     gate_tolerance: float = 0.02
-    # soften-only: contract temperature = max(1, T fitted on the sites' val) (new hospitals);
-    # fitted: T as fitted (best on cells like the sites' own; docs/results.md, "Calibration")
-    temperature_rule: str = "soften-only"
+    # fitted: the temperature with the lowest pooled val NLL; soften-only: never below 1 (docs/results.md)
+    temperature_rule: str = "fitted"
     num_malicious: int = 1  # krum / multikrum: sites assumed hostile
     multikrum_keep: int = 2  # multikrum: updates averaged
     trim_beta: float = 0.34  # trimmedmean: fraction cut per tail (>= 1/3 trims one of three sites)

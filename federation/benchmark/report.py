@@ -38,7 +38,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], eval_names: Sequence[str]) ->
     head = ["backbone", "row"]
     for e in eval_names:
         head += [f"{e} bal. acc.", f"{e} macro-F1"]
-    head += [f"{last} ECE (T=1 → max(1, fitted T))", "seeds", "s/run"]
+    head += [f"{last} ECE (T=1 → fitted T)", "seeds", "s/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (arm, kind, name), group in group_rows(rows).items():
         cells = [arm, name if kind != "single-site" else f"single-site: {name}"]

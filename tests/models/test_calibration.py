@@ -91,19 +91,19 @@ def test_empty_summary_is_neutral() -> None:
     assert s.abstain_threshold(1.0)[0] == 0.0
 
 
-def test_calibration_only_ever_softens() -> None:
-    # Under-confident on the sites' own validation (best T about 0.5): the contract keeps T = 1, since a
-    # new hospital is less accurate than the sites' validation; the fitted value is kept for lineage.
+def test_soften_only_rule_never_sharpens() -> None:
+    # Under-confident on the sites' own validation (best T about 0.5): the soften-only rule keeps T = 1;
+    # the fitted value is kept for lineage.
     logits, y = _overconfident(4000, 5, scale=0.5)
     s = CalibrationSummary.from_logits(logits, y)
     assert s.best_temperature() < 0.7
-    cal = calibrate(s, 5)
+    cal = calibrate(s, 5, soften_only=True)
     assert cal.temperature == 1.0
     assert cal.val_temperature == s.best_temperature()
     # Over-confident: softened as fitted.
     logits, y = _overconfident(4000, 5, scale=2.0)
     s = CalibrationSummary.from_logits(logits, y)
-    cal = calibrate(s, 5)
+    cal = calibrate(s, 5, soften_only=True)
     assert cal.temperature == cal.val_temperature == s.best_temperature() > 1.5
 
 
