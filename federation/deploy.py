@@ -598,6 +598,10 @@ class LocalDeployment:
             proc.remember_children()
             if proc.running:
                 _signal_group(proc.proc.pid, signal.SIGTERM)
+        for proc in nodes:  # ClientApp processes live in sessions of their own: signal them all up front too
+            for pid, start in proc._known.items():
+                if _alive(pid, start):
+                    _signal_pid(pid, signal.SIGTERM)
         for proc in nodes:
             proc.stop()
             _forget(proc)

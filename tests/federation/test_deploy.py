@@ -217,8 +217,8 @@ def test_ctrl_c_during_a_round_stops_every_flower_process_tls_on(
     sites = list(DEFAULT_TRAINING_SITES)
     root = tiny_root_factory(data_root, tmp_path / "data", sites, CLASSES, train_per_class=2, val_per_class=1)
     work = tmp_path / "work"
-    # Long enough that Ctrl-C always lands inside the run (a 1-round tiny run can finish before the signal).
-    long_run = {**TINY_RUN, "num-server-rounds": 5, "local-epochs": 20, "train-top": "full"}
+    # Many short rounds: Ctrl-C always lands inside the run (a 1-round tiny run can finish before it).
+    long_run = {**TINY_RUN, "num-server-rounds": 50}
     script = _INTERRUPTED_RUN.format(run_config=long_run)
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(root), ",".join(sites), str(tmp_path / "registry"), str(work)],
