@@ -202,7 +202,10 @@ def serve_and_classify(registry: Path, data_root: DataRoot) -> dict:
 
 
 _INTERRUPTED_RUN = """
-import sys
+import signal, sys
+# A terminal's Ctrl-C: Python's own handler, even when this test runs as a background job whose shell set
+# SIGINT to "ignore" (the disposition children inherit, and then Python never raises KeyboardInterrupt).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from federation.deploy import run_federation
 result = run_federation(
     sys.argv[1], sys.argv[2].split(","), sys.argv[3], {run_config!r}, sys.argv[4], show_progress=False, insecure=False
