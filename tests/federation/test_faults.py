@@ -81,7 +81,9 @@ def test_a_supernode_killed_mid_round_and_the_round_completes_with_the_rest(
 ) -> None:
     root = tiny_root_factory(data_root, tmp_path / "data", SITES, CLASSES, train_per_class=4, val_per_class=2)
     work = tmp_path / "work"
-    config = {**TINY_RUN, "num-server-rounds": 2, "strategy": "fedavg", "min-nodes": 2, "round-timeout": 150.0}
+    # A train step long enough (20 epochs) that the kill 2 s into round 1 lands while bccd still trains.
+    config = {**TINY_RUN, "num-server-rounds": 2, "strategy": "fedavg", "min-nodes": 2, "round-timeout": 150.0,
+              "local-epochs": 20}
     runner, outcome = start(root, tmp_path, config)
     try:
         started = wait_for(work, runner, lambda e: e["kind"] == ev.ROUND_STARTED and e["round"] == 1)
@@ -110,7 +112,8 @@ def test_superlink_crash_after_a_round_resumes_without_counting_a_round_twice(
 ) -> None:
     root = tiny_root_factory(data_root, tmp_path / "data", SITES, CLASSES, train_per_class=4, val_per_class=2)
     work = tmp_path / "work"
-    config = {**TINY_RUN, "num-server-rounds": 3, "strategy": "fedavg", "gate-tolerance": 1.0}
+    # 10 local epochs: round 1 must recall both classes on the 2-per-class validation to be accepted.
+    config = {**TINY_RUN, "num-server-rounds": 3, "strategy": "fedavg", "gate-tolerance": 1.0, "local-epochs": 10}
     runner, outcome = start(root, tmp_path, config, insecure=False, auth=True, max_restarts=1)
     try:
         closed = wait_for(work, runner, lambda e: e["kind"] == ev.ROUND_STARTED and e["round"] == 2)
