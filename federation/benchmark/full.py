@@ -24,14 +24,13 @@ from federation.benchmark.runs import (
     BenchObserver,
     Recipe,
     RowModel,
-    add_confusion,
-    confusion_of,
     fresh_split,
+    validation_evidence,
 )
 from federation.sites import DataRoot, Sample, materialize_site
 from federation.strategies import make_strategy
 from federation.task import TrainConfig, predict_logits, train_local
-from models.calibration import CalibrationSummary, pool
+from models.calibration import pool
 from models.contract import ModelContract
 
 
@@ -48,18 +47,11 @@ def train_full_pooled(
     split = fresh_split(contract, "full", seed, pretrained)
     config: TrainConfig = recipe.train_config(recipe.rounds * recipe.local_epochs, seed)
     train_local(split.model, train, contract, config)
-    summaries, confusion = [], None
-    for samples in val:
-        if samples:
-            logits, y = predict_logits(split.model, samples, contract)
-            summaries.append(CalibrationSummary.from_logits(logits, y))
-            confusion = add_confusion(confusion, confusion_of(y, logits.argmax(1), contract.num_classes))
+    calibration, confusion = validation_evidence(
+        (predict_logits(split.model, samples, contract) for samples in val if samples), contract.num_classes
+    )
     return RowModel(
-        split,
-        time.time() - t0,
-        val_calibration=pool(summaries) if summaries else None,
-        contract=contract,
-        val_confusion=confusion,
+        split, time.time() - t0, val_calibration=calibration, contract=contract, val_confusion=confusion
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ from federation.task import TrainConfig, create_model_from_contract, seed_everyt
 from federation.trunk import Split, split_model
 from models.calibration import CalibrationSummary, pool
 from models.contract import ModelContract
+from models.evaluate import confusion_matrix
 
 
 @dataclass(frozen=True)
@@ -124,28 +126,22 @@ def train_pooled(
     train_top(
         split, x, y, contract.num_classes, recipe.train_config(recipe.rounds * recipe.local_epochs, seed)
     )
-    summaries, confusion = [], None
-    for vx, vy in val:
-        if len(vy):
-            logits = top_logits(split, vx)
-            summaries.append(CalibrationSummary.from_logits(logits, vy))
-            confusion = add_confusion(confusion, confusion_of(vy, logits.argmax(1), contract.num_classes))
-    return RowModel(
-        split,
-        time.time() - t0,
-        val_calibration=pool(summaries) if summaries else None,
-        val_confusion=confusion,
+    calibration, confusion = validation_evidence(
+        ((top_logits(split, vx), vy) for vx, vy in val if len(vy)), contract.num_classes
     )
+    return RowModel(split, time.time() - t0, val_calibration=calibration, val_confusion=confusion)
 
 
-def confusion_of(y: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
-    cm = np.zeros((classes, classes), np.int64)
-    np.add.at(cm, (np.asarray(y, np.int64), np.asarray(pred, np.int64)), 1)
-    return cm
-
-
-def add_confusion(a: np.ndarray | None, b: np.ndarray) -> np.ndarray:
-    return b if a is None else a + b
+def validation_evidence(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int
+) -> tuple[CalibrationSummary | None, np.ndarray | None]:
+    """(logits, labels) of each training site's val split → pooled calibration summary and confusion."""
+    summaries, confusion = [], None
+    for logits, y in pairs:
+        summaries.append(CalibrationSummary.from_logits(logits, y))
+        cm = confusion_matrix(y, logits.argmax(1), num_classes)
+        confusion = cm if confusion is None else confusion + cm
+    return (pool(summaries) if summaries else None), confusion
 
 
 class BenchObserver:
