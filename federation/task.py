@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from federation.augment import AugmentConfig, CellAugment
+from federation.losses import class_weights, logit_adjustment
 from federation.sites import Sample
 from models.calibration import CalibrationSummary
 from models.contract import SHARED_CLASSES, CellCrop, ModelContract
@@ -142,29 +143,6 @@ class CellDataset(Dataset):
         if self.augment is not None:
             image = self.augment(image)
         return torch.from_numpy(finish(image, self.contract)), self.targets[i]
-
-
-def class_weights(targets: Sequence[int], num_classes: int, cap: float = 3.0) -> torch.Tensor:
-    """Inverse-frequency class weights, capped at `cap` and normalised to a per-sample mean of 1.
-
-    Uncapped, one basophil among 210 cells (jiangxi-tecom) weighs ~40x a neutrophil: the loss is then
-    dominated by memorising that one cell (losses of 6-10 were seen). Classes absent locally get 0.
-    """
-    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
-    present = counts > 0
-    if not present.any():
-        return torch.zeros(num_classes, dtype=torch.float32)
-    raw = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
-    capped = np.minimum(raw, cap)
-    capped *= counts.sum() / float((capped * counts).sum())  # mean weight per sample = 1
-    return torch.tensor(capped, dtype=torch.float32)
-
-
-def logit_adjustment(targets: Sequence[int], num_classes: int, tau: float) -> torch.Tensor:
-    """tau·log(local class prior); absent classes get the prior of 1e-6 of a cell (effectively masked)."""
-    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
-    prior = (counts + 1e-6) / max(counts.sum(), 1.0)
-    return torch.tensor(tau * np.log(prior), dtype=torch.float32)
 
 
 # ---- training -------------------------------------------------------------------------------------
