@@ -287,7 +287,7 @@ class Runner:
         else:
             row.update(self._evaluate(model, layout, recipe))
         if save:
-            torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.net.state_dict().items()},
+            torch.save({k: (v.half() if v.is_floating_point() else v).cpu() for k, v in model.net.state_dict().items()},
                        self.out / save)
         row["seconds"] = round(time.monotonic() - t0, 1)
         return self._emit(row)
@@ -328,7 +328,7 @@ class Runner:
         row["best_val_round"] = best[2]
         row.update(self._evaluate(global_model, layout, recipe))
         if save:
-            torch.save({k: v.half() if v.is_floating_point() else v for k, v in global_model.net.state_dict().items()},
+            torch.save({k: (v.half() if v.is_floating_point() else v).cpu() for k, v in global_model.net.state_dict().items()},
                        self.out / save)
         row["seconds"] = round(time.monotonic() - t0, 1)
         return self._emit(row)
