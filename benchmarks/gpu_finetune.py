@@ -256,6 +256,11 @@ class Runner:
             record[name] = scores(*self._logits(model, idx, classes, recipe), classes, t)
         return record
 
+    def _save(self, model: Normalised, name: str) -> None:
+        """fp16 CPU tensors in timm's names: what `create_model_from_contract` loads on the CPU side."""
+        state = model.net.state_dict()
+        torch.save({k: (v.half() if v.is_floating_point() else v).cpu() for k, v in state.items()}, self.out / name)
+
     def _emit(self, row: dict) -> dict:
         self.rows.append(row)
         with open(self.out / "rows.jsonl", "a") as f:
@@ -287,8 +292,7 @@ class Runner:
         else:
             row.update(self._evaluate(model, layout, recipe))
         if save:
-            torch.save({k: (v.half() if v.is_floating_point() else v).cpu() for k, v in model.net.state_dict().items()},
-                       self.out / save)
+            self._save(model, save)
         row["seconds"] = round(time.monotonic() - t0, 1)
         return self._emit(row)
 
@@ -328,8 +332,7 @@ class Runner:
         row["best_val_round"] = best[2]
         row.update(self._evaluate(global_model, layout, recipe))
         if save:
-            torch.save({k: (v.half() if v.is_floating_point() else v).cpu() for k, v in global_model.net.state_dict().items()},
-                       self.out / save)
+            self._save(global_model, save)
         row["seconds"] = round(time.monotonic() - t0, 1)
         return self._emit(row)
 
