@@ -7,6 +7,8 @@ Rows (centralised and FedAvg unless the row is about a strategy):
   recipe     no class weights; no label smoothing; no augmented views (clean view only); head-only top;
              FedProx mu 0.01 / 0.1 / 1; FedAdam server lr 0.001 / 0.01 / 0.1
   input      no cell crop; no colour normalisation; stain normalisation; grayscale (each needs new features)
+  texture    contract low-pass 48 / 64 px; texture augmentation (blur, down-sampling, sharpening); strong
+             colour; low-pass + strong colour (the GPU run's diagnosis: texture stands in for the class)
   full       full fine-tuning on images (no frozen trunk, fresh augmentation every step)
 Model selection reads only `val_balanced_accuracy` (the training sites' pooled val splits); the external
 (Barcelona) column is reported, never used to choose.
@@ -124,6 +126,16 @@ def main() -> None:
         run(replace(base, name="augmentation: geometry only", augment=AugmentConfig.geometry_only()))
         run(replace(base, name="augmentation: strong colour", augment=AugmentConfig.strong_colour()))
         run(replace(base, name="16 augmented views", views=16))
+    if "texture" in args.only:  # optical resolution: the cue that sends sharp lymphocytes to basophil
+        run(replace(base, name="default"))
+        for side in (48, 64):
+            run(replace(base, name=f"contract low-pass {side} px", detail=side))
+        run(replace(base, name="augmentation: texture", augment=AugmentConfig.texture()))
+        run(replace(base, name="augmentation: strong colour", augment=AugmentConfig.strong_colour()))
+        run(replace(base, name="low-pass 64 px + strong colour", detail=64, augment=AugmentConfig.strong_colour()))
+        stronger = replace(AugmentConfig.texture(), blur_p=0.7, lowres_p=0.7, sharpen_p=0.4)
+        run(replace(base, name="augmentation: texture, stronger", augment=stronger))
+        run(replace(base, name="low-pass 64 px + texture", detail=64, augment=AugmentConfig.texture()))
     if "full" in args.only:
         run(LITE0_FULL)
     save()

@@ -9,7 +9,7 @@ What varies between hospitals, and the augmentation that covers it:
   - stain amount and hue (MGG vs Giemsa-Wright vs rapid stains) → per-channel optical-density gain and a
     small mixing of the density channels (Beer-Lambert: background stays white, darker parts change most)
   - camera: exposure, gamma, saturation, residual colour cast → light jitter after the stain step
-  - optics and resolution (120 px crops vs 360 px fields) → blur, down-and-up sampling, sensor noise
+  - optics and resolution (120 px crops vs 360 px fields) → blur, down-and-up sampling, sharpening, noise
 NumPy + Pillow only.
 """
 
@@ -45,6 +45,7 @@ class AugmentConfig:
     noise_p: float = 0.2
     noise_sigma: tuple[float, float] = (1.0, 6.0)
     hue: float = 0.0  # max hue rotation, fraction of the colour circle (0 = off)
+    sharpen_p: float = 0.0  # unsharp mask: fine texture added to soft cells (sharp scanners), 0 = off
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -58,6 +59,11 @@ class AugmentConfig:
     def strong_colour(cls) -> AugmentConfig:
         """Colour cues that identify a site more than a cell type: hue rotation, more gray, wider stain."""
         return cls(stain_gain=(0.5, 1.6), stain_mix=0.25, saturation=(0.4, 1.6), gray_p=0.3, hue=0.08)
+
+    @classmethod
+    def texture(cls) -> AugmentConfig:
+        """Optical resolution as a nuisance: soften most views, sharpen some, so texture cannot name a class."""
+        return cls(blur_p=0.5, lowres_p=0.5, sharpen_p=0.3)
 
     @classmethod
     def geometry_only(cls) -> AugmentConfig:
@@ -133,6 +139,8 @@ def optics(image: Image.Image, rng: random.Random, cfg: AugmentConfig) -> Image.
         )
     if rng.random() < cfg.blur_p:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(*cfg.blur_sigma)))
+    if cfg.sharpen_p and rng.random() < cfg.sharpen_p:
+        image = image.filter(ImageFilter.UnsharpMask(radius=rng.uniform(1.0, 2.5), percent=rng.randint(80, 200), threshold=2))
     if rng.random() < cfg.noise_p:
         arr = np.asarray(image, dtype=np.float32)
         noise = np.random.default_rng(rng.getrandbits(32)).normal(
@@ -168,3 +176,17 @@ class CellAugment:
         if rng.random() < cfg.gray_p:
             image = image.convert("L").convert("RGB")
         return optics(image, rng, cfg)
+
+
+def named_augmentation(name: str) -> AugmentConfig:
+    """The recipes a run config can name (`augment = "..."`); docs/results.md compares them."""
+    presets = {
+        "default": AugmentConfig,
+        "texture": AugmentConfig.texture,
+        "strong-colour": AugmentConfig.strong_colour,
+        "geometry": AugmentConfig.geometry_only,
+        "none": AugmentConfig.none,
+    }
+    if name not in presets:
+        raise ValueError(f"augmentation {name!r} is not one of {', '.join(presets)}")
+    return presets[name]()

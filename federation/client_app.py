@@ -83,6 +83,7 @@ def _setup(msg: Message, context: Context):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from federation.augment import named_augmentation
     from federation.task import TrainConfig, train_local
 
     site, config, contract, samples, model = _setup(msg, context)
@@ -105,6 +106,7 @@ def train(msg: Message, context: Context) -> Message:
         global_params=global_params,
         progress=_progress(site, server_round),
         top=str(config.get("train-top", "full")),
+        augment=named_augmentation(str(config.get("augment", "default"))),
     )
     seconds = time.time() - t0
     counts = Counter(s.label for s in samples)

@@ -39,9 +39,11 @@ class RunSettings:
     color: str = "rgb"
     cell_crop: float = 1.3  # CellCrop scale; 0 = no cell crop
     color_norm: str = "white-balance"  # none | white-balance | stain
+    detail: int = 0  # contract low-pass: the framed cell reduced to this many pixels a side; 0 = off
     # What the sites train, the rest frozen (federation.trunk). "stage" (last block group + classifier) beat
     # "full" on the external hospital in the same 5-round deployment (docs/results.md, "The shipped default").
     train_top: str = "stage"
+    augment: str = "default"  # federation.augment.named_augmentation: default | texture | strong-colour | ...
     seed: int = 0
     min_nodes: int = 3
     round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes
@@ -98,8 +100,16 @@ class RunSettings:
                 problems.append(f"{key.replace('_', '-')} must be > 0")
         if self.temperature_rule not in ("soften-only", "fitted"):
             problems.append(f"temperature-rule {self.temperature_rule!r} is not one of soften-only, fitted")
+        try:
+            from federation.augment import named_augmentation
+
+            named_augmentation(self.augment)
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.train_top not in ("full", "stage", "head"):
             problems.append(f"train-top {self.train_top!r} is not one of full, stage, head")
+        if self.detail != 0 and not 8 <= self.detail <= 1024:
+            problems.append(f"detail must be 0 (off) or 8-1024 pixels, not {self.detail}")
         if self.proximal_mu < 0 or self.gate_tolerance < 0:
             problems.append("proximal-mu and gate-tolerance must be >= 0")
         if self.dp_noise < 0 or not self.dp_clip > 0 or not 0 < self.dp_delta < 1:
@@ -165,6 +175,7 @@ def build_contract_from_settings(settings: RunSettings):
         cell_crop=CellCrop(scale=settings.cell_crop) if settings.cell_crop > 0 else None,
         color=settings.color,
         color_norm=settings.color_norm,
+        detail=settings.detail or None,
     )
 
 
@@ -366,6 +377,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
             LAYOUT_KEY: layout.digest,
             "local-epochs": settings.local_epochs,
             "train-top": settings.train_top,
+            "augment": settings.augment,
             "lr": settings.lr,
             "batch-size": settings.batch_size,
             "seed": settings.seed,

@@ -39,6 +39,7 @@ def build_contract(
     cell_crop: CellCrop | None = CellCrop(),
     color: str = "rgb",
     color_norm: str = "white-balance",
+    detail: int | None = None,
 ) -> ModelContract:
     cfg = pretrained_cfg(architecture)
     return ModelContract(
@@ -51,6 +52,7 @@ def build_contract(
         cell_crop=cell_crop,
         color=color,
         color_norm=color_norm,
+        detail=detail,
     )
 
 

@@ -2,7 +2,7 @@
 
 Two stages so that training can put random augmentation between them:
   `prepare(image)`  deterministic, cacheable: RGB conversion, then locate/centre/rescale the white cell
-  `finish(image)`   colour policy, resize to the input size, scale and normalise to a CHW float32 array
+  `finish(image)`   colour policy, low-pass (`detail`), resize to the input size, normalise to CHW float32
 `preprocess = finish ∘ prepare` is what the service and evaluation run.
 """
 
@@ -68,6 +68,8 @@ def finish(image: Image.Image, contract: ModelContract) -> np.ndarray:
     """Colour policy, resize, normalise: a float32 array of shape (3, size, size)."""
     if contract.color == "gray":
         image = ImageOps.autocontrast(image.convert("L"), cutoff=1).convert("RGB")
+    if contract.detail is not None and image.width > contract.detail:
+        image = image.resize((contract.detail, round(contract.detail * image.height / image.width)), Image.Resampling.BOX)
     image = _resize(image, contract)
     arr = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
     mean = np.asarray(contract.mean, dtype=np.float32)

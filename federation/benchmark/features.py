@@ -52,7 +52,7 @@ def render_view(
 
 # Fields added to AugmentConfig after caches existed: left out of the key at their "off" value, so the
 # views cached before them (identical bytes) stay valid.
-_LATER_FIELDS = {"hue": 0.0}
+_LATER_FIELDS = {"hue": 0.0, "sharpen_p": 0.0}
 
 
 def _augment_key(augment: AugmentConfig | None) -> dict | None:
@@ -86,6 +86,8 @@ def cache_key(
         "seed": seed,
         "version": FEATURES_VERSION,
     }
+    if contract.detail is not None:  # added later: absent when off, so older caches keep their keys
+        payload["detail"] = contract.detail
     h = hashlib.sha1(json.dumps(payload, sort_keys=True, default=list).encode())
     h.update("\n".join(str(s.path) for s in samples).encode())
     return h.hexdigest()[:16]

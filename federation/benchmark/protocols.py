@@ -61,6 +61,7 @@ class Arm:
     color: str = "rgb"
     color_norm: str = "white-balance"
     cell_crop: float = 1.3
+    detail: int | None = None  # contract low-pass (pixels a side), None: off
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     recipe: Recipe = field(default_factory=Recipe)
     pretrained: bool = True  # False: random init (ResNet-34: no offline ImageNet weights here)
@@ -77,6 +78,7 @@ class Arm:
             cell_crop=CellCrop(scale=self.cell_crop) if self.cell_crop else None,
             color=self.color,
             color_norm=self.color_norm,
+            detail=self.detail,
         )
 
     def describe(self) -> dict[str, Any]:

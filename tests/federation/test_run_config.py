@@ -39,3 +39,7 @@ def test_declared_defaults_pass_the_checks(tmp_path: Path):
     assert settings.train_top == _declared()["train-top"]
     with pytest.raises(ValueError, match="train-top"):
         RunSettings.from_run_config({**_declared(), **paths, "train-top": "everything"})
+    with pytest.raises(ValueError, match="augmentation 'sepia'"):
+        RunSettings.from_run_config({**_declared(), **paths, "augment": "sepia"})
+    with pytest.raises(ValueError, match="detail must be"):
+        RunSettings.from_run_config({**_declared(), **paths, "detail": 4})

@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch import nn
 
-from federation.augment import AugmentConfig, CellAugment
+from federation.augment import AugmentConfig, CellAugment, named_augmentation
 from federation.sites import DataRoot
 from federation.task import (
     TrainConfig,
@@ -62,6 +62,28 @@ def test_no_augmentation_is_a_plain_resize() -> None:
     ref = _cell(90).resize((45, 45), Image.Resampling.BILINEAR)
     assert np.abs(np.asarray(out, float) - np.asarray(ref, float)).mean() < 6.0  # flips aside: same cell
     assert np.asarray(out)[0, 0].tolist() == [235, 235, 235]  # corners keep the background, no black fill
+
+
+def _edge_energy(image: Image.Image) -> float:
+    arr = np.asarray(image.convert("L"), dtype=np.float32)
+    return float(np.mean(np.diff(arr, axis=0) ** 2) + np.mean(np.diff(arr, axis=1) ** 2))
+
+
+def test_sharpening_adds_texture_and_the_default_recipe_never_draws_it() -> None:
+    only_sharpen = AugmentConfig(**{**AugmentConfig.none().__dict__, "sharpen_p": 1.0})
+    cell = _cell(64).filter(ImageFilter.GaussianBlur(2.0))  # a soft cell, as the low-resolution sites give
+    sharpened = CellAugment(64, only_sharpen)(cell, random.Random(0))
+    assert _edge_energy(sharpened) > 1.3 * _edge_energy(cell)
+    # Views cached before sharpening existed stay valid: with sharpen_p = 0 the draws are unchanged.
+    assert AugmentConfig().sharpen_p == 0.0
+    assert AugmentConfig.texture().sharpen_p > 0 and AugmentConfig.texture().blur_p > AugmentConfig().blur_p
+
+
+@pytest.mark.parametrize("name", ["default", "texture", "strong-colour", "geometry", "none"])
+def test_named_augmentations_exist_and_unknown_names_are_refused(name: str) -> None:
+    assert isinstance(named_augmentation(name), AugmentConfig)
+    with pytest.raises(ValueError, match="not one of"):
+        named_augmentation("sepia")
 
 
 def test_fit_learns_a_separable_problem_and_reports_its_steps() -> None:
