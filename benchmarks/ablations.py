@@ -8,7 +8,9 @@ Rows (centralised and FedAvg unless the row is about a strategy):
              FedProx mu 0.01 / 0.1 / 1; FedAdam server lr 0.001 / 0.01 / 0.1
   input      no cell crop; no colour normalisation; stain normalisation; grayscale (each needs new features)
   texture    contract low-pass 48 / 64 px; texture augmentation (blur, down-sampling, sharpening); strong
-             colour; low-pass + strong colour (the GPU run's diagnosis: texture stands in for the class)
+             colour; low-pass + strong colour (the GPU run's diagnosis: texture stands in for the class);
+             the training sites' styles (mean amplitude spectra, federation/style.py) mixed into views
+  texture-strategies   the texture recipes under FedProx (mu 1), FedAdam and FedMedian
   full       full fine-tuning on images (no frozen trunk, fresh augmentation every step)
 Model selection reads only `val_balanced_accuracy` (the training sites' pooled val splits); the external
 (Barcelona) column is reported, never used to choose.
@@ -136,6 +138,18 @@ def main() -> None:
         stronger = replace(AugmentConfig.texture(), blur_p=0.7, lowres_p=0.7, sharpen_p=0.4)
         run(replace(base, name="augmentation: texture, stronger", augment=stronger))
         run(replace(base, name="low-pass 64 px + texture", detail=64, augment=AugmentConfig.texture()))
+        run(replace(base, name="texture + sites' styles (amplitude mix)", augment=AugmentConfig.texture_and_style()))
+        style_only = replace(AugmentConfig(), style_p=0.5)
+        run(replace(base, name="sites' styles (amplitude mix)", augment=style_only))
+    if "texture-strategies" in args.only:  # the texture recipes under the other aggregation rules
+        for augment, label in ((AugmentConfig.texture(), "augmentation: texture"),
+                               (AugmentConfig.texture_and_style(), "texture + sites' styles (amplitude mix)")):
+            run(replace(base, name=label, augment=augment), strategies=("fedprox", "fedadam", "fedmedian"),
+                central=False, params={"fedprox": {"proximal_mu": 1.0}, "fedadam": {"server_lr": 0.01}})
+            # Local logit adjustment (FedLC-style): each site's own class prior, absent classes masked, so
+            # the sites without basophils stop pushing every cell away from that class.
+            run(replace(base, name=f"{label}, local logit adjustment", augment=augment,
+                        recipe=replace(base.recipe, logit_adjustment=1.0, class_balanced=False)))
     if "full" in args.only:
         run(LITE0_FULL)
     save()

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
+
+from federation.style import mix_amplitude
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class AugmentConfig:
     noise_sigma: tuple[float, float] = (1.0, 6.0)
     hue: float = 0.0  # max hue rotation, fraction of the colour circle (0 = off)
     sharpen_p: float = 0.0  # unsharp mask: fine texture added to soft cells (sharp scanners), 0 = off
+    style_p: float = 0.0  # amplitude mix with another site's style (federation.style), 0 = off
+    style_lambda: float = 1.0  # the mix fraction is drawn from U(0, style_lambda)
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -64,6 +69,11 @@ class AugmentConfig:
     def texture(cls) -> AugmentConfig:
         """Optical resolution as a nuisance: soften most views, sharpen some, so texture cannot name a class."""
         return cls(blur_p=0.5, lowres_p=0.5, sharpen_p=0.3)
+
+    @classmethod
+    def texture_and_style(cls) -> AugmentConfig:
+        """Texture, plus half the views taking another site's amplitude spectrum (needs styles)."""
+        return replace(cls.texture(), style_p=0.5)
 
     @classmethod
     def geometry_only(cls) -> AugmentConfig:
@@ -159,14 +169,20 @@ def _rotate_hue(image: Image.Image, shift: float) -> Image.Image:
 class CellAugment:
     """prepared cell (PIL RGB) → augmented PIL RGB of side `out_side`; `rng` makes it reproducible."""
 
-    def __init__(self, out_side: int, config: AugmentConfig | None = None):
+    def __init__(
+        self, out_side: int, config: AugmentConfig | None = None, styles: Sequence[np.ndarray] = ()
+    ):
         self.out_side = out_side
         self.config = config or AugmentConfig()
+        self.styles = list(styles)  # sites' mean amplitude spectra (out_side, out_side, 3); see style_p
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Image.Image:
         rng = rng or random.Random(random.getrandbits(64))
         cfg = self.config
         image = geometric(image, rng, cfg, self.out_side)
+        if cfg.style_p and self.styles and rng.random() < cfg.style_p:
+            style = self.styles[rng.randrange(len(self.styles))]
+            image = mix_amplitude(image, style, rng.uniform(0.0, cfg.style_lambda))
         arr = camera(stain(np.asarray(image), rng, cfg), rng, cfg)
         image = Image.fromarray(arr)
         if cfg.saturation != (1.0, 1.0):

@@ -43,7 +43,7 @@ class RunSettings:
     # What the sites train, the rest frozen (federation.trunk). "stage" (last block group + classifier) beat
     # "full" on the external hospital in the same 5-round deployment (docs/results.md, "The shipped default").
     train_top: str = "stage"
-    augment: str = "default"  # federation.augment.named_augmentation: default | texture | strong-colour | ...
+    augment: str = "texture"  # federation.augment.named_augmentation: default | texture | strong-colour | ...
     seed: int = 0
     min_nodes: int = 3
     round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes

@@ -52,7 +52,7 @@ def render_view(
 
 # Fields added to AugmentConfig after caches existed: left out of the key at their "off" value, so the
 # views cached before them (identical bytes) stay valid.
-_LATER_FIELDS = {"hue": 0.0, "sharpen_p": 0.0}
+_LATER_FIELDS = {"hue": 0.0, "sharpen_p": 0.0, "style_p": 0.0, "style_lambda": 1.0}
 
 
 def _augment_key(augment: AugmentConfig | None) -> dict | None:
@@ -106,21 +106,27 @@ def trunk_features(
     batch_size: int = 64,
     log: Callable[[str], None] = print,
     variant: str = "",
+    styles: Sequence[np.ndarray] = (),
 ) -> np.ndarray:
-    """Array (N, 1 + views, *trunk output shape), float16: view 0 clean, then `views` augmented views."""
+    """Array (N, 1 + views, *trunk output shape), float16: view 0 clean, then `views` augmented views.
+
+    `styles`: the sites' mean amplitude spectra the augmentation may mix in (`AugmentConfig.style_p`)."""
     if len(prepared) != len(samples):
         raise ValueError(f"{len(prepared)} prepared images for {len(samples)} samples")
     if views == 0 and cache_dir is not None:
         return _clean_features(split, samples, prepared, contract, cache_dir, batch_size, log, variant)
     path = None
     if cache_dir is not None:
+        if styles and views:  # the styles change the views' bytes
+            digest = hashlib.sha1(b"".join(np.ascontiguousarray(a).tobytes() for a in styles)).hexdigest()[:12]
+            variant = f"{variant}+styles-{digest}"
         key = cache_key(contract, split.top_name, samples, views, augment if views else None, seed, variant)
         path = (
             cache_dir / f"{contract.architecture}-{split.top_name}-{contract.input_size}-v{views}-{key}.npy"
         )
         if path.is_file():
             return np.load(path, mmap_mode="r")
-    aug = CellAugment(contract.input_size, augment) if views else None
+    aug = CellAugment(contract.input_size, augment, styles) if views else None
     jobs = [(i, v) for i in range(len(samples)) for v in range(1 + views)]
     out: np.ndarray | None = None
     t0 = time.perf_counter()

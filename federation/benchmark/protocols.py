@@ -31,6 +31,7 @@ from federation.benchmark.partition import describe, dirichlet_partition
 from federation.benchmark.prepared import PreparedImages, cached_source
 from federation.benchmark.runs import Recipe, RowModel, fresh_split, train_federated, train_pooled
 from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, DataRoot, Sample
+from federation.style import mean_amplitude
 from federation.task import build_contract, set_prepared_source
 from models.calibration import CalibrationSummary, expected_calibration_error, softmax
 from models.contract import SHARED_CLASSES, CellCrop, ModelContract
@@ -197,7 +198,7 @@ def arm_features(
     prepared = PreparedImages.build(split.samples, contract, cache / "prepared", log=log)
     model = fresh_split(contract, arm.top, seed=0)  # the trunk is pretrained and frozen: seed-free
 
-    def feats(indices: list[int], views: int) -> np.ndarray:
+    def feats(indices: list[int], views: int, styles: Sequence[np.ndarray] = ()) -> np.ndarray:
         return trunk_features(
             model,
             [split.samples[i] for i in indices],
@@ -208,10 +209,17 @@ def arm_features(
             seed=0,
             cache_dir=cache / "features",
             log=log,
+            styles=styles,
         )
 
     train_idx = sorted(i for idx in split.train.values() for i in idx)
-    train_all = feats(train_idx, arm.views)
+    styles: list[np.ndarray] = []
+    if arm.augment.style_p > 0:  # each training site shares its mean amplitude (federation.style)
+        for site, idx in split.train.items():
+            sub = prepared.subset(list(idx))
+            styles.append(mean_amplitude((sub.image(k) for k in range(len(sub))), contract.input_size))
+        log(f"{arm.name}: styles of {len(styles)} training sites shared")
+    train_all = feats(train_idx, arm.views, styles)
     position = {i: k for k, i in enumerate(train_idx)}
     other_idx = sorted(
         {i for idx in split.val.values() for i in idx} | {i for v in split.evaluation.values() for i in v}

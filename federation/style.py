@@ -1,0 +1,45 @@
+"""Site styles as amplitude spectra: what a site can share so that others train on cells that look like its.
+
+A cell's Fourier amplitude carries its "style" (colour cast, illumination, how sharp the optics are:
+the fall-off of high frequencies), its phase carries the shapes (Oppenheim & Lim 1981). Federated domain
+generalisation shares amplitude between sites and trains on cells whose amplitude is mixed with another
+site's (FedDG, Liu et al., CVPR 2021; full-spectrum amplitude mix as in FACT, Xu et al., CVPR 2021). Here a
+site shares one array, the *mean* amplitude over its training cells at the network's input size: no
+image, no label, no single cell. `AugmentConfig.style_p` applies it during training; the service never
+sees any of it. NumPy + Pillow only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image
+
+
+def amplitude(image: Image.Image, side: int) -> np.ndarray:
+    """Per-channel Fourier amplitude (side, side, 3), float32, of the image resized to side × side."""
+    arr = np.asarray(image.convert("RGB").resize((side, side), Image.Resampling.BILINEAR), np.float32)
+    return np.abs(np.fft.fft2(arr, axes=(0, 1))).astype(np.float32)
+
+
+def mean_amplitude(images: Iterable[Image.Image], side: int) -> np.ndarray:
+    """A site's style: the mean amplitude of its cells (what it shares)."""
+    total, n = np.zeros((side, side, 3), np.float64), 0
+    for image in images:
+        total += amplitude(image, side)
+        n += 1
+    if n == 0:
+        raise ValueError("no images to take a style from")
+    return (total / n).astype(np.float32)
+
+
+def mix_amplitude(image: Image.Image, style: np.ndarray, lam: float) -> Image.Image:
+    """The cell with its amplitude moved a fraction `lam` towards `style`; its phase (shapes) kept."""
+    arr = np.asarray(image, np.float32)
+    if arr.shape != style.shape:
+        raise ValueError(f"style of shape {style.shape} for an image of shape {arr.shape}")
+    spectrum = np.fft.fft2(arr, axes=(0, 1))
+    amp = (1.0 - lam) * np.abs(spectrum) + lam * style
+    out = np.real(np.fft.ifft2(amp * np.exp(1j * np.angle(spectrum)), axes=(0, 1)))
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
