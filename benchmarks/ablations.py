@@ -10,7 +10,8 @@ Rows (centralised and FedAvg unless the row is about a strategy):
   texture    contract low-pass 48 / 64 px; texture augmentation (blur, down-sampling, sharpening); strong
              colour; low-pass + strong colour (the GPU run's diagnosis: texture stands in for the class);
              the training sites' styles (mean amplitude spectra, federation/style.py) mixed into views
-  texture-strategies   the texture recipes under FedProx (mu 1), FedAdam and FedMedian
+  texture-strategies   the texture recipes under FedProx (mu 1), FedAdam and FedMedian, local logit adjustment
+  texture-rounds       the texture recipes with 20 rounds x 1 local epoch
   full       full fine-tuning on images (no frozen trunk, fresh augmentation every step)
 Model selection reads only `val_balanced_accuracy` (the training sites' pooled val splits); the external
 (Barcelona) column is reported, never used to choose.
@@ -150,6 +151,11 @@ def main() -> None:
             # the sites without basophils stop pushing every cell away from that class.
             run(replace(base, name=f"{label}, local logit adjustment", augment=augment,
                         recipe=replace(base.recipe, logit_adjustment=1.0, class_balanced=False)))
+    if "texture-rounds" in args.only:  # more, shorter rounds: less drift between the sites' models
+        for augment, label in ((AugmentConfig.texture(), "augmentation: texture"),
+                               (AugmentConfig.texture_and_style(), "texture + sites' styles (amplitude mix)")):
+            run(replace(base, name=f"{label}, 20 rounds x 1 epoch", augment=augment,
+                        recipe=replace(base.recipe, rounds=20, local_epochs=1)))
     if "full" in args.only:
         run(LITE0_FULL)
     save()
