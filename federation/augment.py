@@ -150,7 +150,8 @@ def optics(image: Image.Image, rng: random.Random, cfg: AugmentConfig) -> Image.
     if rng.random() < cfg.blur_p:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(*cfg.blur_sigma)))
     if cfg.sharpen_p and rng.random() < cfg.sharpen_p:
-        image = image.filter(ImageFilter.UnsharpMask(radius=rng.uniform(1.0, 2.5), percent=rng.randint(80, 200), threshold=2))
+        radius, percent = rng.uniform(1.0, 2.5), rng.randint(80, 200)
+        image = image.filter(ImageFilter.UnsharpMask(radius=radius, percent=percent, threshold=2))
     if rng.random() < cfg.noise_p:
         arr = np.asarray(image, dtype=np.float32)
         noise = np.random.default_rng(rng.getrandbits(32)).normal(

@@ -53,9 +53,9 @@ class ModelContract(BaseModel):
     # slide background (removes a site's cast and exposure), "stain" also maps the nucleus to one colour.
     color_norm: Literal["none", "white-balance", "stain"] = "none"
     cell_crop: CellCrop | None = None
-    # Low-pass: the framed cell is reduced to `detail` pixels a side (box filter) before the input resize.
-    # Scanners differ most in optical resolution (CellaVision's sharp chromatin vs soft phone-microscope
-    # cells); taking the finest texture away from every cell stops it standing in for a class.
+    # Low-pass: the framed cell is reduced to `detail` pixels a side (box filter) before the input resize,
+    # so the finest texture, which differs with a scanner's optics more than with the cell type, is gone
+    # for every site alike. Off by default: it helped full fine-tuning, not the frozen trunk (results.md).
     detail: int | None = Field(None, ge=8, le=1024, description="low-pass side in pixels (None: off)")
     # Calibration: logits are divided by `temperature` before the softmax; the service answers
     # "unidentified" when the top probability is below `abstain_threshold`.

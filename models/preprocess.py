@@ -69,7 +69,8 @@ def finish(image: Image.Image, contract: ModelContract) -> np.ndarray:
     if contract.color == "gray":
         image = ImageOps.autocontrast(image.convert("L"), cutoff=1).convert("RGB")
     if contract.detail is not None and image.width > contract.detail:
-        image = image.resize((contract.detail, round(contract.detail * image.height / image.width)), Image.Resampling.BOX)
+        side = contract.detail
+        image = image.resize((side, round(side * image.height / image.width)), Image.Resampling.BOX)
     image = _resize(image, contract)
     arr = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
     mean = np.asarray(contract.mean, dtype=np.float32)
