@@ -156,6 +156,12 @@ def main() -> None:
                                (AugmentConfig.texture_and_style(), "texture + sites' styles (amplitude mix)")):
             run(replace(base, name=f"{label}, 20 rounds x 1 epoch", augment=augment,
                         recipe=replace(base.recipe, rounds=20, local_epochs=1)))
+    if "texture-bn" in args.only:  # the trained stage's BatchNorm statistics: per-site and averaged, or fixed
+        for augment, label in ((AugmentConfig.texture(), "augmentation: texture"),
+                               (AugmentConfig.texture_and_style(), "texture + sites' styles (amplitude mix)")):
+            run(replace(base, name=f"{label}, BatchNorm statistics frozen", augment=augment,
+                        recipe=replace(base.recipe, frozen_bn_stats=True)),
+                strategies=("fedavg", "fedprox"), params={"fedprox": {"proximal_mu": 1.0}})
     if "full" in args.only:
         run(LITE0_FULL)
     save()

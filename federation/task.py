@@ -161,6 +161,10 @@ class TrainConfig:
     # so the network learns what does not depend on how common a class is at this site; a class absent
     # here gets log(prior) ≈ -14 and is neither pushed up nor down. 0 = off.
     logit_adjustment: float = 0.0
+    # BatchNorm layers of the trained part keep their pretrained statistics (affine still trained). With
+    # it off, each site's running mean/var follow its own cells and FedAvg averages them: the averaged
+    # statistics fit no site (the FedBN observation, Li et al. 2021).
+    frozen_bn_stats: bool = False
     proximal_mu: float = 0.0
     seed: int = 0
 
@@ -198,6 +202,10 @@ def fit(
     )
 
     forward.train()
+    if config.frozen_bn_stats:
+        for module in forward.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     seen, loss_sum, correct, step = 0, 0.0, 0, 0
     for epoch in range(config.epochs):
         for inputs, labels in batches(epoch):

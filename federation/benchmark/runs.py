@@ -46,6 +46,7 @@ class Recipe:
     class_balanced: bool = True
     class_weight_cap: float = 3.0
     logit_adjustment: float = 0.0
+    frozen_bn_stats: bool = False
 
     def train_config(self, epochs: int, seed: int, proximal_mu: float = 0.0) -> TrainConfig:
         return TrainConfig(
@@ -57,6 +58,7 @@ class Recipe:
             class_balanced=self.class_balanced,
             class_weight_cap=self.class_weight_cap,
             logit_adjustment=self.logit_adjustment,
+            frozen_bn_stats=self.frozen_bn_stats,
             proximal_mu=proximal_mu,
             seed=seed,
         )
@@ -70,6 +72,7 @@ class Recipe:
             "class-balanced": self.class_balanced,
             "class-weight-cap": self.class_weight_cap,
             "logit-adjustment": self.logit_adjustment,
+            "frozen-bn-stats": self.frozen_bn_stats,
         }
 
 

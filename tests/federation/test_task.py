@@ -97,6 +97,23 @@ def test_fit_learns_a_separable_problem_and_reports_its_steps() -> None:
     assert (model(x).argmax(1) == y).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_batchnorm_statistics_follow_the_site_unless_frozen(frozen: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 4) * 3.0 + 5.0  # a site whose features sit far from the pretrained statistics
+    y = (x[:, 0] > 5.0).long()
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2))
+    batches = lambda _e: [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    config = TrainConfig(epochs=3, lr=0.05, frozen_bn_stats=frozen)
+    fit(model, list(model.parameters()), batches, 4, y.tolist(), 2, config)
+    bn = model[0]
+    if frozen:
+        assert torch.equal(bn.running_mean, torch.zeros(4)) and torch.equal(bn.running_var, torch.ones(4))
+        assert not torch.equal(bn.weight, torch.ones(4))  # the affine part still trains
+    else:
+        assert bn.running_mean.mean() > 3.0
+
+
 def test_fedprox_term_keeps_weights_near_the_global_ones() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
