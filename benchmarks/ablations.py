@@ -12,6 +12,7 @@ Rows (centralised and FedAvg unless the row is about a strategy):
              the training sites' styles (mean amplitude spectra, federation/style.py) mixed into views
   texture-strategies   the texture recipes under FedProx (mu 1), FedAdam and FedMedian, local logit adjustment
   texture-rounds       the texture recipes with 20 rounds x 1 local epoch
+  texture-bn           the texture recipes with the trained stage's BatchNorm statistics frozen
   full       full fine-tuning on images (no frozen trunk, fresh augmentation every step)
 Model selection reads only `val_balanced_accuracy` (the training sites' pooled val splits); the external
 (Barcelona) column is reported, never used to choose.
@@ -37,6 +38,13 @@ from federation.benchmark import report
 from federation.benchmark.presets import LITE0, LITE0_FULL
 from federation.benchmark.protocols import arm_features, leave_one_site_out, paper_layout, run_rows
 from federation.sites import DataRoot, resolve_data_root
+
+
+# The two texture recipes the follow-up groups (strategies, rounds, BatchNorm) run: (augmentation, name).
+TEXTURE_RECIPES = (
+    (AugmentConfig.texture(), "augmentation: texture"),
+    (AugmentConfig.texture_and_style(), "texture + sites' styles (amplitude mix)"),
+)
 
 
 def main() -> None:
@@ -139,12 +147,11 @@ def main() -> None:
         stronger = replace(AugmentConfig.texture(), blur_p=0.7, lowres_p=0.7, sharpen_p=0.4)
         run(replace(base, name="augmentation: texture, stronger", augment=stronger))
         run(replace(base, name="low-pass 64 px + texture", detail=64, augment=AugmentConfig.texture()))
-        run(replace(base, name="texture + sites' styles (amplitude mix)", augment=AugmentConfig.texture_and_style()))
+        run(replace(base, name=TEXTURE_RECIPES[1][1], augment=AugmentConfig.texture_and_style()))
         style_only = replace(AugmentConfig(), style_p=0.5)
         run(replace(base, name="sites' styles (amplitude mix)", augment=style_only))
     if "texture-strategies" in args.only:  # the texture recipes under the other aggregation rules
-        for augment, label in ((AugmentConfig.texture(), "augmentation: texture"),
-                               (AugmentConfig.texture_and_style(), "texture + sites' styles (amplitude mix)")):
+        for augment, label in TEXTURE_RECIPES:
             run(replace(base, name=label, augment=augment), strategies=("fedprox", "fedadam", "fedmedian"),
                 central=False, params={"fedprox": {"proximal_mu": 1.0}, "fedadam": {"server_lr": 0.01}})
             # Local logit adjustment (FedLC-style): each site's own class prior, absent classes masked, so
@@ -152,13 +159,11 @@ def main() -> None:
             run(replace(base, name=f"{label}, local logit adjustment", augment=augment,
                         recipe=replace(base.recipe, logit_adjustment=1.0, class_balanced=False)))
     if "texture-rounds" in args.only:  # more, shorter rounds: less drift between the sites' models
-        for augment, label in ((AugmentConfig.texture(), "augmentation: texture"),
-                               (AugmentConfig.texture_and_style(), "texture + sites' styles (amplitude mix)")):
+        for augment, label in TEXTURE_RECIPES:
             run(replace(base, name=f"{label}, 20 rounds x 1 epoch", augment=augment,
                         recipe=replace(base.recipe, rounds=20, local_epochs=1)))
     if "texture-bn" in args.only:  # the trained stage's BatchNorm statistics: per-site and averaged, or fixed
-        for augment, label in ((AugmentConfig.texture(), "augmentation: texture"),
-                               (AugmentConfig.texture_and_style(), "texture + sites' styles (amplitude mix)")):
+        for augment, label in TEXTURE_RECIPES:
             run(replace(base, name=f"{label}, BatchNorm statistics frozen", augment=augment,
                         recipe=replace(base.recipe, frozen_bn_stats=True)),
                 strategies=("fedavg", "fedprox"), params={"fedprox": {"proximal_mu": 1.0}})

@@ -215,7 +215,7 @@ def arm_features(
     train_idx = sorted(i for idx in split.train.values() for i in idx)
     styles: list[np.ndarray] = []
     if arm.augment.style_p > 0:  # each training site shares its mean amplitude (federation.style)
-        for site, idx in split.train.items():
+        for idx in split.train.values():
             sub = prepared.subset(list(idx))
             styles.append(mean_amplitude((sub.image(k) for k in range(len(sub))), contract.input_size))
         log(f"{arm.name}: styles of {len(styles)} training sites shared")
