@@ -6,7 +6,9 @@ The shipped recipe's arm (EfficientNet-Lite0, frozen trunk + trained last stage,
 centralised and FedAvg rows trained exactly as `benchmarks/ablations.py` trains them (cached views),
 then each evaluation cell is scored on its clean view alone (what the service does) and on the mean
 softmax over the clean view + K geometric views (rotation, flip, 0.8-1.25x zoom, shift: the framing
-uncertainty of the cell locator; no colour or texture change). Internal = the training sites' test
+uncertainty of the cell locator; no colour or texture change), and on the fixed views a contract can
+carry (`models.test_views`: "flips" = 4, "dihedral" = 8 exact symmetries of the input, what the
+exported graph averages). Internal = the training sites' test
 splits, external = every Barcelona cell of the five shared classes. The TTA views' trunk features are
 cached beside the training views (var/benchmark/features).
 """
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from federation.augment import AugmentConfig
-from federation.benchmark.features import trunk_features
+from federation.benchmark.features import cache_key, render_view, trunk_features
 from federation.benchmark.prepared import PreparedImages
 from federation.benchmark.presets import LITE0
 from federation.benchmark.protocols import _TopTrainers, arm_features, paper_layout
@@ -36,14 +38,16 @@ from federation.benchmark.runs import fresh_split
 from federation.sites import DataRoot, resolve_data_root
 from models.calibration import softmax
 from models.evaluate import compute_metrics
+from models.test_views import VIEW_SETS, View, apply_view
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--views", type=int, default=4, help="geometric views averaged with the clean one")
+    ap.add_argument("--views", type=int, default=4, help="random geometric views averaged with the clean one")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--loso", action="store_true", help="only the leave-one-training-site-out criterion per view set")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -51,35 +55,114 @@ def main() -> None:
     layout = paper_layout(DataRoot(resolve_data_root(None)))
     data = arm_features(arm, layout, args.cache)
     trunk = fresh_split(data.contract, arm.top, seed=0)
-    views = {}
+    if args.loso:
+        return loso_by_view_set(arm, data, layout, trunk, [int(s) for s in args.seeds.split(",")], args.cache, t0)
+    random_views, bank = {}, {}
     for name, idx in layout.evaluation.items():
         samples = [layout.samples[i] for i in idx]
         prepared = PreparedImages.build(samples, data.contract, args.cache / "prepared")
-        views[name] = trunk_features(
+        random_views[name] = trunk_features(
             trunk, samples, prepared, data.contract, views=args.views, augment=AugmentConfig.geometry_only(),
             seed=1, cache_dir=args.cache / "features",
         )  # fmt: skip
+        bank[name] = fixed_view_features(trunk, samples, prepared, data.contract, BANK, args.cache / "features")
     trainers = _TopTrainers(arm, data)
     classes = data.contract.class_names
-    print(f"| row | seed | set | clean view | clean + {args.views} views | lymphocyte recall, clean / TTA |")
-    print("|---|---|---|---|---|---|")
+    columns = ["clean", f"{args.views} random", *SETS]
+    print(f"[{time.time() - t0:.0f} s] views ready; balanced accuracy per view set ({', '.join(f'{k} = {len(v)}' for k, v in SETS.items())} views)")
+    print("| row | seed | set | " + " | ".join(columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
+    scores: dict[tuple[str, str, str], list[float]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         for row, model in (
             ("centralised", trainers.pooled(trainers.site_names, seed)),
             ("FedAvg", trainers.federated("fedavg", seed, {})),
         ):
-            for name, feats in views.items():
+            for name, feats in random_views.items():
                 y = data.evaluation[name][1]
-                per_view = np.stack([softmax(model.logits(np.ascontiguousarray(feats[:, v]))) for v in range(feats.shape[1])])
-                clean = compute_metrics(classes, y, per_view[0])
-                tta = compute_metrics(classes, y, per_view.mean(axis=0))
-                lym = classes.index("lymphocyte")
-                print(
-                    f"| {row} | {seed} | {name} | {clean.balanced_accuracy:.3f} | {tta.balanced_accuracy:.3f} | "
-                    f"{clean.recall[lym]:.2f} / {tta.recall[lym]:.2f} |",
-                    flush=True,
-                )
+                rand = np.stack([softmax(model.logits(np.ascontiguousarray(feats[:, v]))) for v in range(feats.shape[1])])
+                probs = {v: softmax(model.logits(f)) for v, f in bank[name].items()}
+                results = {"clean": rand[0], f"{args.views} random": rand.mean(axis=0)}
+                results |= {s: np.mean([probs[v] for v in views], axis=0) for s, views in SETS.items()}
+                line = []
+                for column, p in results.items():
+                    ba = compute_metrics(classes, y, p).balanced_accuracy
+                    scores.setdefault((row, name, column), []).append(ba)
+                    line.append(f"{ba:.3f}")
+                print(f"| {row} | {seed} | {name} | " + " | ".join(line) + " |", flush=True)
+    print("\nmeans over seeds")
+    print("| row | set | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for row in ("centralised", "FedAvg"):
+        for name in random_views:
+            print(f"| {row} | {name} | " + " | ".join(f"{np.mean(scores[row, name, c]):.3f}" for c in columns) + " |")
     print(f"[{time.time() - t0:.0f} s]")
+
+
+def loso_by_view_set(arm, data, layout, trunk, seeds, cache: Path, t0: float) -> None:
+    """The model-selection criterion that never sees Barcelona (as in benchmarks/ablations.py --loso):
+    for each training site, the top trained centrally on the other two, tested on the held-out site's
+    train + val cells under every view set; the mean over the three held-out sites, per seed."""
+    trainers = _TopTrainers(arm, data)
+    classes = data.contract.class_names
+    held_out = {}
+    for site in trainers.site_names:
+        idx = layout.train[site] + layout.val[site]
+        samples = [layout.samples[i] for i in idx]
+        prepared = PreparedImages.build(samples, data.contract, cache / "prepared")
+        held_out[site] = (layout.y[idx], fixed_view_features(trunk, samples, prepared, data.contract, BANK, cache / "features"))
+    print(f"[{time.time() - t0:.0f} s] held-out views ready")
+    columns = ["clean", *SETS]
+    print("| seed | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    means: dict[str, list[float]] = {c: [] for c in columns}
+    for seed in seeds:
+        per_site: dict[str, list[float]] = {c: [] for c in columns}
+        for site, (y, feats) in held_out.items():
+            model = trainers.pooled([s for s in trainers.site_names if s != site], seed)
+            probs = {v: softmax(model.logits(f)) for v, f in feats.items()}
+            per_site["clean"].append(compute_metrics(classes, y, probs[View()]).balanced_accuracy)
+            for name, views in SETS.items():
+                per_site[name].append(compute_metrics(classes, y, np.mean([probs[v] for v in views], axis=0)).balanced_accuracy)
+        for c in columns:
+            means[c].append(float(np.mean(per_site[c])))
+        print(f"| {seed} | " + " | ".join(f"{means[c][-1]:.3f}" for c in columns) + " |", flush=True)
+    print("| mean | " + " | ".join(f"**{np.mean(means[c]):.3f}**" for c in columns) + " |")
+    print(f"[{time.time() - t0:.0f} s]")
+
+
+# The fixed views measured: the contract's sets plus zoomed and shifted candidates (15 % either way: the
+# cell locator's framing uncertainty), each view's trunk output computed once and combined below.
+ZOOM = 1.15
+SETS: dict[str, tuple[View, ...]] = {
+    "flips": VIEW_SETS["flips"],
+    "dihedral": VIEW_SETS["dihedral"],
+    "zoom 3": (View(), View(zoom=ZOOM), View(zoom=1 / ZOOM)),
+    "5 crops": (View(), *(View(zoom=ZOOM, shift=(dy, dx)) for dy in (-1, 1) for dx in (-1, 1))),
+    "4 turns x 3 zooms": tuple(View(k, False, z) for z in (1.0, ZOOM, 1 / ZOOM) for k in range(4)),
+    "dihedral + 8 zoomed": (*VIEW_SETS["dihedral"], *(View(k, False, z) for z in (ZOOM, 1 / ZOOM) for k in range(4))),
+}
+BANK: tuple[View, ...] = tuple(dict.fromkeys(v for views in SETS.values() for v in views))
+
+
+def fixed_view_features(trunk, samples, prepared, contract, views, cache_dir: Path) -> dict[View, np.ndarray]:
+    """Trunk outputs of each fixed view of the clean input (`models.test_views`), cached like the rest."""
+    out = {}
+    for view in views:
+        variant = f"fixed-{view.turns}-{view.mirror}"
+        if view.zoom != 1.0:
+            variant += f"-zoom{view.zoom:.4f}-shift{view.shift[0]:+.2f}{view.shift[1]:+.2f}-centred"
+        key = cache_key(contract, trunk.top_name, samples, 0, None, 0, variant=variant)
+        path = cache_dir / f"fixed-{contract.architecture}-{trunk.top_name}-{contract.input_size}-{key}.npy"
+        if not path.is_file():
+            parts = []
+            for start in range(0, len(samples), 64):
+                x = torch.from_numpy(np.stack([render_view(prepared, i, 0, contract, None, 0) for i in range(start, min(start + 64, len(samples)))]))
+                parts.append(trunk.trunk_features(apply_view(x, view)).numpy().astype(np.float16))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, np.concatenate(parts))
+        out[view] = np.load(path).astype(np.float32)
+    return out
 
 
 if __name__ == "__main__":

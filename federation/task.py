@@ -40,6 +40,7 @@ def build_contract(
     color: str = "rgb",
     color_norm: str = "white-balance",
     detail: int | None = None,
+    test_views: str = "none",
 ) -> ModelContract:
     cfg = pretrained_cfg(architecture)
     return ModelContract(
@@ -53,6 +54,7 @@ def build_contract(
         color=color,
         color_norm=color_norm,
         detail=detail,
+        test_views=test_views,
     )
 
 
@@ -302,9 +304,13 @@ class _TrunkThenTop(nn.Module):
 def predict_logits(
     model: nn.Module, samples: Sequence[Sample], contract: ModelContract, *, batch_size: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and true class indices (N,) with the contract's deterministic preprocessing."""
+    """Logits (N, C) and true class indices (N,) with the contract's deterministic preprocessing, of the
+    network the contract describes (averaged over its test views when it names some: models.test_views)."""
+    from models.test_views import with_test_views
+
     dataset = CellDataset(samples, contract)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    model = with_test_views(model, contract)
     model.eval()
     logits, targets = [], []
     for images, labels in loader:

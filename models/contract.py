@@ -57,6 +57,9 @@ class ModelContract(BaseModel):
     # so the finest texture, which differs with a scanner's optics more than with the cell type, is gone
     # for every site alike. Off by default: it helped full fine-tuning, not the frozen trunk (results.md).
     detail: int | None = Field(None, ge=8, le=1024, description="low-pass side in pixels (None: off)")
+    # Test-time views (models.test_views): the exported graph answers the log of the mean softmax over
+    # fixed flips/quarter turns of the input, so every consumer of the ONNX file gets the same average.
+    test_views: Literal["none", "flips", "dihedral"] = "none"
     # Calibration: logits are divided by `temperature` before the softmax; the service answers
     # "unidentified" when the top probability is below `abstain_threshold`.
     temperature: float = Field(1.0, gt=0.0)

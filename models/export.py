@@ -7,6 +7,8 @@
 
 The graph takes `input` float32 [N, 3, S, S] (N dynamic) and answers `logits` [N, C]; preprocessing and
 softmax stay outside it, in `models.preprocess`, so training, parity and serving share one implementation.
+When the contract names test views, the graph is the model averaged over them (`models.test_views`):
+export and parity both wrap the bare model, so the file always does what its contract says.
 
 Import-light on purpose: torch is imported only by `export_onnx` and `check_parity`, onnx only where a
 function needs it, so the service (onnxruntime, no torch, maybe no onnx) can use the read/validate half.
@@ -71,6 +73,9 @@ def export_onnx(
     import onnx
     import torch
 
+    from models.test_views import with_test_views
+
+    model = with_test_views(model, contract)
     path = Path(path)
     was_training = model.training
     model.eval()
@@ -278,6 +283,9 @@ def check_parity(
         import onnxruntime as ort
         import torch
 
+        from models.test_views import with_test_views
+
+        model = with_test_views(model, contract)
         batch = np.stack([preprocess(image, contract) for image in images]).astype(np.float32)
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         problems = graph_problems(session, contract)

@@ -43,3 +43,14 @@ def test_declared_defaults_pass_the_checks(tmp_path: Path):
         RunSettings.from_run_config({**_declared(), **paths, "augment": "sepia"})
     with pytest.raises(ValueError, match="detail must be"):
         RunSettings.from_run_config({**_declared(), **paths, "detail": 4})
+    with pytest.raises(ValueError, match="test-views 'sideways'"):
+        RunSettings.from_run_config({**_declared(), **paths, "test-views": "sideways"})
+
+
+def test_test_views_reach_the_contract(tmp_path: Path):
+    from federation.server_app import build_contract_from_settings
+
+    paths = {"run-dir": str(tmp_path / "run"), "registry": str(tmp_path / "reg"), "parity-images": str(tmp_path)}
+    for views in ("none", "flips", "dihedral"):
+        settings = RunSettings.from_run_config({**_declared(), **paths, "test-views": views})
+        assert build_contract_from_settings(settings).test_views == views
