@@ -38,7 +38,7 @@ from federation.benchmark.runs import fresh_split
 from federation.sites import DataRoot, resolve_data_root
 from models.calibration import softmax
 from models.evaluate import compute_metrics
-from models.test_views import VIEW_SETS, View, apply_view
+from models.test_views import VIEW_SETS, ZOOM, View, apply_view
 
 
 def main() -> None:
@@ -133,13 +133,12 @@ def loso_by_view_set(arm, data, layout, trunk, seeds, cache: Path, t0: float) ->
 
 # The fixed views measured: the contract's sets plus zoomed and shifted candidates (15 % either way: the
 # cell locator's framing uncertainty), each view's trunk output computed once and combined below.
-ZOOM = 1.15
 SETS: dict[str, tuple[View, ...]] = {
     "flips": VIEW_SETS["flips"],
     "dihedral": VIEW_SETS["dihedral"],
     "zoom 3": (View(), View(zoom=ZOOM), View(zoom=1 / ZOOM)),
     "5 crops": (View(), *(View(zoom=ZOOM, shift=(dy, dx)) for dy in (-1, 1) for dx in (-1, 1))),
-    "4 turns x 3 zooms": tuple(View(k, False, z) for z in (1.0, ZOOM, 1 / ZOOM) for k in range(4)),
+    "4 turns x 3 zooms": VIEW_SETS["turns-zooms"],
     "dihedral + 8 zoomed": (*VIEW_SETS["dihedral"], *(View(k, False, z) for z in (ZOOM, 1 / ZOOM) for k in range(4))),
 }
 BANK: tuple[View, ...] = tuple(dict.fromkeys(v for views in SETS.values() for v in views))

@@ -59,7 +59,7 @@ class ModelContract(BaseModel):
     detail: int | None = Field(None, ge=8, le=1024, description="low-pass side in pixels (None: off)")
     # Test-time views (models.test_views): the exported graph answers the log of the mean softmax over
     # fixed flips/quarter turns of the input, so every consumer of the ONNX file gets the same average.
-    test_views: Literal["none", "flips", "dihedral"] = "none"
+    test_views: Literal["none", "flips", "dihedral", "turns-zooms"] = "none"
     # Calibration: logits are divided by `temperature` before the softmax; the service answers
     # "unidentified" when the top probability is below `abstain_threshold`.
     temperature: float = Field(1.0, gt=0.0)

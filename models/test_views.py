@@ -35,15 +35,16 @@ class View(NamedTuple):
     shift: tuple[float, float] = (0.0, 0.0)  # (down, right) in [-1, 1]
 
 
-def _dihedral(zoom: float = 1.0) -> tuple[View, ...]:
-    return tuple(View(k, m, zoom) for m in (False, True) for k in range(4))
-
+# The locator's framing uncertainty, either way: a cell 15 % larger or smaller than the contract frames it.
+ZOOM = 1.15
 
 # name -> its views; view 0 is always the input itself.
 VIEW_SETS: dict[str, tuple[View, ...]] = {
     "none": (View(),),
     "flips": (View(), View(0, True), View(2, True), View(2, False)),  # identity, mirror, upside-down, half turn
-    "dihedral": _dihedral(),  # all 8 symmetries of the square
+    "dihedral": tuple(View(k, m) for m in (False, True) for k in range(4)),  # all 8 symmetries of the square
+    # 4 quarter turns at 3 scales (12 passes): the set the leave-one-site-out criterion chose (results.md)
+    "turns-zooms": tuple(View(k, False, z) for z in (1.0, ZOOM, 1 / ZOOM) for k in range(4)),
 }
 
 

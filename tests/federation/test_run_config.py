@@ -51,6 +51,6 @@ def test_test_views_reach_the_contract(tmp_path: Path):
     from federation.server_app import build_contract_from_settings
 
     paths = {"run-dir": str(tmp_path / "run"), "registry": str(tmp_path / "reg"), "parity-images": str(tmp_path)}
-    for views in ("none", "flips", "dihedral"):
+    for views in ("none", "flips", "dihedral", "turns-zooms"):
         settings = RunSettings.from_run_config({**_declared(), **paths, "test-views": views})
         assert build_contract_from_settings(settings).test_views == views

@@ -36,7 +36,7 @@ def cells(data_root: DataRoot) -> list[Image.Image]:
 
 @pytest.mark.parametrize("name", sorted(VIEW_SETS))
 def test_view_sets_are_distinct_symmetries_starting_with_the_input(name: str) -> None:
-    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)  # no symmetry of its own
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)  # no symmetry of its own
     views = [apply_view(x, v) for v in VIEW_SETS[name]]
     assert torch.equal(views[0], x)
     flat = {tuple(v.flatten().tolist()) for v in views}
