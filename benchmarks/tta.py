@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--loso", action="store_true", help="only the leave-one-training-site-out criterion per view set")
+    ap.add_argument("--render-check", action="store_true",
+                    help="only: the clean cell rendered by the augmentation's affine resample, vs the contract's resize")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -55,6 +57,8 @@ def main() -> None:
     layout = paper_layout(DataRoot(resolve_data_root(None)))
     data = arm_features(arm, layout, args.cache)
     trunk = fresh_split(data.contract, arm.top, seed=0)
+    if args.render_check:
+        return render_check(arm, data, layout, trunk, [int(s) for s in args.seeds.split(",")], args.cache)
     if args.loso:
         return loso_by_view_set(arm, data, layout, trunk, [int(s) for s in args.seeds.split(",")], args.cache, t0)
     random_views, bank = {}, {}
@@ -97,6 +101,27 @@ def main() -> None:
         for name in random_views:
             print(f"| {row} | {name} | " + " | ".join(f"{np.mean(scores[row, name, c]):.3f}" for c in columns) + " |")
     print(f"[{time.time() - t0:.0f} s]")
+
+
+def render_check(arm, data, layout, trunk, seeds, cache: Path) -> None:
+    """Is part of the random views' gain their rendering? Training views all pass through the
+    augmentation's affine resample (federation.augment.geometric), the served clean view through the
+    contract's antialiased resize. Here the clean cell is also rendered by the affine path with no zoom,
+    rotation or shift (AugmentConfig.none(); only the random mirror remains, an exact symmetry)."""
+    trainers = _TopTrainers(arm, data)
+    feats = {}
+    for name, idx in layout.evaluation.items():
+        samples = [layout.samples[i] for i in idx]
+        prepared = PreparedImages.build(samples, data.contract, cache / "prepared")
+        feats[name] = trunk_features(trunk, samples, prepared, data.contract, views=2, augment=AugmentConfig.none(), seed=1, cache_dir=cache / "features")
+    print("| row | seed | set | contract resize | affine render | affine render (2nd mirror draw) |")
+    print("|---|---|---|---|---|---|")
+    for seed in seeds:
+        for row, model in (("centralised", trainers.pooled(trainers.site_names, seed)), ("FedAvg", trainers.federated("fedavg", seed, {}))):
+            for name, f in feats.items():
+                y = data.evaluation[name][1]
+                scores = [compute_metrics(data.contract.class_names, y, softmax(model.logits(np.ascontiguousarray(f[:, v])))).balanced_accuracy for v in range(3)]
+                print(f"| {row} | {seed} | {name} | " + " | ".join(f"{b:.3f}" for b in scores) + " |", flush=True)
 
 
 def loso_by_view_set(arm, data, layout, trunk, seeds, cache: Path, t0: float) -> None:
