@@ -113,8 +113,13 @@ class RunSettings:
             problems.append(f"train-top {self.train_top!r} is not one of full, stage, head")
         if self.detail != 0 and not 8 <= self.detail <= 1024:
             problems.append(f"detail must be 0 (off) or 8-1024 pixels, not {self.detail}")
-        if self.test_views not in ("none", "flips", "dihedral", "turns-zooms"):
-            problems.append(f"test-views {self.test_views!r} is not one of none, flips, dihedral, turns-zooms")
+        from typing import get_args
+
+        from models.contract import TestViews
+
+        view_sets = get_args(TestViews)
+        if self.test_views not in view_sets:
+            problems.append(f"test-views {self.test_views!r} is not one of {', '.join(view_sets)}")
         if self.proximal_mu < 0 or self.gate_tolerance < 0:
             problems.append("proximal-mu and gate-tolerance must be >= 0")
         if self.dp_noise < 0 or not self.dp_clip > 0 or not 0 < self.dp_delta < 1:

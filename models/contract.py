@@ -18,6 +18,9 @@ CONTRACT_SCHEMA_VERSION = 1
 # The five leukocyte classes shared by every public site, in output order.
 SHARED_CLASSES: tuple[str, ...] = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
+# The named sets of test-time views a contract may carry (defined in models.test_views.VIEW_SETS).
+TestViews = Literal["none", "flips", "dihedral", "turns-zooms"]
+
 # The label the service answers for a cell whose confidence is below the abstain threshold.
 UNIDENTIFIED = "unidentified"
 
@@ -58,8 +61,9 @@ class ModelContract(BaseModel):
     # for every site alike. Off by default: it helped full fine-tuning, not the frozen trunk (results.md).
     detail: int | None = Field(None, ge=8, le=1024, description="low-pass side in pixels (None: off)")
     # Test-time views (models.test_views): the exported graph answers the log of the mean softmax over
-    # fixed flips/quarter turns of the input, so every consumer of the ONNX file gets the same average.
-    test_views: Literal["none", "flips", "dihedral", "turns-zooms"] = "none"
+    # fixed mirrors, quarter turns and re-framings of the input, so every consumer of the file gets the
+    # same average.
+    test_views: TestViews = "none"
     # Calibration: logits are divided by `temperature` before the softmax; the service answers
     # "unidentified" when the top probability is below `abstain_threshold`.
     temperature: float = Field(1.0, gt=0.0)

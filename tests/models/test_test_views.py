@@ -118,3 +118,11 @@ def test_wrapping_keeps_the_models_mode(model: torch.nn.Module) -> None:
     # export and parity put the network back in the mode they found it in: the wrapper's mode must be
     # the model's, or an eval-mode model comes back in training mode (BatchNorm on batch statistics)
     assert not AveragedViews(model, "flips").training and not model.training
+
+
+def test_the_contract_names_exactly_the_defined_view_sets() -> None:
+    from typing import get_args
+
+    from models.contract import TestViews
+
+    assert set(get_args(TestViews)) == set(VIEW_SETS)
