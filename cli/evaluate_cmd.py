@@ -42,8 +42,9 @@ def metrics_tables(metrics: Metrics, title: str) -> tuple[Table, Table]:
 
 def evaluate_version(version_ref: str, registry, model_name: str, data_root, site: str, splits: list[str]):
     """Resolve, verify and evaluate; returns (VersionInfo, Metrics, how many samples were skipped)."""
+    from service.config import usable_cores
     from service.evaluation import evaluate_classifier
-    from service.inference import Classifier
+    from service.inference import Classifier, SessionConfig, providers_for
 
     info = Registry(registry, model_name).resolve(version_ref)
     info.verify()
@@ -51,7 +52,10 @@ def evaluate_version(version_ref: str, registry, model_name: str, data_root, sit
     samples = data.select([site], splits)
     if not samples:
         raise DataError(f"{data.root}: site {site!r} has no samples in split(s) {splits}")
-    classifier = Classifier(info.onnx_path)
+    # Offline: every core for ONNX Runtime (the service keeps one, its cores also decode requests); a model
+    # with test-time views runs 12 passes per cell, so this is where evaluation spends its time.
+    classifier = Classifier(info.onnx_path, SessionConfig(providers=providers_for("auto"), device="auto",
+                                                          intra_op_threads=usable_cores()))
     known = [s for s in samples if s.label in classifier.contract.class_names]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
