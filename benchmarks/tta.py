@@ -10,7 +10,8 @@ uncertainty of the cell locator; no colour or texture change), and on the fixed 
 carry (`models.test_views`: "flips" = 4, "dihedral" = 8 exact symmetries of the input, what the
 exported graph averages). Internal = the training sites' test
 splits, external = every Barcelona cell of the five shared classes. The TTA views' trunk features are
-cached beside the training views (var/benchmark/features).
+cached beside the training views (var/benchmark/features). `--single` adds the single-site rows, clean vs
+the shipped views (the goal "federated >= best single site + 0.10").
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from federation.benchmark.features import cache_key, render_view, trunk_features
 from federation.benchmark.prepared import PreparedImages
 from federation.benchmark.presets import LITE0
 from federation.benchmark.protocols import _TopTrainers, arm_features, paper_layout
+from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import fresh_split
 from federation.sites import DataRoot, resolve_data_root
 from models.calibration import softmax
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--loso", action="store_true", help="only the leave-one-training-site-out criterion per view set")
+    ap.add_argument("--single", action="store_true",
+                    help="only: single-site rows next to FedAvg and centralised, clean vs the shipped views")
     ap.add_argument("--render-check", action="store_true",
                     help="only: the clean cell rendered by the augmentation's affine resample, vs the contract's resize")
     args = ap.parse_args()
@@ -59,6 +63,8 @@ def main() -> None:
     trunk = fresh_split(data.contract, arm.top, seed=0)
     if args.render_check:
         return render_check(arm, data, layout, trunk, [int(s) for s in args.seeds.split(",")], args.cache)
+    if args.single:
+        return single_sites(arm, data, layout, trunk, [int(s) for s in args.seeds.split(",")], args.cache, t0)
     if args.loso:
         return loso_by_view_set(arm, data, layout, trunk, [int(s) for s in args.seeds.split(",")], args.cache, t0)
     random_views, bank = {}, {}
@@ -153,6 +159,44 @@ def loso_by_view_set(arm, data, layout, trunk, seeds, cache: Path, t0: float) ->
             means[c].append(float(np.mean(per_site[c])))
         print(f"| {seed} | " + " | ".join(f"{means[c][-1]:.3f}" for c in columns) + " |", flush=True)
     print("| mean | " + " | ".join(f"**{np.mean(means[c]):.3f}**" for c in columns) + " |")
+    print(f"[{time.time() - t0:.0f} s]")
+
+
+def single_sites(arm, data, layout, trunk, seeds, cache: Path, t0: float, view_set: str = "turns-zooms") -> None:
+    """The goal "federated >= best single site + 0.10" judged with the shipped test-time views on every
+    row: each training site's own model, FedAvg and centralised, same recipe and seeds, clean vs views."""
+    trainers = _TopTrainers(arm, data)
+    classes = data.contract.class_names
+    views = VIEW_SETS[view_set]
+    feats = {}
+    for name, idx in layout.evaluation.items():
+        samples = [layout.samples[i] for i in idx]
+        prepared = PreparedImages.build(samples, data.contract, cache / "prepared")
+        feats[name] = fixed_view_features(trunk, samples, prepared, data.contract, views, cache / "features")
+    print(f"[{time.time() - t0:.0f} s] views ready")
+    rows = [*(f"{s} alone" for s in trainers.site_names), "FedAvg", "centralised"]
+    scores: dict[tuple[str, str, str], list[float]] = {}
+    print(f"| row | seed | set | clean | {view_set} |")
+    print("|---|---|---|---|---|")
+    for seed in seeds:
+        models = {f"{s} alone": trainers.pooled([s], seed) for s in trainers.site_names}
+        models |= {"FedAvg": trainers.federated("fedavg", seed, {}), "centralised": trainers.pooled(trainers.site_names, seed)}
+        for row, model in models.items():
+            for name, by_view in feats.items():
+                y = data.evaluation[name][1]
+                probs = {v: softmax(model.logits(f)) for v, f in by_view.items()}
+                clean = compute_metrics(classes, y, probs[View()]).balanced_accuracy
+                viewed = compute_metrics(classes, y, np.mean([probs[v] for v in views], axis=0)).balanced_accuracy
+                scores.setdefault((row, name, "clean"), []).append(clean)
+                scores.setdefault((row, name, view_set), []).append(viewed)
+                print(f"| {row} | {seed} | {name} | {clean:.3f} | {viewed:.3f} |", flush=True)
+    print("\nmeans ± sd over seeds")
+    print(f"| row | set | clean | {view_set} |")
+    print("|---|---|---|---|")
+    for row in rows:
+        for name in feats:
+            cells = [_mean_sd(scores[row, name, c]) for c in ("clean", view_set)]
+            print(f"| {row} | {name} | " + " | ".join(cells) + " |")
     print(f"[{time.time() - t0:.0f} s]")
 
 
