@@ -13,6 +13,7 @@ Rows (centralised and FedAvg unless the row is about a strategy):
   texture-strategies   the texture recipes under FedProx (mu 1), FedAdam and FedMedian, local logit adjustment
   texture-rounds       the texture recipes with 20 rounds x 1 local epoch
   texture-bn           the texture recipes with the trained stage's BatchNorm statistics frozen
+  averaging            the texture recipe with its weights averaged over the last 50 % / 75 % of each local run
   full       full fine-tuning on images (no frozen trunk, fresh augmentation every step)
 Model selection reads only `val_balanced_accuracy` (the training sites' pooled val splits); the external
 (Barcelona) column is reported, never used to choose.
@@ -167,6 +168,12 @@ def main() -> None:
             run(replace(base, name=f"{label}, BatchNorm statistics frozen", augment=augment,
                         recipe=replace(base.recipe, frozen_bn_stats=True)),
                 strategies=("fedavg", "fedprox"), params={"fedprox": {"proximal_mu": 1.0}})
+    if "averaging" in args.only:  # weight averaging over the tail of every local run (SWA / SWAD)
+        texture = replace(base, name="augmentation: texture", augment=AugmentConfig.texture())
+        run(texture)
+        for tail in (0.5, 0.75):
+            run(replace(texture, name=f"texture + weight averaging, last {tail:.0%} of steps",
+                        recipe=replace(base.recipe, average_tail=tail)))
     if "full" in args.only:
         run(LITE0_FULL)
     save()

@@ -167,6 +167,11 @@ class TrainConfig:
     # it off, each site's running mean/var follow its own cells and FedAvg averages them: the averaged
     # statistics fit no site (the FedBN observation, Li et al. 2021).
     frozen_bn_stats: bool = False
+    # Weight averaging (SWA, Izmailov et al. 2018; SWAD, Cha et al. 2021 for domain generalisation): the
+    # trained parameters end as the mean of their iterates over the last `average_tail` of the steps, a
+    # flatter point that transfers better to unseen domains. BatchNorm statistics stay the last step's.
+    # 0 = off (the last iterate).
+    average_tail: float = 0.0
     proximal_mu: float = 0.0
     seed: int = 0
 
@@ -208,6 +213,9 @@ def fit(
         for module in forward.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+    average_from = total_steps - round(config.average_tail * total_steps) if config.average_tail > 0 else None
+    averaged = [torch.zeros_like(p, requires_grad=False) for p in params] if average_from is not None else []
+    averaged_n = 0
     seen, loss_sum, correct, step = 0, 0.0, 0, 0
     for epoch in range(config.epochs):
         for inputs, labels in batches(epoch):
@@ -222,12 +230,21 @@ def fit(
             optimizer.step()
             scheduler.step()
             step += 1
+            if average_from is not None and step > average_from:
+                averaged_n += 1
+                with torch.no_grad():
+                    for a, p in zip(averaged, params):
+                        a += (p.detach() - a) / averaged_n
             batch = labels.numel()
             seen += batch
             loss_sum += float(loss.detach()) * batch
             correct += int((logits.detach().argmax(1) == labels).sum())
             if progress is not None:
                 progress(step, total_steps, float(loss.detach()))
+    if averaged_n:
+        with torch.no_grad():
+            for a, p in zip(averaged, params):
+                p.copy_(a)
     return {
         "train_loss": loss_sum / max(seen, 1),
         "train_accuracy": correct / max(seen, 1),

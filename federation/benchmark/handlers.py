@@ -136,6 +136,7 @@ def train(msg: Message, context: Context) -> Message:
         class_weight_cap=float(config.get("class-weight-cap", defaults.class_weight_cap)),
         logit_adjustment=float(config.get("logit-adjustment", defaults.logit_adjustment)),
         frozen_bn_stats=bool(config.get("frozen-bn-stats", defaults.frozen_bn_stats)),
+        average_tail=float(config.get("average-tail", defaults.average_tail)),
         proximal_mu=mu,
         seed=site_seed(int(config["seed"]), server_round, data.site),
     )

@@ -47,6 +47,7 @@ class Recipe:
     class_weight_cap: float = 3.0
     logit_adjustment: float = 0.0
     frozen_bn_stats: bool = False
+    average_tail: float = 0.0
 
     def train_config(self, epochs: int, seed: int, proximal_mu: float = 0.0) -> TrainConfig:
         return TrainConfig(
@@ -59,6 +60,7 @@ class Recipe:
             class_weight_cap=self.class_weight_cap,
             logit_adjustment=self.logit_adjustment,
             frozen_bn_stats=self.frozen_bn_stats,
+            average_tail=self.average_tail,
             proximal_mu=proximal_mu,
             seed=seed,
         )
@@ -73,6 +75,7 @@ class Recipe:
             "class-weight-cap": self.class_weight_cap,
             "logit-adjustment": self.logit_adjustment,
             "frozen-bn-stats": self.frozen_bn_stats,
+            "average-tail": self.average_tail,
         }
 
 

@@ -131,6 +131,24 @@ def test_fedprox_term_keeps_weights_near_the_global_ones() -> None:
     assert runs[10.0] < runs[0.0]
 
 
+@pytest.mark.parametrize("tail", [0.0, 0.5])
+def test_weight_averaging_ends_at_the_mean_of_the_last_iterates(tail: float) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(4, 2)
+    iterates: list[torch.Tensor] = []
+    batches = lambda _e: [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    config = TrainConfig(epochs=5, lr=0.05, average_tail=tail)
+    fit(model, list(model.parameters()), batches, 4, y.tolist(), 2, config,
+        progress=lambda _step, _total, _loss: iterates.append(model.weight.detach().clone()))
+    assert len(iterates) == 20
+    expected = torch.stack(iterates[10:]).mean(0) if tail else iterates[-1]
+    torch.testing.assert_close(model.weight.detach(), expected)
+    assert not torch.equal(iterates[-1], torch.stack(iterates[10:]).mean(0))  # the two answers differ
+    assert (model(x).argmax(1) == y).float().mean() > 0.9
+
+
 class _TinyNet(nn.Module):
     def __init__(self, classes: int):
         super().__init__()
