@@ -19,6 +19,7 @@ from cli import (
     schedule_cmd,
     serve_cmd,
 )
+from cli.adapt_cmd import adapt
 from cli.demo_cmd import demo
 from cli.evaluate_cmd import evaluate
 from cli.federate_cmd import federate
@@ -33,6 +34,7 @@ app.add_typer(registry_cmd.app, name="registry")
 serve_cmd.register(app)
 app.command("federate")(federate)
 app.command("evaluate")(evaluate)
+app.command("adapt")(adapt)
 app.command("demo")(demo)
 app.add_typer(db_cmd.app, name="db")
 accounts_cmd.register(app)  # wbc users, wbc tokens

@@ -16,6 +16,7 @@ from PIL import Image
 
 from federation.sites import MANIFEST, DataRoot
 from models.contract import ModelContract
+from models.registry import WEIGHTS_FILE
 
 PARITY_ATOL = 1e-4
 PARITY_IMAGE_COUNT = 8
@@ -126,7 +127,9 @@ class Publisher:
                 why = "; ".join(report.problems) or f"max |Δprob| {report.max_abs_diff:.2e} > {self.atol:g}"
                 return PublishOutcome("parity-failed", f"parity check failed: {why}", parity=parity)
             try:
-                info = self.registry.register(onnx_path, contract, {**metadata, "parity": parity})
+                info = self.registry.register(
+                    onnx_path, contract, {**metadata, "parity": parity}, {WEIGHTS_FILE: self._weights_bytes()}
+                )
             except Exception as exc:  # noqa: BLE001 - the same: recorded, not fatal
                 return PublishOutcome(
                     "register-failed", f"registry refused: {type(exc).__name__}: {exc}", parity=parity
@@ -141,3 +144,8 @@ class Publisher:
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _weights_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        return save({k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()})

@@ -40,6 +40,9 @@ from models.contract import ONNX_METADATA_KEY, ModelContract
 DEFAULT_MODEL_NAME = "wbc-classifier"
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
+# The trained network's state dict (safetensors) beside the ONNX file: what `wbc adapt` fine-tunes from.
+# Triton and the service ignore it; versions registered before it existed simply lack it.
+WEIGHTS_FILE = "weights.safetensors"
 ALIASES_FILE = "aliases.json"
 ALIASES = ("candidate", "production")
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -108,6 +111,27 @@ class VersionInfo:
     @property
     def sha256(self) -> str:
         return self.metadata["sha256"]
+
+    @property
+    def weights_path(self) -> Path | None:
+        """The network weights registered with this version, if it has them (checked like the ONNX file)."""
+        path = self.path / WEIGHTS_FILE
+        return path if WEIGHTS_FILE in self.metadata.get("files", {}) else None
+
+    def verify_weights(self) -> Path:
+        path = self.weights_path
+        if path is None:
+            raise RegistryError(
+                f"{self.model_name} v{self.version} was registered without its network weights "
+                f"({WEIGHTS_FILE}); only versions registered since weights are kept can be adapted"
+            )
+        actual = sha256_file(path)
+        if actual != self.metadata["files"][WEIGHTS_FILE]:
+            raise IntegrityError(
+                f"{self.model_name} v{self.version}: {WEIGHTS_FILE} sha256 {actual[:12]}… does not match the "
+                f"registered {self.metadata['files'][WEIGHTS_FILE][:12]}…; refusing to use a modified file"
+            )
+        return path
 
     def verify(self) -> None:
         """Raise IntegrityError unless model.onnx still has the checksum recorded at registration."""
@@ -227,8 +251,18 @@ class Registry:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def register(self, onnx_path: str | Path, contract: ModelContract, metadata: dict[str, Any]) -> VersionInfo:
-        """Add the file as the next version, atomically; returns the new version."""
+    def register(
+        self,
+        onnx_path: str | Path,
+        contract: ModelContract,
+        metadata: dict[str, Any],
+        extra_files: dict[str, bytes] | None = None,
+    ) -> VersionInfo:
+        """Add the file as the next version, atomically; returns the new version. `extra_files` (name →
+        bytes, e.g. WEIGHTS_FILE) are written into the same version folder, their checksums recorded."""
+        extra_files = dict(extra_files or {})
+        if {MODEL_FILE, METADATA_FILE} & set(extra_files) or any("/" in n or n.startswith(".") for n in extra_files):
+            raise RegistryError(f"extra files may not be named {sorted(extra_files)}")
         onnx_bytes = Path(onnx_path).read_bytes()
         staging_root = self.root / ".staging"
         staging_root.mkdir(parents=True, exist_ok=True)
@@ -246,10 +280,12 @@ class Registry:
                 "size_bytes": len(final_bytes),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
+            if extra_files:
+                record["files"] = {n: hashlib.sha256(b).hexdigest() for n, b in sorted(extra_files.items())}
             stage = staging_root / f"{self.model_name}-{number}-{uuid.uuid4().hex[:8]}"
             stage.mkdir()
             try:
-                for name, data in ((MODEL_FILE, final_bytes), (METADATA_FILE, _json_bytes(record))):
+                for name, data in ((MODEL_FILE, final_bytes), *extra_files.items(), (METADATA_FILE, _json_bytes(record))):
                     with (stage / name).open("wb") as fh:
                         fh.write(data)
                         fh.flush()
