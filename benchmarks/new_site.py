@@ -23,7 +23,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,21 +32,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from federation.augment import AugmentConfig
 from federation.benchmark.features import trunk_features
 from federation.benchmark.handlers import SiteFeatures, train_top
 from federation.benchmark.prepared import PreparedImages
-from federation.benchmark.presets import LITE0
-from federation.benchmark.protocols import arm_features, paper_layout
 from federation.benchmark.report import _mean_sd
-from federation.benchmark.runs import fresh_split, train_federated, train_pooled
-from federation.sites import EXTERNAL_SITE, DataRoot, resolve_data_root
+from federation.benchmark.runs import train_federated, train_pooled
+from federation.sites import EXTERNAL_SITE
 from models.calibration import softmax
 from models.evaluate import compute_metrics
 from models.test_views import VIEW_SETS, View
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from tta import fixed_view_features  # noqa: E402  (the cached fixed views, shared with tta.py)
+from tta import fixed_view_features, shipped_arm  # noqa: E402  (the arm and cached views tta.py uses)
 
 
 def main() -> None:
@@ -59,10 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    arm = replace(LITE0, name="augmentation: texture", augment=AugmentConfig.texture())
-    layout = paper_layout(DataRoot(resolve_data_root(None)))
-    data = arm_features(arm, layout, args.cache)
-    trunk = fresh_split(data.contract, arm.top, seed=0)
+    arm, layout, data, trunk = shipped_arm(args.cache)
     classes = data.contract.class_names
     views = VIEW_SETS["turns-zooms"]
 

@@ -57,10 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    arm = replace(LITE0, name="augmentation: texture", augment=AugmentConfig.texture())
-    layout = paper_layout(DataRoot(resolve_data_root(None)))
-    data = arm_features(arm, layout, args.cache)
-    trunk = fresh_split(data.contract, arm.top, seed=0)
+    arm, layout, data, trunk = shipped_arm(args.cache)
     if args.render_check:
         return render_check(arm, data, layout, trunk, [int(s) for s in args.seeds.split(",")], args.cache)
     if args.single:
@@ -107,6 +104,14 @@ def main() -> None:
         for name in random_views:
             print(f"| {row} | {name} | " + " | ".join(f"{np.mean(scores[row, name, c]):.3f}" for c in columns) + " |")
     print(f"[{time.time() - t0:.0f} s]")
+
+
+def shipped_arm(cache: Path):
+    """The shipped recipe's arm (texture augmentation), the paper layout, its cached features and trunk."""
+    arm = replace(LITE0, name="augmentation: texture", augment=AugmentConfig.texture())
+    layout = paper_layout(DataRoot(resolve_data_root(None)))
+    data = arm_features(arm, layout, cache)
+    return arm, layout, data, fresh_split(data.contract, arm.top, seed=0)
 
 
 def render_check(arm, data, layout, trunk, seeds, cache: Path) -> None:

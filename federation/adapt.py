@@ -17,14 +17,14 @@ below the parent's there (a worse model is refused unless forced) → ONNX expor
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from federation.sites import DataError, Sample
+from federation.sites import DataError
 from federation.site_data import SiteData
 from models.calibration import CalibrationSummary, calibrate
 from models.evaluate import Metrics, compute_metrics
@@ -74,7 +74,7 @@ def adapt_version(
     from safetensors.torch import load_file
 
     from federation.augment import named_augmentation
-    from federation.publish import Publisher
+    from federation.publish import Publisher, find_parity_images
     from federation.task import TrainConfig, create_model_from_contract, predict_logits, train_local
 
     parent = Registry(registry_root, model_name).resolve(version_ref)
@@ -148,7 +148,7 @@ def adapt_version(
         model_name=target,
         contract=contract,
         model=model,
-        parity_images=[s.path for s in _spread(val)],
+        parity_images=find_parity_images(site_data.base_root, contract),
         work_dir=work_dir,
     )
     outcome.registered = publisher.publish(model.state_dict(), metadata, adapted).as_dict()
@@ -165,19 +165,6 @@ def _metrics(pair: tuple[np.ndarray, np.ndarray], contract, temperature: float) 
 def _summary(m: Metrics) -> dict[str, Any]:
     return {"n": m.n, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1,
             "ece": m.extra.get("ece"), "recall": m.as_dict()["recall"]}
-
-
-def _spread(samples: Sequence[Sample], limit: int = 8) -> list[Sample]:
-    """A few cells for the export parity check, round-robin over classes."""
-    by_class: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    picked: list[Sample] = []
-    while len(picked) < limit and any(by_class.values()):
-        for label in sorted(by_class):
-            if by_class[label] and len(picked) < limit:
-                picked.append(by_class[label].pop(0))
-    return picked
 
 
 def _roots(site_data: SiteData) -> str:
