@@ -97,11 +97,13 @@ def adapt_version(
     counts = Counter(s.label for s in train)
     missing = [c for c in contract.class_names if counts[c] == 0]
 
+    # The parent's recipe: a federated version's run config, or (adapting an adapted version) its own record.
     run_config = (parent.metadata.get("flower") or {}).get("run_config") or {}
     trained = parent.metadata.get("training") or {}
-    top = str(run_config.get("train-top", "stage"))
-    augment = str(run_config.get("augment", "default"))
-    epochs = settings.epochs or int(trained.get("num_server_rounds", 5)) * int(trained.get("local_epochs", 2))
+    top = str(trained.get("train_top") or run_config.get("train-top", "stage"))
+    augment = str(trained.get("augment") or run_config.get("augment", "default"))
+    rounds_x_epochs = int(trained.get("num_server_rounds", 5)) * int(trained.get("local_epochs", 2))
+    epochs = settings.epochs or int(trained.get("epochs") or rounds_x_epochs)
     config = TrainConfig(
         epochs=epochs,
         lr=settings.lr or float(trained.get("lr", 3e-3)),

@@ -25,7 +25,7 @@ PARENT = "wbc-test"
 CONTRACT = ModelContract(architecture="test_efficientnet", class_names=SHARED_CLASSES, input_size=64,
                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), temperature=1.3)
 TRAINED = {"training": {"num_server_rounds": 1, "local_epochs": 2, "lr": 0.01, "batch_size": 8, "seed": 0},
-           "flower": {"run_config": {"train-top": "stage", "augment": "default"}}}
+           "flower": {"run_config": {"train-top": "stage", "augment": "texture"}}}
 
 
 def site_root(data_root: DataRoot, dest: Path, train_per_class: int, val_per_class: int) -> Path:
@@ -92,6 +92,7 @@ def test_adapting_registers_the_sites_own_version_with_lineage(registry_with_par
     assert child.metadata["site"] == SITE and child.metadata["sites"][SITE]["train_examples"] == 20
     assert child.contract.temperature == pytest.approx(child.metadata["calibration"]["temperature"])
     assert child.sha256 != parent.sha256
+    assert child.metadata["training"]["augment"] == "texture" and child.metadata["training"]["epochs"] == 2
     # Only the federation's trained top moved: the frozen trunk is the parent's, tensor for tensor.
     before, after = load_file(str(parent.verify_weights())), load_file(str(child.verify_weights()))
     from federation.trunk import split_model
@@ -100,6 +101,11 @@ def test_adapting_registers_the_sites_own_version_with_lineage(registry_with_par
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and moved <= top, sorted(moved - top)
     assert any(k.startswith("classifier") for k in moved) and len(top) < len(before)
+
+    # An adapted version adapts again with the recipe it recorded (not the defaults).
+    again = adapt_version(registry_with_parent, outcome.target_model, "latest", SiteData(SITE, root),
+                          target_model="wbc-test-again", settings=AdaptSettings(force=True), work_dir=tmp_path / "w2")
+    assert again.training == outcome.training and again.registered["status"] == "registered"
 
 
 def test_refused_without_weights_or_val_cells_or_under_the_parents_name(registry_with_parent, data_root, tmp_path):
