@@ -261,7 +261,8 @@ class Registry:
         """Add the file as the next version, atomically; returns the new version. `extra_files` (name →
         bytes, e.g. WEIGHTS_FILE) are written into the same version folder, their checksums recorded."""
         extra_files = dict(extra_files or {})
-        if {MODEL_FILE, METADATA_FILE} & set(extra_files) or any("/" in n or n.startswith(".") for n in extra_files):
+        reserved = {MODEL_FILE, METADATA_FILE} & set(extra_files)
+        if reserved or any("/" in n or n.startswith(".") for n in extra_files):
             raise RegistryError(f"extra files may not be named {sorted(extra_files)}")
         onnx_bytes = Path(onnx_path).read_bytes()
         staging_root = self.root / ".staging"
@@ -285,7 +286,8 @@ class Registry:
             stage = staging_root / f"{self.model_name}-{number}-{uuid.uuid4().hex[:8]}"
             stage.mkdir()
             try:
-                for name, data in ((MODEL_FILE, final_bytes), *extra_files.items(), (METADATA_FILE, _json_bytes(record))):
+                files = ((MODEL_FILE, final_bytes), *extra_files.items(), (METADATA_FILE, _json_bytes(record)))
+                for name, data in files:
                     with (stage / name).open("wb") as fh:
                         fh.write(data)
                         fh.flush()

@@ -54,6 +54,24 @@ def test_tampered_file_fails_verification(tmp_path, onnx_file, tiny_contract):
         info.verify()
 
 
+@pytest.mark.parametrize("name", ["model.onnx", "metadata.json", "../weights.safetensors", ".hidden"])
+def test_extra_files_cannot_replace_or_escape_the_version(tmp_path, onnx_file, tiny_contract, name):
+    registry = Registry(tmp_path / "reg", "wbc")
+    with pytest.raises(RegistryError, match="extra files"):
+        registry.register(onnx_file, tiny_contract, {}, {name: b"x"})
+    assert registry.versions() == []
+
+
+def test_versions_without_weights_say_so(tmp_path, onnx_file, tiny_contract):
+    registry = Registry(tmp_path / "reg", "wbc")
+    bare = registry.register(onnx_file, tiny_contract, {})
+    kept = registry.register(onnx_file, tiny_contract, {}, {"weights.safetensors": b"w"})
+    assert bare.weights_path is None and kept.weights_path == kept.path / "weights.safetensors"
+    with pytest.raises(RegistryError, match="without its network weights"):
+        bare.verify_weights()
+    assert kept.verify_weights().read_bytes() == b"w"
+
+
 def test_incomplete_folders_are_not_versions(tmp_path, onnx_file, tiny_contract):
     registry = Registry(tmp_path, "m")
     registry.register(onnx_file, tiny_contract, {})
