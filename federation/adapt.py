@@ -70,7 +70,6 @@ def adapt_version(
     work_dir: str | Path = "var/adapt",
     progress: Callable[[int, int, float], None] | None = None,
 ) -> AdaptOutcome:
-    import torch
     from safetensors.torch import load_file
 
     from federation.augment import named_augmentation
@@ -114,7 +113,6 @@ def adapt_version(
     model = create_model_from_contract(contract, pretrained=False)
     model.load_state_dict(load_file(str(weights)), strict=True)
     before = _metrics(predict_logits(model, val, contract), contract, contract.temperature)
-    torch.manual_seed(settings.seed)
     train_local(model, train, contract, config, progress=progress, augment=named_augmentation(augment), top=top)
     model.eval()
     logits, targets = predict_logits(model, val, contract)

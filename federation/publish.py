@@ -148,4 +148,4 @@ class Publisher:
     def _weights_bytes(self) -> bytes:
         from safetensors.torch import save
 
-        return save({k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()})
+        return save({k: v.detach().contiguous() for k, v in self.model.state_dict().items()})  # copied into bytes
