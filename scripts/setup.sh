@@ -29,6 +29,15 @@ pip() {
   fi
 }
 pip install --upgrade pip
+# torch's CUDA build takes ~5.5 GB in the venv plus pip's unpacking room: say so before pip runs out.
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  free_gb=$(df -Pk "$VENV" | awk 'NR == 2 {print int($4 / 1048576)}')
+  if [ "${free_gb:-0}" -lt 10 ]; then
+    echo "[setup] only ${free_gb} GB free on the disk holding $VENV; torch needs about 10 GB to install." >&2
+    echo "[setup] free some space (old checkouts' .venv and var/ folders are the usual culprits) and rerun." >&2
+    exit 1
+  fi
+fi
 echo "[setup] installing torch==2.14.1 torchvision==0.29.1 (local wheels; a few minutes on first run)"
 pip install torch==2.14.1 torchvision==0.29.1
 echo "[setup] installing the project ($ORT ONNX Runtime, training, test tools)"

@@ -1,0 +1,130 @@
+"""BatchNorm statistics re-estimated on a new hospital's unlabelled cells (AdaBN): does Barcelona gain?
+
+    .venv/bin/python benchmarks/adabn.py --seeds 0,1,2 --adapt-cells 100,500
+
+The shipped recipe's arm (EfficientNet-Lite0, frozen trunk + trained last stage, texture augmentation),
+FedAvg and centralised rows trained exactly as `benchmarks/ablations.py` trains them. Barcelona never
+trains anything: `--adapt-cells` N of its *train* split (seeded draw, labels unused) give the BatchNorm
+statistics (`models.batchnorm.adapt_batchnorm`), and the model is scored on its *test* split, which the
+statistics never saw. Columns: the model as trained; only the trained top's BatchNorm re-estimated; only
+the frozen trunk's; both (what `wbc adapt --unlabelled` ships); each on the clean view and with the
+shipped test-time views (turns-zooms). The adapted trunk's features are computed here, not cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from benchmarks.tta import fixed_view_features, shipped_arm
+from federation.benchmark.features import render_view
+from federation.benchmark.prepared import PreparedImages
+from federation.benchmark.protocols import _TopTrainers
+from federation.benchmark.report import _mean_sd
+from federation.benchmark.runs import fresh_split
+from models.batchnorm import adapt_batchnorm
+from models.calibration import softmax
+from models.evaluate import compute_metrics
+from models.test_views import VIEW_SETS, View, apply_view
+
+VIEWS = VIEW_SETS["turns-zooms"]
+VARIANTS = ("as trained", "top", "trunk", "trunk + top")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--adapt-cells", default="500", help="comma list: Barcelona train cells per adaptation")
+    ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    arm, layout, data, trunk = shipped_arm(args.cache)
+    contract, classes = data.contract, data.contract.class_names
+    external = [layout.samples[i] for i in layout.evaluation["external"]]
+    pool = [s for s in external if s.split == "train"]
+    test = [s for s in external if s.split == "test"]
+    y_test = np.array([classes.index(s.label) for s in test])
+    prep_test = PreparedImages.build(test, contract, args.cache / "prepared")
+    plain_test = fixed_view_features(trunk, test, prep_test, contract, VIEWS, args.cache / "features")
+    print(f"[{time.time() - t0:.0f} s] {len(test)} Barcelona test cells; adaptation pool {len(pool)} train cells")
+
+    adapted = {}  # n -> (adapt-cell features from the plain trunk, from the adapted trunk, adapted test views)
+    for n in (int(v) for v in args.adapt_cells.split(",")):
+        rng = np.random.default_rng(0)
+        cells = [pool[i] for i in sorted(rng.choice(len(pool), min(n, len(pool)), replace=False))]
+        prep = PreparedImages.build(cells, contract, args.cache / "prepared")
+        inputs = [torch.from_numpy(batch) for batch in _batches(prep, contract, range(len(cells)))]
+        plain_cells = torch.cat([trunk.trunk_features(x) for x in inputs])
+        site_trunk = fresh_split(contract, arm.top, seed=0)
+        adapt_batchnorm(site_trunk.model, inputs)  # the trunk's statistics; the top's are redone per model
+        site_cells = torch.cat([site_trunk.trunk_features(x) for x in inputs])
+        site_test = {view: _features(site_trunk, prep_test, contract, view) for view in VIEWS}
+        adapted[n] = (plain_cells, site_cells, site_test)
+        print(f"[{time.time() - t0:.0f} s] trunk adapted on {len(cells)} cells", flush=True)
+
+    trainers = _TopTrainers(arm, data)
+    scores: dict[tuple, list[float]] = {}
+    print("| row | seed | cells | " + " | ".join(f"{v} clean | {v} views" for v in VARIANTS) + " |")
+    print("|---|---|---|" + "---|---|" * len(VARIANTS))
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for row, model in (
+            ("FedAvg", trainers.federated("fedavg", seed, {})),
+            ("centralised", trainers.pooled(trainers.site_names, seed)),
+        ):
+            for n, (plain_cells, site_cells, site_test) in adapted.items():
+                line = []
+                for variant in VARIANTS:
+                    split = copy.deepcopy(model.split)
+                    if variant in ("top", "trunk + top"):
+                        cells = site_cells if variant == "trunk + top" else plain_cells
+                        adapt_batchnorm(split.top, torch.split(cells.float(), 64))
+                    feats = site_test if variant.startswith("trunk") else plain_test
+                    probs = {v: softmax(_top_logits(split, feats[v])) for v in VIEWS}
+                    for col, p in (("clean", probs[View()]), ("views", np.mean(list(probs.values()), axis=0))):
+                        ba = compute_metrics(classes, y_test, p).balanced_accuracy
+                        scores.setdefault((row, n, variant, col), []).append(ba)
+                        line.append(f"{ba:.3f}")
+                print(f"| {row} | {seed} | {n} | " + " | ".join(line) + " |", flush=True)
+    print("\nmeans ± sd over seeds (Barcelona test split, balanced accuracy)")
+    print("| row | cells | " + " | ".join(f"{v} clean | {v} views" for v in VARIANTS) + " |")
+    print("|---|---|" + "---|---|" * len(VARIANTS))
+    for row in ("FedAvg", "centralised"):
+        for n in adapted:
+            cells = [_mean_sd(scores[row, n, v, c]) for v in VARIANTS for c in ("clean", "views")]
+            print(f"| {row} | {n} | " + " | ".join(cells) + " |")
+    print(f"[{time.time() - t0:.0f} s]")
+
+
+def _batches(prepared: PreparedImages, contract, indices, size: int = 64):
+    indices = list(indices)
+    for start in range(0, len(indices), size):
+        yield np.stack([render_view(prepared, i, 0, contract, None, 0) for i in indices[start : start + size]])
+
+
+def _features(split, prepared: PreparedImages, contract, view: View) -> np.ndarray:
+    parts = [split.trunk_features(apply_view(torch.from_numpy(b), view)) for b in _batches(prepared, contract, range(len(prepared)))]
+    return torch.cat(parts).numpy()
+
+
+@torch.no_grad()
+def _top_logits(split, feats) -> np.ndarray:
+    split.top.eval()
+    x = torch.as_tensor(np.asarray(feats, dtype=np.float32))
+    return torch.cat([split.top(x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()
+
+
+if __name__ == "__main__":
+    main()
