@@ -39,7 +39,6 @@ from models.evaluate import compute_metrics
 from models.test_views import VIEW_SETS, View, apply_view
 
 VIEWS = VIEW_SETS["turns-zooms"]
-VARIANTS = ("as trained", "top", "trunk", "trunk + top")
 
 
 def main() -> None:
@@ -75,37 +74,77 @@ def main() -> None:
         adapted[n] = (plain_cells, site_cells, site_test)
         print(f"[{time.time() - t0:.0f} s] trunk adapted on {len(cells)} cells", flush=True)
 
+    internal = [layout.samples[i] for i in layout.evaluation["internal"]]
+    y_internal = np.array([classes.index(s.label) for s in internal])
+    prep_internal = PreparedImages.build(internal, contract, args.cache / "prepared")
+    plain_internal = fixed_view_features(trunk, internal, prep_internal, contract, VIEWS, args.cache / "features")
     trainers = _TopTrainers(arm, data)
+    sites = {name: site.train_x[:, 0] for name, site in data.sites.items()}  # clean views of the train cells
+
+    def variants(model):
+        """name -> (top, internal test features or None, Barcelona test features)."""
+        out = {"as trained": (model.split, plain_internal, plain_test)}
+        out["sites' clean"] = (sites_clean(model.split, sites), plain_internal, plain_test)
+        for n, (plain_cells, site_cells, site_test) in adapted.items():
+            top = copy.deepcopy(model.split)
+            adapt_batchnorm(top.top, _chunks(plain_cells))
+            out[f"Barcelona {n}: top"] = (top, None, plain_test)
+            both = copy.deepcopy(model.split)
+            adapt_batchnorm(both.top, _chunks(site_cells))
+            out[f"Barcelona {n}: trunk + top"] = (both, None, site_test)
+        return out
+
     scores: dict[tuple, list[float]] = {}
-    print("| row | seed | cells | " + " | ".join(f"{v} clean | {v} views" for v in VARIANTS) + " |")
-    print("|---|---|---|" + "---|---|" * len(VARIANTS))
+    print("| row | seed | statistics | internal clean | internal views | Barcelona clean | Barcelona views |")
+    print("|---|---|---|---|---|---|---|")
     for seed in (int(s) for s in args.seeds.split(",")):
         for row, model in (
             ("FedAvg", trainers.federated("fedavg", seed, {})),
             ("centralised", trainers.pooled(trainers.site_names, seed)),
         ):
-            for n, (plain_cells, site_cells, site_test) in adapted.items():
+            for variant, (split, feats_internal, feats_external) in variants(model).items():
                 line = []
-                for variant in VARIANTS:
-                    split = copy.deepcopy(model.split)
-                    if variant in ("top", "trunk + top"):
-                        cells = site_cells if variant == "trunk + top" else plain_cells
-                        adapt_batchnorm(split.top, torch.split(cells.float(), 64))
-                    feats = site_test if variant.startswith("trunk") else plain_test
+                for where, feats, y in (("internal", feats_internal, y_internal), ("Barcelona", feats_external, y_test)):
+                    if feats is None:
+                        line += ["—", "—"]
+                        continue
                     probs = {v: softmax(_top_logits(split, feats[v])) for v in VIEWS}
                     for col, p in (("clean", probs[View()]), ("views", np.mean(list(probs.values()), axis=0))):
-                        ba = compute_metrics(classes, y_test, p).balanced_accuracy
-                        scores.setdefault((row, n, variant, col), []).append(ba)
+                        ba = compute_metrics(classes, y, p).balanced_accuracy
+                        scores.setdefault((row, variant, where, col), []).append(ba)
                         line.append(f"{ba:.3f}")
-                print(f"| {row} | {seed} | {n} | " + " | ".join(line) + " |", flush=True)
-    print("\nmeans ± sd over seeds (Barcelona test split, balanced accuracy)")
-    print("| row | cells | " + " | ".join(f"{v} clean | {v} views" for v in VARIANTS) + " |")
-    print("|---|---|" + "---|---|" * len(VARIANTS))
+                print(f"| {row} | {seed} | {variant} | " + " | ".join(line) + " |", flush=True)
+    print("\nmeans ± sd over seeds (balanced accuracy; internal = the training sites' test splits, Barcelona = its test split)")
+    print("| row | statistics | internal clean | internal views | Barcelona clean | Barcelona views |")
+    print("|---|---|---|---|---|---|")
     for row in ("FedAvg", "centralised"):
-        for n in adapted:
-            cells = [_mean_sd(scores[row, n, v, c]) for v in VARIANTS for c in ("clean", "views")]
-            print(f"| {row} | {n} | " + " | ".join(cells) + " |")
+        for variant in dict.fromkeys(k[1] for k in scores if k[0] == row):
+            cells = [_mean_sd(scores[row, variant, w, c]) if (row, variant, w, c) in scores else "—"
+                     for w in ("internal", "Barcelona") for c in ("clean", "views")]
+            print(f"| {row} | {variant} | " + " | ".join(cells) + " |")
     print(f"[{time.time() - t0:.0f} s]")
+
+
+def sites_clean(split, sites: dict[str, np.ndarray]):
+    """The top's BatchNorm statistics as a federation would recompute them after training: each site
+    re-estimates them on its own train cells' clean views, the server averages them weighted by cells."""
+    stats = []
+    for x in sites.values():
+        local = copy.deepcopy(split)
+        adapt_batchnorm(local.top, _chunks(torch.from_numpy(np.asarray(x, dtype=np.float32)), seed=1))
+        stats.append(({k: v for k, v in local.model.state_dict().items() if k.endswith(("running_mean", "running_var"))}, len(x)))
+    out = copy.deepcopy(split)
+    total = sum(n for _, n in stats)
+    out.model.load_state_dict({k: sum(s[k] * (n / total) for s, n in stats) for k in stats[0][0]}, strict=False)
+    return out
+
+
+def _chunks(x: torch.Tensor, size: int = 64, seed: int = 0) -> list[torch.Tensor]:
+    """Shuffled, equal batches (the last short one dropped: BatchNorm's average weighs batches equally)."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x = x.float()[order]
+    full = max(1, len(x) // size)
+    return [x[i * size : (i + 1) * size] for i in range(full)]
 
 
 def _batches(prepared: PreparedImages, contract, indices, size: int = 64):

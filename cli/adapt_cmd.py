@@ -1,8 +1,10 @@
-"""`wbc adapt`: fine-tune a registered federated version on one site's reviewed cells, as that site's model."""
+"""`wbc adapt`: fine-tune a registered federated version on one site's reviewed cells, as that site's model;
+with `--unlabelled` (or `--images DIR`), only re-estimate its BatchNorm statistics on the site's cells."""
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -17,8 +19,12 @@ from models.registry import DEFAULT_MODEL_NAME, RegistryError, default_registry_
 
 def adapt(
     site: Annotated[str, typer.Argument(help="The site whose cells adapt the model, e.g. barcelona-pbc.")],
-    data_root: Annotated[Path, typer.Option("--data-root", help="The site's data root (manifest.csv + images): "
-                                            "its train cells train, its val cells check and calibrate.")],
+    data_root: Annotated[Path | None, typer.Option("--data-root", help="The site's data root (manifest.csv + "
+                                                   "images): its train cells train, its val cells check and calibrate.")] = None,
+    unlabelled: Annotated[bool, typer.Option("--unlabelled", help="No fine-tuning: re-estimate the model's "
+                                             "BatchNorm statistics on the site's train cells, labels unused.")] = False,
+    images: Annotated[Path | None, typer.Option("--images", help="A folder of the site's cell images (no "
+                                                "manifest, no labels): implies --unlabelled; nothing can be checked.")] = None,
     extra_data_root: Annotated[list[Path] | None, typer.Option(
         "--extra-data-root", help="More roots of the same site, e.g. `wbc review export` output (repeatable).")] = None,
     version: Annotated[str, typer.Option("--version", help="Version to start from: number, 'production', "
@@ -38,6 +44,11 @@ def adapt(
     from federation.adapt import AdaptSettings, adapt_version
     from federation.site_data import SiteData
 
+    if images is not None or unlabelled:
+        return _statistics(site, data_root, extra_data_root, images, version, target, seed, force, registry,
+                           model_name, as_json)
+    if data_root is None:
+        fail("give the site's --data-root (or --images DIR for unlabelled cells)")
     roots = [data_root, *(extra_data_root or [])]
     site_data = SiteData(site, data_root.resolve(), tuple(p.resolve() for p in roots[1:]))
     settings = AdaptSettings(epochs=epochs, lr=lr, seed=seed, force=force)
@@ -70,6 +81,11 @@ def adapt(
 
 
 def _print(outcome, site: str) -> None:
+    _table(outcome, site)
+    _trained(outcome)
+
+
+def _table(outcome, site: str) -> None:
     names = outcome.before.class_names
     table = Table(title=f"{site} val cells: {outcome.parent.model_name} v{outcome.parent.version} → adapted")
     table.add_column("")
@@ -79,6 +95,10 @@ def _print(outcome, site: str) -> None:
         recall = ["—" if r != r else f"{r:.2f}" for r in m.recall]
         table.add_row(label, f"{m.balanced_accuracy:.3f}", f"{m.extra.get('ece', float('nan')):.3f}", *recall)
     console.print(table)
+
+
+def _trained(outcome) -> None:
+    names = outcome.before.class_names
     counts = ", ".join(f"{c} {outcome.train_counts.get(c, 0)}" for c in names)
     console.print(f"trained on {sum(outcome.train_counts.values())} cells ({counts}); {outcome.training}")
     if outcome.missing_classes:
@@ -88,3 +108,61 @@ def _print(outcome, site: str) -> None:
     if r.get("status") == "registered":
         console.print(f"[green]{r['reason']}[/]; served once production points at it: "
                       f"wbc registry promote {r['version']} --model-name {outcome.target_model}")
+
+
+def _statistics(site, data_root, extra_roots, images, version, target, seed, force, registry, model_name,
+                as_json) -> None:
+    from federation.adapt_statistics import adapt_statistics, image_files
+    from federation.site_data import SiteData
+
+    try:
+        val: list = []
+        if images is not None:
+            cells = image_files(images.resolve())
+            parity_root = None  # the parity check uses cells that were read
+        elif data_root is not None:
+            roots = [data_root, *(extra_roots or [])]
+            site_data = SiteData(site, data_root.resolve(), tuple(p.resolve() for p in roots[1:]))
+            classes = registry_classes(registry, model_name, version)
+            cells = [s.path for s in site_data.select("train", classes)[0]]
+            val = site_data.select("val", classes)[0]
+            parity_root = data_root.resolve()
+        else:
+            fail("--unlabelled needs the site's --data-root or an --images folder")
+        with console.status(f"re-estimating {model_name} {version}'s statistics on {len(cells)} {site} cells",
+                            spinner="dots") if not as_json else nullcontext():
+            outcome = adapt_statistics(registry, model_name, version, site, cells, val=val, target_model=target,
+                                       seed=seed, force=force, parity_root=parity_root)
+    except (RegistryError, DataError, ValueError) as exc:
+        fail(str(exc))
+    registered = outcome.registered or {}
+    if as_json:
+        print(json.dumps({
+            "site": site, "parent": {"model": outcome.parent.model_name, "version": outcome.parent.version},
+            "target_model": outcome.target_model, "cells": outcome.cells, "unreadable": len(outcome.unreadable),
+            "layers": outcome.layers, "checked": outcome.checked,
+            "val_before": outcome.before.as_dict() if outcome.before else None,
+            "val_after": outcome.after.as_dict() if outcome.after else None,
+            "registered": outcome.registered, "refused": outcome.refused,
+        }, indent=2, default=float))  # fmt: skip
+    else:
+        console.print(f"{outcome.layers} BatchNorm layers re-estimated on {outcome.cells} {site} cells"
+                      + (f" ({len(outcome.unreadable)} unreadable files skipped)" if outcome.unreadable else ""))
+        if outcome.checked:
+            _table(outcome, site)
+        else:
+            console.print(f"[yellow]no labelled val cells of {site}: the adapted model could not be compared "
+                          "with its parent; review some of its predictions before promoting it[/]")
+        if registered.get("status") == "registered":
+            console.print(f"[green]{registered['reason']}[/]; served once production points at it: "
+                          f"wbc registry promote {registered['version']} --model-name {outcome.target_model}")
+    if outcome.refused:
+        fail(outcome.refused, code=1)
+    if registered.get("status") != "registered":
+        fail(f"not registered: {registered.get('reason')}", code=1)
+
+
+def registry_classes(registry, model_name: str, version: str) -> tuple[str, ...]:
+    from models.registry import Registry
+
+    return Registry(registry, model_name).resolve(version).contract.class_names

@@ -1,0 +1,158 @@
+"""A site adapts a registered version to its cells without any label (`wbc adapt --unlabelled`).
+
+A new hospital has cells before it has reviewed any. Its stain and optics shift the activations that the
+model's BatchNorm layers normalise; re-estimating their statistics on the site's own cells (AdaBN,
+`models.batchnorm`) changes no learned weight and needs no label. Measured with the shipped recipe
+(`benchmarks/adabn.py`, 3 seeds, 500 unlabelled Barcelona train cells, scored on Barcelona's test
+split): FedAvg 0.674 -> 0.721, centralised 0.697 -> 0.786 (docs/results.md, "A new hospital with no
+reviewed cells"). Fine-tuning on reviewed cells (`federation.adapt`) does more once they exist.
+
+Only the layers the federation trained are re-estimated (the recorded `train_top`: for "stage", the last
+stage's BatchNorms; the frozen ImageNet trunk keeps its statistics, which measured no better adapted).
+Cells come from a site data root (its train cells, labels ignored) or any folder of cell images. When
+the data root has labelled val cells, the adapted model is checked against its parent on them and its
+temperature refitted; from a bare folder nothing can be checked, and the outcome says so.
+Registered like `wbc adapt`'s versions: the site's own model name, lineage to the parent, ONNX + parity.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from federation.adapt import MIN_VAL_CELLS, AdaptOutcome, _metrics, _summary, default_target_name
+from federation.sites import DataError, Sample
+from models.registry import Registry, RegistryError
+
+MIN_CELLS = 100  # 100 cells measured as good as 500 (benchmarks/adabn.py); fewer give noisy statistics
+BATCH = 64  # BatchNorm averages batches equally: equal batches, the short remainder left out
+
+
+@dataclass
+class StatisticsOutcome(AdaptOutcome):
+    cells: int = 0  # cells whose statistics were used
+    unreadable: list[str] = field(default_factory=list)  # file names (no paths: they may name patients)
+    layers: int = 0
+    checked: bool = False  # False: no labelled val cells, the adapted model could not be compared
+
+
+def adapt_statistics(
+    registry_root: str | Path,
+    model_name: str,
+    version_ref: str,
+    site: str,
+    cells: Sequence[Path],
+    *,
+    val: Sequence[Sample] = (),
+    target_model: str | None = None,
+    seed: int = 0,
+    force: bool = False,
+    parity_root: Path | None = None,  # a data root to draw the ONNX parity cells from; else readable cells
+    work_dir: str | Path = "var/adapt",
+) -> StatisticsOutcome:
+    import torch
+    from PIL import UnidentifiedImageError
+    from safetensors.torch import load_file
+
+    from federation.publish import Publisher, find_parity_images
+    from federation.task import create_model_from_contract, load_image, predict_logits
+    from federation.trunk import split_model
+    from models.batchnorm import adapt_batchnorm, batchnorm_layers
+    from models.calibration import CalibrationSummary, calibrate
+    from models.preprocess import finish, prepare
+
+    parent = Registry(registry_root, model_name).resolve(version_ref)
+    parent.verify()
+    weights = parent.verify_weights()
+    contract = parent.contract.with_updates(model_name=None, version=None)
+    target = target_model or default_target_name(model_name, site)
+    if target == model_name:
+        raise RegistryError("an adapted model is a site's own: register it under another model name")
+    if len(cells) < MIN_CELLS:
+        raise DataError(f"site {site}: {len(cells)} cell images; at least {MIN_CELLS} are needed to estimate "
+                        "the statistics of a new hospital's cells")
+    run_config = (parent.metadata.get("flower") or {}).get("run_config") or {}
+    trained = dict(parent.metadata.get("training") or {})
+    top = str(trained.get("train_top") or run_config.get("train-top", "stage"))
+    augment = str(trained.get("augment") or run_config.get("augment", "default"))
+
+    model = create_model_from_contract(contract, pretrained=False)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.eval()
+    part = split_model(model, top).top  # the layers the federation trained
+    if not batchnorm_layers(part):
+        raise ValueError(f"{contract.architecture}'s trained part ({top!r}) has no BatchNorm statistics to adapt")
+    checkable = len(val) >= MIN_VAL_CELLS
+    before = _metrics(predict_logits(model, val, contract), contract, contract.temperature) if checkable else None
+
+    inputs, unreadable, readable = [], [], []
+    for path in cells:
+        try:
+            inputs.append(finish(prepare(load_image(path), contract), contract))
+            readable.append(Path(path))
+        except (OSError, UnidentifiedImageError, ValueError):
+            unreadable.append(Path(path).name)
+    if len(inputs) < MIN_CELLS:
+        raise DataError(f"site {site}: {len(inputs)} readable cell images ({len(unreadable)} unreadable); at "
+                        f"least {MIN_CELLS} are needed")
+    random.Random(seed).shuffle(inputs)  # batches mix classes as the site's cells do
+    full = len(inputs) // BATCH
+    batches = [torch.from_numpy(np.stack(inputs[i * BATCH : (i + 1) * BATCH])) for i in range(full)]
+    used = full * BATCH
+    if top != "full":  # the trained part's input is the frozen trunk's output
+        trunk = split_model(model, top)
+        batches = [trunk.trunk_features(x) for x in batches]
+    adapt_batchnorm(part, batches)
+    model.eval()
+
+    outcome = StatisticsOutcome(parent, target, before, None, {}, [],  # type: ignore[arg-type]
+                                cells=used, unreadable=unreadable, layers=len(batchnorm_layers(part)),
+                                training={**trained, "train_top": top, "augment": augment,
+                                          "statistics_cells": used})
+    adapted = contract
+    calibration = None
+    if checkable:
+        logits, targets = predict_logits(model, val, contract)
+        calibration = calibrate(CalibrationSummary.from_logits(logits, targets), contract.num_classes)
+        adapted = contract.with_updates(temperature=calibration.temperature,
+                                        abstain_threshold=calibration.abstain_threshold)
+        outcome.after = _metrics((logits, targets), adapted, adapted.temperature)
+        outcome.checked = True
+        if outcome.after.balanced_accuracy < outcome.before.balanced_accuracy and not force:
+            outcome.refused = (
+                f"the adapted statistics do worse on {site}'s {len(val)} val cells than v{parent.version} "
+                f"({outcome.after.balanced_accuracy:.3f} < {outcome.before.balanced_accuracy:.3f}); not registered "
+                "(--force to keep it)")
+            return outcome
+
+    metadata: dict[str, Any] = {
+        "source": "adapted-statistics",
+        "adapted_from": {"model_name": parent.model_name, "version": parent.version, "sha256": parent.sha256},
+        "site": site,
+        "statistics": {"cells": used, "unreadable": len(unreadable), "layers": outcome.layers, "train_top": top,
+                       "checked_on_val": outcome.checked},
+        "training": outcome.training,
+        "weight_source": parent.metadata.get("weight_source"),
+    }
+    if calibration is not None:
+        metadata["calibration"] = calibration.as_dict()
+        metadata["metrics"] = {"site_val_before": _summary(outcome.before), "site_val_after": _summary(outcome.after)}
+    parity = find_parity_images(parity_root, contract) if parity_root else readable[:4]
+    publisher = Publisher(registry_root=registry_root, model_name=target, contract=contract, model=model,
+                          parity_images=parity, work_dir=work_dir)
+    outcome.registered = publisher.publish(model.state_dict(), metadata, adapted).as_dict()
+    return outcome
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under `folder`, sorted (a site's export of cell crops, no manifest needed)."""
+    from federation.datacheck import IMAGE_SUFFIXES
+
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder of cell images")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
