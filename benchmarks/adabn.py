@@ -6,9 +6,11 @@ The shipped recipe's arm (EfficientNet-Lite0, frozen trunk + trained last stage,
 FedAvg and centralised rows trained exactly as `benchmarks/ablations.py` trains them. Barcelona never
 trains anything: `--adapt-cells` N of its *train* split (seeded draw, labels unused) give the BatchNorm
 statistics (`models.batchnorm.adapt_batchnorm`), and the model is scored on its *test* split, which the
-statistics never saw. Columns: the model as trained; only the trained top's BatchNorm re-estimated; only
-the frozen trunk's; both (what `wbc adapt --unlabelled` ships); each on the clean view and with the
-shipped test-time views (turns-zooms). The adapted trunk's features are computed here, not cached.
+statistics never saw. Rows per model: as trained; the trained stage's statistics re-estimated by the three
+training sites on their train cells' clean views and averaged (what a federation could do after a round);
+Barcelona's statistics for the trained stage only (what `wbc adapt --unlabelled` ships); for the frozen
+trunk and the stage. Internal (the training sites' test splits) and Barcelona, each on the clean view
+and with the shipped test-time views (turns-zooms). The adapted trunk's features are computed, not cached.
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 scored on Barcelona's test split through ONNX Runtime, as served.
 
     .venv/bin/python benchmarks/adapt_deployed.py --registry var/registry --version production --shots 20
+    .venv/bin/python benchmarks/adapt_deployed.py --shots 0 --unlabelled 500   # `wbc adapt --unlabelled`
 
 The site root holds k seeded cells per class from Barcelona's train split and all of its val split (the
-adapted model's check and temperature); its test split is never in it. Prints a markdown table.
+adapted model's check and temperature); its test split is never in it. `--unlabelled N`: N seeded train
+cells' images (labels unused) re-estimate the BatchNorm statistics instead (federation.adapt_statistics),
+checked on the same val split. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from federation.adapt import AdaptSettings, adapt_version
+from federation.adapt_statistics import adapt_statistics
 from federation.site_data import SiteData
 from federation.sites import EXTERNAL_SITE, DataRoot, Sample, resolve_data_root, write_manifest
 from models.registry import Registry
@@ -46,6 +50,11 @@ def site_root(data: DataRoot, classes, shots: int, seed: int, dest: Path) -> Pat
     return dest
 
 
+def report(outcome, t0: float) -> None:
+    print(f"adapted in {time.time() - t0:.0f} s; val balanced accuracy {outcome.before.balanced_accuracy:.3f} -> "
+          f"{outcome.after.balanced_accuracy:.3f}; {(outcome.registered or {}).get('reason') or outcome.refused}")
+
+
 def score(info, test) -> tuple[float, float, float]:
     classifier = Classifier(info.onnx_path, SessionConfig(intra_op_threads=usable_cores()))
     metrics, _, _ = evaluate_classifier(classifier, test)
@@ -60,25 +69,37 @@ def main() -> None:
     ap.add_argument("--version", default="production")
     ap.add_argument("--shots", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--unlabelled", type=int, default=0, help="also: statistics from N unlabelled train cells")
     args = ap.parse_args()
     data = DataRoot(resolve_data_root(None))
     parent = Registry(args.registry, args.model_name).resolve(args.version)
     classes = parent.contract.class_names
     test = data.select([EXTERNAL_SITE], ["test"], classes)
     t0 = time.time()
+    rows = [("federated", parent)]
     with tempfile.TemporaryDirectory() as tmp:
         root = site_root(data, classes, args.shots, args.seed, Path(tmp) / "site")
-        outcome = adapt_version(args.registry, args.model_name, str(parent.version), SiteData(EXTERNAL_SITE, root),
-                                target_model=f"{args.model_name}-{EXTERNAL_SITE}-k{args.shots}",
-                                settings=AdaptSettings(seed=args.seed), work_dir=Path(tmp) / "work")  # fmt: skip
-    adapt_s = time.time() - t0
-    print(f"adapted in {adapt_s:.0f} s on {sum(outcome.train_counts.values())} cells; val balanced accuracy "
-          f"{outcome.before.balanced_accuracy:.3f} -> {outcome.after.balanced_accuracy:.3f}; "
-          f"{(outcome.registered or {}).get('reason') or outcome.refused}")
-    rows = [("federated", parent)]
-    if outcome.registered and outcome.registered.get("status") == "registered":
-        rows.append((f"adapted, {args.shots} per class", Registry(args.registry, outcome.target_model).get(
-            outcome.registered["version"])))
+        if args.shots:
+            outcome = adapt_version(args.registry, args.model_name, str(parent.version), SiteData(EXTERNAL_SITE, root),
+                                    target_model=f"{args.model_name}-{EXTERNAL_SITE}-k{args.shots}",
+                                    settings=AdaptSettings(seed=args.seed), work_dir=Path(tmp) / "work")  # fmt: skip
+            report(outcome, t0)
+            if outcome.registered and outcome.registered.get("status") == "registered":
+                rows.append((f"adapted, {args.shots} per class", Registry(args.registry, outcome.target_model).get(
+                    outcome.registered["version"])))
+        if args.unlabelled:
+            t1 = time.time()
+            pool = data.select([EXTERNAL_SITE], ["train"], classes)
+            rng = np.random.default_rng(args.seed)
+            cells = [pool[i].path for i in sorted(rng.choice(len(pool), min(args.unlabelled, len(pool)), replace=False))]
+            val = SiteData(EXTERNAL_SITE, root).select("val", classes)[0]
+            outcome = adapt_statistics(args.registry, args.model_name, str(parent.version), EXTERNAL_SITE, cells,
+                                       val=val, target_model=f"{args.model_name}-{EXTERNAL_SITE}-adabn{args.unlabelled}",
+                                       seed=args.seed, parity_root=root, work_dir=Path(tmp) / "work-statistics")
+            report(outcome, t1)
+            if outcome.registered and outcome.registered.get("status") == "registered":
+                rows.append((f"statistics, {outcome.cells} unlabelled cells", Registry(
+                    args.registry, outcome.target_model).get(outcome.registered["version"])))
     print(f"\n| {args.model_name} v{parent.version} on {EXTERNAL_SITE} test ({len(test)} cells) | balanced accuracy | "
           "ECE | lymphocyte recall |\n|---|---|---|---|")
     for label, info in rows:

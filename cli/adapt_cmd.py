@@ -63,17 +63,26 @@ def adapt(
             )  # fmt: skip
     except (RegistryError, DataError, ValueError) as exc:
         fail(str(exc))
-    registered = outcome.registered or {}
     if as_json:
-        print(json.dumps({
-            "site": site, "parent": {"model": outcome.parent.model_name, "version": outcome.parent.version},
-            "target_model": outcome.target_model, "train_counts": outcome.train_counts,
-            "missing_classes": outcome.missing_classes, "training": outcome.training,
-            "val_before": outcome.before.as_dict(), "val_after": outcome.after.as_dict(),
-            "registered": outcome.registered, "refused": outcome.refused,
-        }, indent=2, default=float))  # fmt: skip
+        _json(outcome, site, train_counts=outcome.train_counts, missing_classes=outcome.missing_classes,
+              training=outcome.training)
     else:
         _print(outcome, site)
+    _exit_unless_registered(outcome)
+
+
+def _json(outcome, site: str, **fields) -> None:
+    print(json.dumps({
+        "site": site, "parent": {"model": outcome.parent.model_name, "version": outcome.parent.version},
+        "target_model": outcome.target_model, **fields,
+        "val_before": outcome.before.as_dict() if outcome.before else None,
+        "val_after": outcome.after.as_dict() if outcome.after else None,
+        "registered": outcome.registered, "refused": outcome.refused,
+    }, indent=2, default=float))  # fmt: skip
+
+
+def _exit_unless_registered(outcome) -> None:
+    registered = outcome.registered or {}
     if outcome.refused:
         fail(outcome.refused, code=1)
     if registered.get("status") != "registered":
@@ -137,14 +146,8 @@ def _statistics(site, data_root, extra_roots, images, version, target, seed, for
         fail(str(exc))
     registered = outcome.registered or {}
     if as_json:
-        print(json.dumps({
-            "site": site, "parent": {"model": outcome.parent.model_name, "version": outcome.parent.version},
-            "target_model": outcome.target_model, "cells": outcome.cells, "unreadable": len(outcome.unreadable),
-            "layers": outcome.layers, "checked": outcome.checked,
-            "val_before": outcome.before.as_dict() if outcome.before else None,
-            "val_after": outcome.after.as_dict() if outcome.after else None,
-            "registered": outcome.registered, "refused": outcome.refused,
-        }, indent=2, default=float))  # fmt: skip
+        _json(outcome, site, cells=outcome.cells, unreadable=len(outcome.unreadable), layers=outcome.layers,
+              checked=outcome.checked)
     else:
         console.print(f"{outcome.layers} BatchNorm layers re-estimated on {outcome.cells} {site} cells"
                       + (f" ({len(outcome.unreadable)} unreadable files skipped)" if outcome.unreadable else ""))
@@ -156,10 +159,7 @@ def _statistics(site, data_root, extra_roots, images, version, target, seed, for
         if registered.get("status") == "registered":
             console.print(f"[green]{registered['reason']}[/]; served once production points at it: "
                           f"wbc registry promote {registered['version']} --model-name {outcome.target_model}")
-    if outcome.refused:
-        fail(outcome.refused, code=1)
-    if registered.get("status") != "registered":
-        fail(f"not registered: {registered.get('reason')}", code=1)
+    _exit_unless_registered(outcome)
 
 
 def registry_classes(registry, model_name: str, version: str) -> tuple[str, ...]:
