@@ -62,7 +62,7 @@ def adapt_statistics(
     from federation.publish import Publisher, find_parity_images
     from federation.task import create_model_from_contract, load_image, predict_logits
     from federation.trunk import split_model
-    from models.batchnorm import adapt_batchnorm, batchnorm_layers
+    from models.batchnorm import adapt_batchnorm
     from models.calibration import CalibrationSummary, calibrate
     from models.preprocess import finish, prepare
 
@@ -84,9 +84,7 @@ def adapt_statistics(
     model = create_model_from_contract(contract, pretrained=False)
     model.load_state_dict(load_file(str(weights)), strict=True)
     model.eval()
-    part = split_model(model, top).top  # the layers the federation trained
-    if not batchnorm_layers(part):
-        raise ValueError(f"{contract.architecture}'s trained part ({top!r}) has no BatchNorm statistics to adapt")
+    part = split_model(model, top).top  # the layers the federation trained (its forward runs only those)
     checkable = len(val) >= MIN_VAL_CELLS
     before = _metrics(predict_logits(model, val, contract), contract, contract.temperature) if checkable else None
 
@@ -107,11 +105,13 @@ def adapt_statistics(
     if top != "full":  # the trained part's input is the frozen trunk's output
         trunk = split_model(model, top)
         batches = [trunk.trunk_features(x) for x in batches]
-    adapt_batchnorm(part, batches)
+    _, layers = adapt_batchnorm(part, batches)
+    if layers == 0:
+        raise ValueError(f"{contract.architecture}'s trained part ({top!r}) has no BatchNorm statistics to adapt")
     model.eval()
 
     outcome = StatisticsOutcome(parent, target, before, None, {}, [],  # type: ignore[arg-type]
-                                cells=used, unreadable=unreadable, layers=len(batchnorm_layers(part)),
+                                cells=used, unreadable=unreadable, layers=layers,
                                 training={**trained, "train_top": top, "augment": augment,
                                           "statistics_cells": used})
     adapted = contract

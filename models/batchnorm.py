@@ -25,11 +25,13 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 
 
 @torch.no_grad()
-def adapt_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Replace every BatchNorm's running mean and variance in `module` by those of `batches`.
+def adapt_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor]) -> tuple[int, int]:
+    """Replace the running mean and variance of every BatchNorm in `module` that `batches` reach.
 
-    Returns the number of inputs seen. Raises ValueError when the module has no BatchNorm layer (a ViT:
-    nothing to adapt) or when no input arrived (the statistics would be left reset)."""
+    A layer the forward pass never reaches (a wrapper's module tree can hold layers its forward skips,
+    such as a frozen trunk in front of cached features) keeps its statistics. Returns (inputs seen,
+    layers re-estimated). Raises ValueError when the module has no BatchNorm layer (a ViT: nothing to
+    adapt) or when no input arrived (the statistics are then left as they were)."""
     layers = batchnorm_layers(module)
     if not layers:
         raise ValueError(f"{type(module).__name__} has no BatchNorm layer to adapt")
@@ -49,14 +51,16 @@ def adapt_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
             module(x)
             seen += len(x)
     finally:
-        for bn, momentum in zip(layers, momenta):
+        reached = 0
+        for bn, momentum, (mean, var, count) in zip(layers, momenta, saved):
             bn.momentum = momentum
-        module.train(was_training)
-        if seen == 0:  # put the trained statistics back rather than leave reset ones
-            for bn, (mean, var, count) in zip(layers, saved):
+            if seen and int(bn.num_batches_tracked) > 0:
+                reached += 1
+            else:  # not reached, or nothing seen: the trained statistics go back, never reset ones
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
                 bn.num_batches_tracked.copy_(count)
+        module.train(was_training)
     if seen == 0:
         raise ValueError("no cells (batches of at least 2) to estimate BatchNorm statistics from")
-    return seen
+    return seen, reached

@@ -49,6 +49,10 @@ def registry_with_parent(tmp_path_factory, data_root: DataRoot) -> Path:
     root = tmp_path_factory.mktemp("registry")
     torch.manual_seed(0)
     model = timm.create_model(CONTRACT.architecture, pretrained=False, num_classes=CONTRACT.num_classes)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        # trained-looking statistics, so that a reset to the initial 0 / 1 shows as a change in the tests
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.8, 1.5)
     cells = [data_root.select(["tehran-lisc"], ["test"], [c])[0].path for c in SHARED_CLASSES]
     publisher = Publisher(registry_root=root, model_name=PARENT, contract=CONTRACT, model=model,
                           parity_images=cells, work_dir=tmp_path_factory.mktemp("work"))

@@ -56,6 +56,7 @@ def test_statistics_of_the_trained_stage_only_are_re_estimated_and_checked(regis
     assert all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved), sorted(moved)
     assert moved <= top, "the frozen trunk's statistics must stay the parent's"
     assert any(k.startswith("bn2.") for k in moved)
+    assert outcome.layers == len({k for k in moved if k.endswith("running_mean")}) > 1
 
     # Reviewed cells later fine-tune this version with the federation's recipe, which travelled on.
     from federation.adapt import AdaptSettings, adapt_version

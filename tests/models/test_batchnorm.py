@@ -17,8 +17,8 @@ def _net() -> nn.Sequential:
 def test_statistics_become_those_of_the_site_cells() -> None:
     net = _net()
     shifted = torch.randn(200, 3) * torch.tensor([2.0, 0.5, 1.0]) + torch.tensor([5.0, -3.0, 0.0])
-    seen = adapt_batchnorm(net, torch.split(shifted, 32))
-    assert seen == 200
+    seen, layers = adapt_batchnorm(net, torch.split(shifted, 32))
+    assert (seen, layers) == (200, 2)
     first = net[0]
     # the plain average over batches (momentum None), not a moving average dominated by the last one
     batch_means = torch.stack([b.mean(0) for b in torch.split(shifted, 32)])
@@ -49,3 +49,22 @@ def test_refuses_without_batchnorm_or_cells_and_keeps_trained_statistics() -> No
         adapt_batchnorm(net, [torch.randn(1, 3)])  # one cell: no variance to estimate
     after = [bn.running_mean for bn in batchnorm_layers(net)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_layers_the_forward_pass_never_reaches_keep_their_statistics() -> None:
+    class Head(nn.Module):  # holds the whole network, runs only its last part (like a trunk/top split)
+        def __init__(self, net: nn.Sequential):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net[4](self.net[3](x))
+
+    net = _net()
+    net[0].running_mean.fill_(2.0)
+    net[0].running_var.fill_(3.0)
+    seen, layers = adapt_batchnorm(Head(net), [torch.randn(32, 4) + 5.0])
+    assert (seen, layers) == (32, 1)
+    assert torch.equal(net[0].running_mean, torch.full((3,), 2.0)), "an unreached layer must not be reset"
+    assert torch.equal(net[0].running_var, torch.full((3,), 3.0))
+    assert net[3].running_mean.mean() > 4.0
