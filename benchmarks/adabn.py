@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--adapt-cells", default="500", help="comma list: Barcelona train cells per adaptation")
     ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--per-site", action="store_true", help="also: each training site scored with its own statistics")
+    ap.add_argument("--entropy", type=int, default=0, help="also: N epochs of entropy minimisation (TENT) after AdaBN")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -80,6 +82,7 @@ def main() -> None:
     y_internal = np.array([classes.index(s.label) for s in internal])
     prep_internal = PreparedImages.build(internal, contract, args.cache / "prepared")
     plain_internal = fixed_view_features(trunk, internal, prep_internal, contract, VIEWS, args.cache / "features")
+    internal_site = np.array([s.site for s in internal])
     trainers = _TopTrainers(arm, data)
     sites = {name: site.train_x[:, 0] for name, site in data.sites.items()}  # clean views of the train cells
 
@@ -87,6 +90,8 @@ def main() -> None:
         """name -> (top, internal test features or None, Barcelona test features)."""
         out = {"as trained": (model.split, plain_internal, plain_test)}
         out["sites' clean"] = (sites_clean(model.split, sites), plain_internal, plain_test)
+        if args.per_site:
+            out["each training site its own"] = (per_site(model.split, sites, internal_site), None, None)
         for n, (plain_cells, site_cells, site_test) in adapted.items():
             top = copy.deepcopy(model.split)
             adapt_batchnorm(top.top, _chunks(plain_cells))
@@ -94,6 +99,10 @@ def main() -> None:
             both = copy.deepcopy(model.split)
             adapt_batchnorm(both.top, _chunks(site_cells))
             out[f"Barcelona {n}: trunk + top"] = (both, None, site_test)
+            if args.entropy:
+                tent = copy.deepcopy(top)
+                entropy_minimisation(tent, _chunks(plain_cells), epochs=args.entropy)
+                out[f"Barcelona {n}: top + entropy"] = (tent, None, plain_test)
         return out
 
     scores: dict[tuple, list[float]] = {}
@@ -106,6 +115,17 @@ def main() -> None:
         ):
             for variant, (split, feats_internal, feats_external) in variants(model).items():
                 line = []
+                if isinstance(split, dict):  # one top per training site, each scoring its own test cells
+                    probs = {v: np.zeros((len(internal), len(classes))) for v in VIEWS}
+                    for site, (top, rows) in split.items():
+                        for v in VIEWS:
+                            probs[v][rows] = softmax(_top_logits(top, plain_internal[v][rows]))
+                    for col, p in (("clean", probs[View()]), ("views", np.mean(list(probs.values()), axis=0))):
+                        ba = compute_metrics(classes, y_internal, p).balanced_accuracy
+                        scores.setdefault((row, variant, "internal", col), []).append(ba)
+                        line.append(f"{ba:.3f}")
+                    print(f"| {row} | {seed} | {variant} | " + " | ".join(line) + " | — | — |", flush=True)
+                    continue
                 for where, feats, y in (("internal", feats_internal, y_internal), ("Barcelona", feats_external, y_test)):
                     if feats is None:
                         line += ["—", "—"]
@@ -139,6 +159,46 @@ def sites_clean(split, sites: dict[str, np.ndarray]):
     total = sum(n for _, n in stats)
     out.model.load_state_dict({k: sum(s[k] * (n / total) for s, n in stats) for k in stats[0][0]}, strict=False)
     return out
+
+
+def per_site(split, sites: dict[str, np.ndarray], internal_site: np.ndarray) -> dict:
+    """Each training site's copy with the stage's statistics of its own clean train cells."""
+    out = {}
+    for name, x in sites.items():
+        local = copy.deepcopy(split)
+        adapt_batchnorm(local.top, _chunks(torch.from_numpy(np.asarray(x, dtype=np.float32)), seed=1))
+        out[name] = (local, np.flatnonzero(internal_site == name))
+    return out
+
+
+def entropy_minimisation(split, batches: list[torch.Tensor], epochs: int, lr: float = 1e-3) -> None:
+    """TENT (Wang et al. 2021): the stage's BatchNorm scales and shifts trained to make the new site's
+    predictions confident, BatchNorm on batch statistics; then its statistics re-estimated."""
+    from models.batchnorm import batchnorm_layers
+
+    stage = _stage_modules(split)
+    layers = [bn for bn in batchnorm_layers(split.top) if any(bn is m for m in stage)]
+    params = [p for bn in layers for p in (bn.weight, bn.bias)]
+    for p in params:
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(params, lr=lr)
+    split.top.eval()
+    for bn in layers:
+        bn.train()
+    for _ in range(epochs):
+        for x in batches:
+            p = torch.softmax(split.top(x), dim=1)
+            loss = -(p * torch.log(p + 1e-8)).sum(1).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    split.top.eval()
+    adapt_batchnorm(split.top, batches)
+
+
+def _stage_modules(split) -> list[torch.nn.Module]:
+    m = split.model
+    return [*m.blocks[-1].modules(), *m.bn2.modules()]
 
 
 def _chunks(x: torch.Tensor, size: int = 64, seed: int = 0) -> list[torch.Tensor]:
