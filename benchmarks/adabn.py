@@ -43,12 +43,22 @@ from models.test_views import VIEW_SETS, View, apply_view
 VIEWS = VIEW_SETS["turns-zooms"]
 
 
+ROWS = {
+    "FedAvg": lambda t, seed: t.federated("fedavg", seed, {}),
+    "FedProx mu=1": lambda t, seed: t.federated("fedprox", seed, {"proximal_mu": 1.0}),
+    "FedMedian": lambda t, seed: t.federated("fedmedian", seed, {}),
+    "FedAdam": lambda t, seed: t.federated("fedadam", seed, {}),
+    "centralised": lambda t, seed: t.pooled(t.site_names, seed),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--adapt-cells", default="500", help="comma list: Barcelona train cells per adaptation")
     ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default="FedAvg,centralised", help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--per-site", action="store_true", help="also: each training site scored with its own statistics")
     ap.add_argument("--entropy", type=int, default=0, help="also: N epochs of entropy minimisation (TENT) after AdaBN")
     args = ap.parse_args()
@@ -82,6 +92,7 @@ def main() -> None:
     y_internal = np.array([classes.index(s.label) for s in internal])
     prep_internal = PreparedImages.build(internal, contract, args.cache / "prepared")
     plain_internal = fixed_view_features(trunk, internal, prep_internal, contract, VIEWS, args.cache / "features")
+    rows = args.rows.split(",")
     internal_site = np.array([s.site for s in internal])
     trainers = _TopTrainers(arm, data)
     sites = {name: site.train_x[:, 0] for name, site in data.sites.items()}  # clean views of the train cells
@@ -109,10 +120,8 @@ def main() -> None:
     print("| row | seed | statistics | internal clean | internal views | Barcelona clean | Barcelona views |")
     print("|---|---|---|---|---|---|---|")
     for seed in (int(s) for s in args.seeds.split(",")):
-        for row, model in (
-            ("FedAvg", trainers.federated("fedavg", seed, {})),
-            ("centralised", trainers.pooled(trainers.site_names, seed)),
-        ):
+        for row in rows:
+            model = ROWS[row](trainers, seed)
             for variant, (split, feats_internal, feats_external) in variants(model).items():
                 line = []
                 if isinstance(split, dict):  # one top per training site, each scoring its own test cells
@@ -139,7 +148,7 @@ def main() -> None:
     print("\nmeans ± sd over seeds (balanced accuracy; internal = the training sites' test splits, Barcelona = its test split)")
     print("| row | statistics | internal clean | internal views | Barcelona clean | Barcelona views |")
     print("|---|---|---|---|---|---|")
-    for row in ("FedAvg", "centralised"):
+    for row in rows:
         for variant in dict.fromkeys(k[1] for k in scores if k[0] == row):
             cells = [_mean_sd(scores[row, variant, w, c]) if (row, variant, w, c) in scores else "—"
                      for w in ("internal", "Barcelona") for c in ("clean", "views")]
