@@ -49,6 +49,8 @@ ROWS = {
     "FedMedian": lambda t, seed: t.federated("fedmedian", seed, {}),
     "FedAdam": lambda t, seed: t.federated("fedadam", seed, {}),
     "centralised": lambda t, seed: t.pooled(t.site_names, seed),
+    **{f"{site} alone": (lambda site: lambda t, seed: t.pooled([site], seed))(site)
+       for site in ("tehran-lisc", "jiangxi-tecom", "bccd")},
 }
 
 
