@@ -4,7 +4,6 @@ with `--unlabelled` (or `--images DIR`), only re-estimate its BatchNorm statisti
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -138,10 +137,13 @@ def _statistics(site, data_root, extra_roots, images, version, target, seed, for
             parity_root = data_root.resolve()
         else:
             fail("--unlabelled needs the site's --data-root or an --images folder")
-        with console.status(f"re-estimating {model_name} {version}'s statistics on {len(cells)} {site} cells",
-                            spinner="dots") if not as_json else nullcontext():
-            outcome = adapt_statistics(registry, model_name, version, site, cells, val=val, target_model=target,
-                                       seed=seed, force=force, parity_root=parity_root)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, transient=True, disable=as_json) as progress:
+            task = progress.add_task(f"reading {site}'s cells for {model_name} {version}'s statistics", total=None)
+            outcome = adapt_statistics(
+                registry, model_name, version, site, cells, val=val, target_model=target, seed=seed, force=force,
+                parity_root=parity_root, progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )  # fmt: skip
     except (RegistryError, DataError, ValueError) as exc:
         fail(str(exc))
     registered = outcome.registered or {}

@@ -18,7 +18,7 @@ Registered like `wbc adapt`'s versions: the site's own model name, lineage to th
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ def adapt_statistics(
     force: bool = False,
     parity_root: Path | None = None,  # a data root to draw the ONNX parity cells from; else readable cells
     work_dir: str | Path = "var/adapt",
+    progress: Callable[[int, int], None] | None = None,  # (cells read, cells to read), per batch
 ) -> StatisticsOutcome:
     import torch
     from PIL import UnidentifiedImageError
@@ -108,6 +109,8 @@ def adapt_statistics(
             x = torch.from_numpy(np.stack(pending))
             batches.append(trunk.trunk_features(x) if trunk is not None else x)
             pending = []
+            if progress is not None:
+                progress(len(readable), min(len(order), MAX_CELLS))
     if len(readable) < MIN_CELLS:
         raise DataError(f"site {site}: {len(readable)} readable cell images ({len(unreadable)} unreadable); at "
                         f"least {MIN_CELLS} are needed")

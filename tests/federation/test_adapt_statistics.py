@@ -38,8 +38,11 @@ def test_statistics_of_the_trained_stage_only_are_re_estimated_and_checked(regis
     site = SiteData(SITE, root)
     cells = [s.path for s in site.select("train", SHARED_CLASSES)[0]]
     val = site.select("val", SHARED_CLASSES)[0]
+    reported = []
     outcome = adapt_statistics(registry_with_parent, PARENT, "latest", SITE, cells, val=val, force=True,
-                               parity_root=root, work_dir=tmp_path / "work")
+                               parity_root=root, work_dir=tmp_path / "work", progress=lambda *a: reported.append(a))
+    assert reported == [(64, 110)], "progress per full batch: cells read of cells to read"
+
     assert outcome.registered and outcome.registered["status"] == "registered", outcome.registered
     assert outcome.cells == 64 and not outcome.unreadable and outcome.checked  # 110 cells: one full batch
     assert outcome.before.n == outcome.after.n == 15
