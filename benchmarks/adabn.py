@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.tta import fixed_view_features, shipped_arm
 from federation.benchmark.features import render_view
+from federation.benchmark.handlers import top_logits
 from federation.benchmark.prepared import PreparedImages
 from federation.benchmark.protocols import _TopTrainers
 from federation.benchmark.report import _mean_sd
@@ -130,7 +131,7 @@ def main() -> None:
                     probs = {v: np.zeros((len(internal), len(classes))) for v in VIEWS}
                     for site, (top, rows) in split.items():
                         for v in VIEWS:
-                            probs[v][rows] = softmax(_top_logits(top, plain_internal[v][rows]))
+                            probs[v][rows] = softmax(top_logits(top, plain_internal[v][rows]))
                     for col, p in (("clean", probs[View()]), ("views", np.mean(list(probs.values()), axis=0))):
                         ba = compute_metrics(classes, y_internal, p).balanced_accuracy
                         scores.setdefault((row, variant, "internal", col), []).append(ba)
@@ -141,7 +142,7 @@ def main() -> None:
                     if feats is None:
                         line += ["—", "—"]
                         continue
-                    probs = {v: softmax(_top_logits(split, feats[v])) for v in VIEWS}
+                    probs = {v: softmax(top_logits(split, feats[v])) for v in VIEWS}
                     for col, p in (("clean", probs[View()]), ("views", np.mean(list(probs.values()), axis=0))):
                         ba = compute_metrics(classes, y, p).balanced_accuracy
                         scores.setdefault((row, variant, where, col), []).append(ba)
@@ -229,13 +230,6 @@ def _batches(prepared: PreparedImages, contract, indices, size: int = 64):
 def _features(split, prepared: PreparedImages, contract, view: View) -> np.ndarray:
     parts = [split.trunk_features(apply_view(torch.from_numpy(b), view)) for b in _batches(prepared, contract, range(len(prepared)))]
     return torch.cat(parts).numpy()
-
-
-@torch.no_grad()
-def _top_logits(split, feats) -> np.ndarray:
-    split.top.eval()
-    x = torch.as_tensor(np.asarray(feats, dtype=np.float32))
-    return torch.cat([split.top(x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()
 
 
 if __name__ == "__main__":

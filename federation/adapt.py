@@ -28,6 +28,7 @@ from federation.sites import DataError
 from federation.site_data import SiteData
 from models.calibration import CalibrationSummary, calibrate
 from models.evaluate import Metrics, compute_metrics
+from models.contract import ModelContract
 from models.registry import Registry, RegistryError, VersionInfo
 
 MIN_VAL_CELLS = 10
@@ -59,6 +60,44 @@ def default_target_name(model_name: str, site: str) -> str:
     return f"{model_name}-{site}"
 
 
+@dataclass(frozen=True)
+class Parent:
+    """A registered version to adapt: verified, its network loaded, the recipe it was trained with."""
+
+    info: VersionInfo
+    contract: ModelContract  # the parent's, without its name and version (the adapted one gets its own)
+    model: Any  # torch module, eval mode, the version's weights
+    target: str  # the model name the adapted version registers under
+    trained: dict[str, Any]  # the recorded training settings
+    top: str  # which part was trained: "stage", "head" or "full"
+    augment: str
+
+
+def load_parent(
+    registry_root: str | Path, model_name: str, version_ref: str, site: str, target_model: str | None
+) -> Parent:
+    from safetensors.torch import load_file
+
+    from federation.task import create_model_from_contract
+
+    parent = Registry(registry_root, model_name).resolve(version_ref)
+    parent.verify()
+    weights = parent.verify_weights()
+    contract = parent.contract.with_updates(model_name=None, version=None)
+    target = target_model or default_target_name(model_name, site)
+    if target == model_name:
+        raise RegistryError("an adapted model is a site's own: register it under another model name")
+    # The recipe: a federated version's run config, or (adapting an adapted version) its own record.
+    run_config = (parent.metadata.get("flower") or {}).get("run_config") or {}
+    trained = dict(parent.metadata.get("training") or {})
+    top = str(trained.get("train_top") or run_config.get("train-top", "stage"))
+    augment = str(trained.get("augment") or run_config.get("augment", "default"))
+    model = create_model_from_contract(contract, pretrained=False)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.eval()
+    return Parent(parent, contract, model, target, trained, top, augment)
+
+
 def adapt_version(
     registry_root: str | Path,
     model_name: str,
@@ -70,19 +109,13 @@ def adapt_version(
     work_dir: str | Path = "var/adapt",
     progress: Callable[[int, int, float], None] | None = None,
 ) -> AdaptOutcome:
-    from safetensors.torch import load_file
-
     from federation.augment import named_augmentation
     from federation.publish import Publisher, find_parity_images
-    from federation.task import TrainConfig, create_model_from_contract, predict_logits, train_local
+    from federation.task import TrainConfig, predict_logits, train_local
 
-    parent = Registry(registry_root, model_name).resolve(version_ref)
-    parent.verify()
-    weights = parent.verify_weights()
-    contract = parent.contract.with_updates(model_name=None, version=None)
-    target = target_model or default_target_name(model_name, site_data.site)
-    if target == model_name:
-        raise RegistryError("an adapted model is a site's own: register it under another model name")
+    start = load_parent(registry_root, model_name, version_ref, site_data.site, target_model)
+    parent, contract, target, model = start.info, start.contract, start.target, start.model
+    trained, top, augment = start.trained, start.top, start.augment
 
     train, sources = site_data.select("train", contract.class_names)
     val, val_sources = site_data.select("val", contract.class_names)
@@ -96,11 +129,6 @@ def adapt_version(
     counts = Counter(s.label for s in train)
     missing = [c for c in contract.class_names if counts[c] == 0]
 
-    # The parent's recipe: a federated version's run config, or (adapting an adapted version) its own record.
-    run_config = (parent.metadata.get("flower") or {}).get("run_config") or {}
-    trained = parent.metadata.get("training") or {}
-    top = str(trained.get("train_top") or run_config.get("train-top", "stage"))
-    augment = str(trained.get("augment") or run_config.get("augment", "default"))
     rounds_x_epochs = int(trained.get("num_server_rounds", 5)) * int(trained.get("local_epochs", 2))
     epochs = settings.epochs or int(trained.get("epochs") or rounds_x_epochs)
     config = TrainConfig(
@@ -110,8 +138,6 @@ def adapt_version(
         seed=settings.seed,
     )
 
-    model = create_model_from_contract(contract, pretrained=False)
-    model.load_state_dict(load_file(str(weights)), strict=True)
     before = _metrics(predict_logits(model, val, contract), contract, contract.temperature)
     train_local(model, train, contract, config, progress=progress, augment=named_augmentation(augment), top=top)
     model.eval()

@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from federation.adapt import MIN_VAL_CELLS, AdaptOutcome, _metrics, _summary, default_target_name
+from federation.adapt import MIN_VAL_CELLS, AdaptOutcome, _metrics, _summary, load_parent
 from federation.sites import DataError, Sample
-from models.registry import Registry, RegistryError
 
 MIN_CELLS = 100  # 100 cells measured as good as 500 (benchmarks/adabn.py); fewer give noisy statistics
 BATCH = 64  # BatchNorm averages batches equally: equal batches, the short remainder left out
@@ -59,33 +58,19 @@ def adapt_statistics(
 ) -> StatisticsOutcome:
     import torch
     from PIL import UnidentifiedImageError
-    from safetensors.torch import load_file
 
     from federation.publish import Publisher, find_parity_images
-    from federation.task import create_model_from_contract, load_image, predict_logits
+    from federation.task import load_image, predict_logits
     from federation.trunk import split_model
     from models.batchnorm import adapt_batchnorm
     from models.calibration import CalibrationSummary, calibrate
     from models.preprocess import finish, prepare
 
-    parent = Registry(registry_root, model_name).resolve(version_ref)
-    parent.verify()
-    weights = parent.verify_weights()
-    contract = parent.contract.with_updates(model_name=None, version=None)
-    target = target_model or default_target_name(model_name, site)
-    if target == model_name:
-        raise RegistryError("an adapted model is a site's own: register it under another model name")
+    start = load_parent(registry_root, model_name, version_ref, site, target_model)
+    parent, contract, target, model, top = start.info, start.contract, start.target, start.model, start.top
     if len(cells) < MIN_CELLS:
         raise DataError(f"site {site}: {len(cells)} cell images; at least {MIN_CELLS} are needed to estimate "
                         "the statistics of a new hospital's cells")
-    run_config = (parent.metadata.get("flower") or {}).get("run_config") or {}
-    trained = dict(parent.metadata.get("training") or {})
-    top = str(trained.get("train_top") or run_config.get("train-top", "stage"))
-    augment = str(trained.get("augment") or run_config.get("augment", "default"))
-
-    model = create_model_from_contract(contract, pretrained=False)
-    model.load_state_dict(load_file(str(weights)), strict=True)
-    model.eval()
     part = split_model(model, top).top  # the layers the federation trained (its forward runs only those)
     checkable = len(val) >= MIN_VAL_CELLS
     before = _metrics(predict_logits(model, val, contract), contract, contract.temperature) if checkable else None
@@ -122,7 +107,7 @@ def adapt_statistics(
 
     outcome = StatisticsOutcome(parent, target, before, None, {}, [],  # type: ignore[arg-type]
                                 cells=used, unreadable=unreadable, layers=layers,
-                                training={**trained, "train_top": top, "augment": augment,
+                                training={**start.trained, "train_top": top, "augment": start.augment,
                                           "statistics_cells": used})
     adapted = contract
     calibration = None
