@@ -14,6 +14,7 @@ Rows (centralised and FedAvg unless the row is about a strategy):
   texture-rounds       the texture recipes with 20 rounds x 1 local epoch
   texture-bn           the texture recipes with the trained stage's BatchNorm statistics frozen
   averaging            the texture recipe with its weights averaged over the last 50 % / 75 % of each local run
+  own-styles           texture + amplitude spectra mixed among each site's own cells (nothing shared)
   full       full fine-tuning on images (no frozen trunk, fresh augmentation every step)
 Model selection reads only `val_balanced_accuracy` (the training sites' pooled val splits); the external
 (Barcelona) column is reported, never used to choose.
@@ -174,6 +175,11 @@ def main() -> None:
         for tail in (0.5, 0.75):
             run(replace(texture, name=f"texture + weight averaging, last {tail:.0%} of steps",
                         recipe=replace(base.recipe, average_tail=tail)))
+    if "own-styles" in args.only:  # amplitude mixed among a site's own cells: texture crosses classes, nothing shared
+        run(replace(base, name="augmentation: texture", augment=AugmentConfig.texture()))
+        run(replace(base, name="texture + own cells' amplitudes (within-site mix)",
+                    augment=AugmentConfig.texture_and_style(), style_source="own cells"),
+            strategies=("fedavg", "fedprox"), params={"fedprox": {"proximal_mu": 1.0}})
     if "full" in args.only:
         run(LITE0_FULL)
     save()

@@ -10,6 +10,8 @@ What varies between hospitals, and the augmentation that covers it:
     small mixing of the density channels (Beer-Lambert: background stays white, darker parts change most)
   - camera: exposure, gamma, saturation, residual colour cast → light jitter after the stain step
   - optics and resolution (120 px crops vs 360 px fields) → blur, down-and-up sampling, sharpening, noise
+  - texture as a class cue (one site's sharp basophils) → a cell's Fourier amplitude mixed with another
+    cell's of the same site, any class, phase (shape) kept (`style_p`, `federation.style.OwnAmplitudes`)
 NumPy + Pillow only.
 """
 
@@ -72,7 +74,8 @@ class AugmentConfig:
 
     @classmethod
     def texture_and_style(cls) -> AugmentConfig:
-        """Texture, plus half the views taking another site's amplitude spectrum (needs styles)."""
+        """Texture, plus half the views taking another amplitude spectrum from the styles given: the sites'
+        mean spectra (benchmark) or, in a deployment, the site's own other cells (`federation.style`)."""
         return replace(cls.texture(), style_p=0.5)
 
     @classmethod
@@ -175,7 +178,9 @@ class CellAugment:
     ):
         self.out_side = out_side
         self.config = config or AugmentConfig()
-        self.styles = list(styles)  # sites' mean amplitude spectra (out_side, out_side, 3); see style_p
+        # amplitude spectra (out_side, out_side, 3) to mix in, see style_p: the sites' means (benchmark) or
+        # a lazy sequence over the site's own cells (federation.style.OwnAmplitudes)
+        self.styles = styles
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Image.Image:
         rng = rng or random.Random(random.getrandbits(64))
@@ -200,6 +205,7 @@ def named_augmentation(name: str) -> AugmentConfig:
     presets = {
         "default": AugmentConfig,
         "texture": AugmentConfig.texture,
+        "texture-amplitude": AugmentConfig.texture_and_style,  # + amplitude mixed among the site's own cells
         "strong-colour": AugmentConfig.strong_colour,
         "geometry": AugmentConfig.geometry_only,
         "none": AugmentConfig.none,

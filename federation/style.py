@@ -5,13 +5,15 @@ the fall-off of high frequencies), its phase carries the shapes (Oppenheim & Lim
 generalisation shares amplitude between sites and trains on cells whose amplitude is mixed with another
 site's (FedDG, Liu et al., CVPR 2021; full-spectrum amplitude mix as in FACT, Xu et al., CVPR 2021). Here a
 site shares one array, the *mean* amplitude over its training cells at the network's input size: no
-image, no label, no single cell. `AugmentConfig.style_p` applies it during training; the service never
-sees any of it. NumPy + Pillow only.
+image, no label, no single cell (benchmark only: the deployment has no message that hands styles out).
+Within a site nothing needs sharing: `OwnAmplitudes` mixes a cell with another cell of the same site
+(run config `augment = "texture-amplitude"`). `AugmentConfig.style_p` applies either during training; the
+service never sees any of it. NumPy + Pillow only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -43,3 +45,26 @@ def mix_amplitude(image: Image.Image, style: np.ndarray, lam: float) -> Image.Im
     amp = (1.0 - lam) * np.abs(spectrum) + lam * style
     out = np.real(np.fft.ifft2(amp * np.exp(1j * np.angle(spectrum)), axes=(0, 1)))
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+
+
+class OwnAmplitudes(Sequence[np.ndarray]):
+    """The amplitude spectra of a site's own training cells, computed when drawn (none kept, none shared).
+
+    What a deployment mixes in (`AugmentConfig.style_p`): a cell takes part of the texture and sharpness of
+    another cell of its own site, whatever that cell's class, so that within a site texture no longer names
+    a class (FACT's within-domain amplitude mix, Xu et al., CVPR 2021). docs/results.md, "Texture as a
+    nuisance": the leave-one-site-out criterion and the internal test prefer it to texture alone.
+    """
+
+    def __init__(self, prepared: Callable[[int], Image.Image], count: int, side: int):
+        self.prepared, self.count, self.side = prepared, count, side
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return amplitude(self.prepared(index % self.count), self.side)

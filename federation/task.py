@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from federation.augment import AugmentConfig, CellAugment
 from federation.losses import class_weights, logit_adjustment
 from federation.sites import Sample
+from federation.style import OwnAmplitudes
 from models.calibration import CalibrationSummary
 from models.contract import SHARED_CLASSES, CellCrop, ModelContract
 from models.evaluate import Metrics, compute_metrics
@@ -273,7 +274,10 @@ def train_local(
     from federation.trunk import split_model
 
     seed_everything(config.seed)
-    dataset = CellDataset(samples, contract, augment=train_augmentation(contract.input_size, augment))
+    cell_augment = train_augmentation(contract.input_size, augment)
+    dataset = CellDataset(samples, contract, augment=cell_augment)
+    if cell_augment.config.style_p:  # amplitude mixed among this site's own cells: nothing leaves the site
+        cell_augment.styles = OwnAmplitudes(dataset.prepared, len(dataset), contract.input_size)
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,

@@ -31,7 +31,7 @@ from federation.benchmark.partition import describe, dirichlet_partition
 from federation.benchmark.prepared import PreparedImages, cached_source
 from federation.benchmark.runs import Recipe, RowModel, fresh_split, train_federated, train_pooled
 from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, DataRoot, Sample
-from federation.style import mean_amplitude
+from federation.style import amplitude, mean_amplitude
 from federation.task import build_contract, set_prepared_source
 from models.calibration import CalibrationSummary, expected_calibration_error, softmax
 from models.contract import SHARED_CLASSES, CellCrop, ModelContract
@@ -70,6 +70,10 @@ class Arm:
     # Image arms cost ~10-20 min of CPU per row here: they may run a subset of the rows.
     strategies: tuple[str, ...] | None = None  # None: every strategy the command asks for
     single_site: bool = True
+    # Where the amplitude spectra the views mix in (AugmentConfig.style_p) come from: "sites" = each
+    # training site shares its mean amplitude (federation.style); "own cells" = each site mixes among the
+    # amplitudes of its own training cells, nothing shared (FACT's within-domain amplitude mix).
+    style_source: str = "sites"
 
     def contract(self, class_names: Sequence[str]) -> ModelContract:
         return build_contract(
@@ -212,6 +216,8 @@ def arm_features(
             styles=styles,
         )
 
+    if arm.augment.style_p > 0 and arm.style_source == "own cells":
+        return _own_cell_styles(arm, split, contract, prepared, feats, t0, log, data)
     train_idx = sorted(i for idx in split.train.values() for i in idx)
     styles: list[np.ndarray] = []
     if arm.augment.style_p > 0:  # each training site shares its mean amplitude (federation.style)
@@ -233,6 +239,33 @@ def arm_features(
             y[split.train[site]],
             clean_all[[where[i] for i in split.val[site]]],
             y[split.val[site]],
+        )
+        for site in split.train
+    }
+    evaluation = {
+        name: (clean_all[[where[i] for i in idx]], y[idx]) for name, idx in split.evaluation.items()
+    }
+    return ArmData(contract, sites, evaluation, time.time() - t0, split, data)
+
+
+def _own_cell_styles(arm, split, contract, prepared, feats, t0, log, data) -> ArmData:
+    """Each site's views mix amplitude spectra among that site's own training cells (a cell's texture and
+    sharpness handed to cells of other classes at the same site), so views are computed site by site."""
+    y = split.y
+    train = {}
+    for site, idx in split.train.items():
+        sub = prepared.subset(list(idx))
+        bank = [amplitude(sub.image(k), contract.input_size) for k in range(len(sub))]
+        train[site] = feats(list(idx), arm.views, bank)
+        log(f"{arm.name}: {site} mixes among its own {len(bank)} cells' amplitudes")
+    other_idx = sorted(
+        {i for idx in split.val.values() for i in idx} | {i for v in split.evaluation.values() for i in v}
+    )
+    clean_all = feats(other_idx, 0)[:, 0]
+    where = {i: k for k, i in enumerate(other_idx)}
+    sites = {
+        site: SiteFeatures(
+            site, train[site], y[split.train[site]], clean_all[[where[i] for i in split.val[site]]], y[split.val[site]]
         )
         for site in split.train
     }

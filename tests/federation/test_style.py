@@ -1,4 +1,4 @@
-"""Site styles (mean amplitude spectra): a cell keeps its shapes and takes on another site's look."""
+"""Amplitude spectra: a cell keeps its shapes and takes on another site's look, or another cell's of its own site."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image, ImageFilter
 
 from federation.augment import AugmentConfig, CellAugment
 from federation.sites import DataRoot
-from federation.style import amplitude, mean_amplitude, mix_amplitude
+from federation.style import OwnAmplitudes, amplitude, mean_amplitude, mix_amplitude
 
 
 def _edge_energy(image: Image.Image) -> float:
@@ -55,3 +55,21 @@ def test_augmentation_uses_styles_only_when_asked() -> None:
     c = np.asarray(CellAugment(48, on, [])(cell, random.Random(3)), int)  # no styles shared: no mix
     assert np.array_equal(a, c)
     assert np.abs(a - b).mean() > 5
+
+
+def test_own_amplitudes_are_the_sites_cells_spectra_computed_when_drawn(data_root: DataRoot) -> None:
+    cells = _cells(data_root, "tehran-lisc", 3, 40)
+    read: list[int] = []
+    prepared = lambda i: (read.append(i), cells[i])[1]
+    bank = OwnAmplitudes(prepared, len(cells), 32)
+    assert len(bank) == 3 and read == []  # nothing computed (or kept) up front
+    assert np.allclose(bank[1], amplitude(cells[1], 32)) and read == [1]
+    assert np.allclose(bank[-1], amplitude(cells[2], 32)) and len(bank[0:2]) == 2
+    with pytest.raises(IndexError):
+        bank[3]
+    # In the augmentation: a cell drawn with another cell's spectrum, its sharpness moved towards it.
+    on = AugmentConfig(**{**AugmentConfig.none().__dict__, "style_p": 1.0, "style_lambda": 1.0})
+    soft = [c.filter(ImageFilter.GaussianBlur(2.5)) for c in cells]
+    soft_bank = OwnAmplitudes(lambda i: soft[i], len(soft), 40)
+    mixed = CellAugment(40, on, soft_bank)(cells[0], random.Random(0))
+    assert _edge_energy(mixed) < 0.7 * _edge_energy(cells[0])

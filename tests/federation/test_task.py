@@ -79,7 +79,7 @@ def test_sharpening_adds_texture_and_the_default_recipe_never_draws_it() -> None
     assert AugmentConfig.texture().sharpen_p > 0 and AugmentConfig.texture().blur_p > AugmentConfig().blur_p
 
 
-@pytest.mark.parametrize("name", ["default", "texture", "strong-colour", "geometry", "none"])
+@pytest.mark.parametrize("name", ["default", "texture", "texture-amplitude", "strong-colour", "geometry", "none"])
 def test_named_augmentations_exist_and_unknown_names_are_refused(name: str) -> None:
     assert isinstance(named_augmentation(name), AugmentConfig)
     with pytest.raises(ValueError, match="not one of"):
@@ -159,11 +159,15 @@ class _TinyNet(nn.Module):
         return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
-def test_train_local_on_real_cells_then_a_validation_reply(data_root: DataRoot) -> None:
+@pytest.mark.parametrize("augment", ["default", "texture-amplitude"])
+def test_train_local_on_real_cells_then_a_validation_reply(data_root: DataRoot, augment: str) -> None:
     samples = [s for c in SHARED_CLASSES for s in data_root.select(["jiangxi-tecom"], ["train"], [c])[:2]]
     contract = build_contract("tf_efficientnet_lite0", 32)
     model = _TinyNet(len(SHARED_CLASSES))
-    out = train_local(model, samples, contract, TrainConfig(epochs=1, batch_size=4))
+    # "texture-amplitude": half the views take another of these cells' amplitude spectra (federation.style)
+    out = train_local(
+        model, samples, contract, TrainConfig(epochs=1, batch_size=4), augment=named_augmentation(augment)
+    )
     assert out["num_examples"] == len(samples) and out["steps"] >= 1
     assert np.isfinite(out["train_loss"]) and out["train_loss"] < 5.0  # capped weights: no 6-10 losses
 
