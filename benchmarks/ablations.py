@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["recipe", "input", "full"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--loso", action="store_true", help="also the leave-one-training-site-out criterion")
+    ap.add_argument("--loso-only", action="store_true",
+                    help="only the leave-one-site-out criterion, for every seed (no rows trained)")
     ap.add_argument("--arms", nargs="*", default=None, help="only these ablation names")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,6 +74,12 @@ def main() -> None:
         if args.arms and arm.name not in args.arms:
             return
         d = arm_features(arm, layout, args.cache, data=data)
+        if args.loso_only:
+            per_seed = [leave_one_site_out(arm, d, seed) for seed in seeds]
+            loso[arm.name] = {k: float(sum(p[k] for p in per_seed) / len(per_seed)) for k in per_seed[0]}
+            print(f"{arm.name}: leave-one-site-out, mean over seeds {seeds}: {loso[arm.name]}; "
+                  f"per seed: {[round(p['mean'], 3) for p in per_seed]}", flush=True)
+            return
         if args.loso and arm.top != "full":
             loso[arm.name] = leave_one_site_out(arm, d, seeds[0])
             print(f"{arm.name}: leave-one-site-out {loso[arm.name]}", flush=True)
