@@ -216,17 +216,28 @@ def arm_features(
             styles=styles,
         )
 
+    if arm.style_source not in ("sites", "own cells"):
+        raise ValueError(f"style_source {arm.style_source!r} is not one of 'sites', 'own cells'")
+    train_x: dict[str, np.ndarray] = {}
     if arm.augment.style_p > 0 and arm.style_source == "own cells":
-        return _own_cell_styles(arm, split, contract, prepared, feats, t0, log, data)
-    train_idx = sorted(i for idx in split.train.values() for i in idx)
-    styles: list[np.ndarray] = []
-    if arm.augment.style_p > 0:  # each training site shares its mean amplitude (federation.style)
-        for idx in split.train.values():
+        # Each site mixes among its own training cells' amplitudes (a cell's texture and sharpness handed to
+        # cells of other classes at the same site), so its views are computed site by site.
+        for site, idx in split.train.items():
             sub = prepared.subset(list(idx))
-            styles.append(mean_amplitude((sub.image(k) for k in range(len(sub))), contract.input_size))
-        log(f"{arm.name}: styles of {len(styles)} training sites shared")
-    train_all = feats(train_idx, arm.views, styles)
-    position = {i: k for k, i in enumerate(train_idx)}
+            bank = [amplitude(sub.image(k), contract.input_size) for k in range(len(sub))]
+            train_x[site] = feats(list(idx), arm.views, bank)
+            log(f"{arm.name}: {site} mixes among its own {len(bank)} cells' amplitudes")
+    else:
+        train_idx = sorted(i for idx in split.train.values() for i in idx)
+        styles: list[np.ndarray] = []
+        if arm.augment.style_p > 0:  # each training site shares its mean amplitude (federation.style)
+            for idx in split.train.values():
+                sub = prepared.subset(list(idx))
+                styles.append(mean_amplitude((sub.image(k) for k in range(len(sub))), contract.input_size))
+            log(f"{arm.name}: styles of {len(styles)} training sites shared")
+        train_all = feats(train_idx, arm.views, styles)
+        position = {i: k for k, i in enumerate(train_idx)}
+        train_x = {site: train_all[[position[i] for i in idx]] for site, idx in split.train.items()}
     other_idx = sorted(
         {i for idx in split.val.values() for i in idx} | {i for v in split.evaluation.values() for i in v}
     )
@@ -235,7 +246,7 @@ def arm_features(
     sites = {
         site: SiteFeatures(
             site,
-            train_all[[position[i] for i in split.train[site]]],
+            train_x[site],
             y[split.train[site]],
             clean_all[[where[i] for i in split.val[site]]],
             y[split.val[site]],
@@ -246,34 +257,6 @@ def arm_features(
         name: (clean_all[[where[i] for i in idx]], y[idx]) for name, idx in split.evaluation.items()
     }
     return ArmData(contract, sites, evaluation, time.time() - t0, split, data)
-
-
-def _own_cell_styles(arm, split, contract, prepared, feats, t0, log, data) -> ArmData:
-    """Each site's views mix amplitude spectra among that site's own training cells (a cell's texture and
-    sharpness handed to cells of other classes at the same site), so views are computed site by site."""
-    y = split.y
-    train = {}
-    for site, idx in split.train.items():
-        sub = prepared.subset(list(idx))
-        bank = [amplitude(sub.image(k), contract.input_size) for k in range(len(sub))]
-        train[site] = feats(list(idx), arm.views, bank)
-        log(f"{arm.name}: {site} mixes among its own {len(bank)} cells' amplitudes")
-    other_idx = sorted(
-        {i for idx in split.val.values() for i in idx} | {i for v in split.evaluation.values() for i in v}
-    )
-    clean_all = feats(other_idx, 0)[:, 0]
-    where = {i: k for k, i in enumerate(other_idx)}
-    sites = {
-        site: SiteFeatures(
-            site, train[site], y[split.train[site]], clean_all[[where[i] for i in split.val[site]]], y[split.val[site]]
-        )
-        for site in split.train
-    }
-    evaluation = {
-        name: (clean_all[[where[i] for i in idx]], y[idx]) for name, idx in split.evaluation.items()
-    }
-    return ArmData(contract, sites, evaluation, time.time() - t0, split, data)
-
 
 # ---- rows ---------------------------------------------------------------------------------------------
 def evaluate_row(
