@@ -53,7 +53,8 @@ class OwnAmplitudes(Sequence[np.ndarray]):
     What a deployment mixes in (`AugmentConfig.style_p`): a cell takes part of the texture and sharpness of
     another cell of its own site, whatever that cell's class, so that within a site texture no longer names
     a class (FACT's within-domain amplitude mix, Xu et al., CVPR 2021). docs/results.md, "Texture as a
-    nuisance": the leave-one-site-out criterion and the internal test prefer it to texture alone.
+    nuisance": the benchmark's criterion and internal test prefer it to texture alone, two deployed runs did
+    not (lower at Barcelona), so it is an option (`augment = "texture-amplitude"`), not the default.
     """
 
     def __init__(self, prepared: Callable[[int], Image.Image], count: int, side: int):

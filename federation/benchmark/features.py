@@ -110,7 +110,8 @@ def trunk_features(
 ) -> np.ndarray:
     """Array (N, 1 + views, *trunk output shape), float16: view 0 clean, then `views` augmented views.
 
-    `styles`: the sites' mean amplitude spectra the augmentation may mix in (`AugmentConfig.style_p`)."""
+    `styles`: the amplitude spectra the augmentation may mix in (`AugmentConfig.style_p`): the sites' means,
+    or the spectra of one site's own cells when the samples are that site's."""
     if len(prepared) != len(samples):
         raise ValueError(f"{len(prepared)} prepared images for {len(samples)} samples")
     if views == 0 and cache_dir is not None:

@@ -258,6 +258,7 @@ def arm_features(
     }
     return ArmData(contract, sites, evaluation, time.time() - t0, split, data)
 
+
 # ---- rows ---------------------------------------------------------------------------------------------
 def evaluate_row(
     kind: str,
