@@ -15,6 +15,7 @@ Rows (centralised and FedAvg unless the row is about a strategy):
   texture-bn           the texture recipes with the trained stage's BatchNorm statistics frozen
   averaging            the texture recipe with its weights averaged over the last 50 % / 75 % of each local run
   own-styles           texture + amplitude spectra mixed among each site's own cells (nothing shared)
+  site-weights         the texture recipe with every site weighing the same in FedAvg / FedProx (not by cells)
   full       full fine-tuning on images (no frozen trunk, fresh augmentation every step)
 Model selection reads only `val_balanced_accuracy` (the training sites' pooled val splits); the external
 (Barcelona) column is reported, never used to choose.
@@ -188,6 +189,10 @@ def main() -> None:
         run(replace(base, name="texture + own cells' amplitudes (within-site mix)",
                     augment=AugmentConfig.texture_and_style(), style_source="own cells"),
             strategies=("fedavg", "fedprox"), params={"fedprox": {"proximal_mu": 1.0}})
+    if "site-weights" in args.only:  # every site weighs the same: bccd's lymphocytes count as much as LISC's
+        run(replace(base, name="augmentation: texture, sites weighted equally", augment=AugmentConfig.texture()),
+            strategies=("fedavg", "fedprox"), central=False,
+            params={"fedavg": {"uniform_weights": True}, "fedprox": {"proximal_mu": 1.0, "uniform_weights": True}})
     if "full" in args.only:
         run(LITE0_FULL)
     save()

@@ -195,7 +195,9 @@ def train_federated(
     *,
     proximal_mu: float | None = None,
     server_lr: float | None = None,
+    uniform_weights: bool = False,
 ) -> RowModel:
+    """`uniform_weights`: every site weighs the same in the average (not by its number of cells)."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     t0 = time.time()
     split = fresh_split(contract, top, seed)
@@ -211,6 +213,7 @@ def train_federated(
         client_lr=recipe.lr,
         observer=observer,
         buffer_keys=buffers,
+        uniform_weights=uniform_weights,
     )
     keys = {}
     for i, (site, data) in enumerate(sorted(sites.items())):
