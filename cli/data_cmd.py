@@ -50,3 +50,58 @@ def check(
         raise typer.Exit(1)
     console.print(f"[bold green]OK[/]: {sum(sum(c.values()) for s in report.counts.values() for c in s.values())} "
                   f"images, {len(report.counts)} site(s), {len(report.warnings)} warning(s)")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+@app.command("site-scale")
+def site_scale(
+    directory: Annotated[Path, typer.Argument(help="A data root (with --site) or any folder of this site's cell images")],
+    site: Annotated[str | None, typer.Option(help="The site inside a data root (manifest.csv).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many images, evenly spread.")] = 500,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Measure this site's median white-cell diameter (pixels; no labels read): the service's
+    WBC_SITE_CELL_DIAMETER, which lets a model's size prior size each cell against its own site."""
+    import json
+
+    from PIL import Image
+
+    from models.cellcrop import locate_cell
+    from models.preprocess import to_rgb
+    from models.size_prior import site_reference
+
+    if not directory.is_dir():
+        fail(f"{directory}: not a folder")
+    if site is not None:
+        from federation.sites import DataError, DataRoot
+
+        try:
+            paths = [s.path for s in DataRoot(directory).select([site], list(SPLITS))]
+        except DataError as exc:
+            fail(str(exc))
+    else:
+        paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        fail(f"{directory}: no cell images found" + (f" for site {site!r}" if site else ""))
+    step = max(1, len(paths) // limit)
+    paths = paths[::step][:limit]
+    diameters = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("locating cells", total=len(paths))
+        for path in paths:
+            try:
+                with Image.open(path) as img:
+                    diameters.append(locate_cell(to_rgb(img))[2])
+            except OSError as exc:
+                console.print(f"[yellow]skipped[/] {path.name}: {exc}")
+            progress.advance(task)
+    if not diameters:
+        fail("no image could be read")
+    value = site_reference(diameters)
+    if as_json:
+        print(json.dumps({"site_cell_diameter": round(value, 2), "images": len(diameters)}))
+        return
+    console.print(f"median white-cell diameter over {len(diameters)} images: [bold]{value:.1f} px[/]")
+    console.print(f"serve with: WBC_SITE_CELL_DIAMETER={value:.1f}")

@@ -109,6 +109,8 @@ def train(msg: Message, context: Context) -> Message:
         augment=named_augmentation(str(config.get("augment", "default"))),
     )
     seconds = time.time() - t0
+    # Per-class relative-size sums of the cells just trained on (models.size_prior): counts, no cell.
+    size = result.pop("size", None)
     counts = Counter(s.label for s in samples)
     _log(site, f"round {server_round}: trained on {len(samples)} cells in {seconds:.1f} s: {result}")
     content = RecordDict(
@@ -125,6 +127,7 @@ def train(msg: Message, context: Context) -> Message:
                     "train-accuracy": float(result["train_accuracy"]),
                     "steps": int(result["steps"]),
                     "seconds": float(seconds),
+                    **(size.to_record() if size is not None else {}),
                 }
             ),
             SITE_KEY: ConfigRecord(

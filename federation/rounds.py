@@ -277,6 +277,8 @@ class RoundBook:
                 "seconds": m.get("seconds"),
                 "class_counts": dict(zip(self.class_names, (int(c) for c in counts))),
                 "data_sources": _json_or_none(info.get("data-sources")),
+                # per-class relative-size sums (models.size_prior), for the size opinion fitted at export
+                "size": {k: list(v) for k, v in m.items() if k.startswith("size-")} or None,
             }
         c = len(self.class_names)
         flat = list(m.get("confusion") or [])
@@ -340,6 +342,7 @@ class RoundBook:
                 "class_counts": entry.get("train", {}).get("class_counts"),
                 "data_sources": entry.get("train", {}).get("data_sources"),
                 "val_examples": entry.get("evaluate", {}).get("n"),
+                "size": entry.get("train", {}).get("size"),
             }
             for site, entry in sorted(record["sites"].items())
         }

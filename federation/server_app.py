@@ -53,6 +53,9 @@ class RunSettings:
     gate_tolerance: float = 0.02
     # fitted: the temperature with the lowest pooled val NLL; soften-only: never below 1 (docs/results.md)
     temperature_rule: str = "fitted"
+    # Weight of the relative-size opinion (models.size_prior) against the network's; 0 = off. 2 won the
+    # leave-one-site-out criterion (docs/results.md, "Relative cell size").
+    size_weight: float = 2.0
     num_malicious: int = 1  # krum / multikrum: sites assumed hostile
     multikrum_keep: int = 2  # multikrum: updates averaged
     trim_beta: float = 0.34  # trimmedmean: fraction cut per tail (>= 1/3 trims one of three sites)
@@ -103,6 +106,8 @@ class RunSettings:
                 problems.append(f"{key.replace('_', '-')} must be > 0")
         if self.temperature_rule not in ("soften-only", "fitted"):
             problems.append(f"temperature-rule {self.temperature_rule!r} is not one of soften-only, fitted")
+        if not 0.0 <= self.size_weight <= 10.0:
+            problems.append(f"size-weight {self.size_weight} is not within [0, 10]")
         try:
             from federation.augment import named_augmentation
 
@@ -225,6 +230,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
     from federation.rounds import Accepted, ReportingGrid, RoundBook, write_json_atomic
     from federation.task import create_model_from_contract, seed_everything
     from models.calibration import calibrate_sites, without_summaries
+    from models.size_prior import SizeStatistics, fit_prior
     from models.zoo import weight_source
 
     params = strategy_params(
@@ -296,6 +302,14 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
             )
             metadata["metrics"] = {**metadata["metrics"], "per_site_val": without_summaries(per_site)}
         metadata["calibration"] = calibration.as_dict() if calibration else None
+        # The relative-size opinion from the sites' per-class size sums (no cell's size left any site).
+        size_prior = None
+        if settings.size_weight > 0:
+            stats = [SizeStatistics.from_record(site.get("size") or {}) for site in metadata.get("sites", {}).values()]
+            size_prior = fit_prior([s for s in stats if s is not None], settings.size_weight)
+        if size_prior is not None:
+            version_contract = version_contract.with_updates(size_prior=size_prior.model_dump())
+        metadata["size_prior"] = size_prior.model_dump() if size_prior else None
         return publisher.publish(layout.to_torch(arrays), metadata, version_contract).as_dict()
 
     def lifecycle(book: RoundBook, record: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ from federation.style import OwnAmplitudes
 from models.calibration import CalibrationSummary
 from models.contract import SHARED_CLASSES, CellCrop, ModelContract
 from models.evaluate import Metrics, compute_metrics
-from models.preprocess import finish, prepare, softmax
+from models.preprocess import finish, prepare_sized, softmax
+from models.size_prior import SizeStatistics
 from models.zoo import create_model, pretrained_cfg
 
 DEFAULT_ARCHITECTURE = "tf_efficientnet_lite0"
@@ -131,6 +133,8 @@ class CellDataset(Dataset):
         self.contract = contract
         self.augment = augment
         self._prepared: dict[int, Image.Image] = {}
+        # Located cell diameters, kept as cells are prepared (the size opinion's statistics, free here).
+        self.diameters: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -140,8 +144,21 @@ class CellDataset(Dataset):
             if _prepared_source is not None:
                 self._prepared[i] = _prepared_source(self.samples[i], self.contract)
             else:
-                self._prepared[i] = prepare(load_image(self.samples[i].path), self.contract)
+                self._prepared[i], self.diameters[i] = prepare_sized(load_image(self.samples[i].path), self.contract)
         return self._prepared[i]
+
+    def size_statistics(self) -> SizeStatistics | None:
+        """Per-class relative-size statistics of every cell (models.size_prior), once each was prepared
+        here with a cell crop; None otherwise (a benchmark's cached source, no crop)."""
+        if _prepared_source is not None or self.contract.cell_crop is None:
+            return None
+        for i in range(len(self)):  # cells a dropped last batch never showed (a few, prepared once here)
+            if i not in self.diameters:
+                self.prepared(i)
+        d = [self.diameters.get(i, float("nan")) for i in range(len(self))]
+        if not d or not np.all(np.isfinite(d)):
+            return None
+        return SizeStatistics.of(d, self.targets, self.contract.num_classes)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.prepared(i)
@@ -264,8 +281,9 @@ def train_local(
     progress: Callable[[int, int, float], None] | None = None,
     augment: AugmentConfig | None = None,
     top: str = "full",
-) -> dict[str, float]:
-    """Train in place on local images (fresh augmentation per step).
+) -> dict[str, Any]:
+    """Train in place on local images (fresh augmentation per step). The result's "size": the cells'
+    relative-size statistics (models.size_prior.SizeStatistics) or None.
 
     `top` (`federation.trunk`): "full" trains every layer; "stage" / "head" train only the last block
     group / the classifier, the rest frozen in eval mode (pretrained BatchNorm statistics kept), about
@@ -295,7 +313,7 @@ def train_local(
         params = split.trainable_parameters()
         if global_params is not None:  # the model was just loaded with the global weights
             global_params = [p.detach().clone() for p in params]
-    return fit(
+    result: dict[str, Any] = fit(
         forward,
         params,
         lambda _epoch: loader,
@@ -306,6 +324,8 @@ def train_local(
         global_params=global_params,
         progress=progress,
     )
+    result["size"] = dataset.size_statistics()
+    return result
 
 
 class _TrunkThenTop(nn.Module):

@@ -89,8 +89,18 @@ def crop_cell(image: Image.Image, spec: CellCrop) -> Image.Image:
     Whatever falls outside the image, or on its black padding bars, is filled with the median colour of
     the (unpadded) image border, not black.
     """
+    return crop_cell_sized(image, spec)[0]
+
+
+def crop_cell_sized(image: Image.Image, spec: CellCrop) -> tuple[Image.Image, float]:
+    """`crop_cell`, and the located diameter (pixels of `image`) that the size opinion needs, from the
+    same analysis."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     found = _analyse(rgb)
+    return _cut(rgb, found, spec), found.diameter
+
+
+def _cut(rgb: Image.Image, found: _Found, spec: CellCrop) -> Image.Image:
     side = max(1, int(round(spec.scale * found.diameter)))
     x0 = int(round(found.cx - side / 2.0))
     y0 = int(round(found.cy - side / 2.0))

@@ -38,6 +38,24 @@ class CellCrop(BaseModel):
     scale: float = Field(1.3, gt=0.5, le=6.0)
 
 
+class SizePrior(BaseModel):
+    """Per-class Gaussian of a cell's log size relative to its site's median cell (models.size_prior),
+    pooled from the training sites' statistics; `weight` scales its log-likelihood against the network's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mean: tuple[float, ...]
+    sd: tuple[float, ...]
+    weight: float = Field(2.0, ge=0.0, le=10.0)
+    cells: int = Field(0, ge=0, description="training cells the statistics came from")
+
+    @model_validator(mode="after")
+    def _same_length(self) -> SizePrior:
+        if len(self.mean) != len(self.sd) or min(self.sd, default=1.0) <= 0:
+            raise ValueError("size prior: one positive sd per class mean")
+        return self
+
+
 class ModelContract(BaseModel):
     """Frozen, typed description of a classifier's inputs and outputs (think timm's pretrained_cfg)."""
 
@@ -68,6 +86,9 @@ class ModelContract(BaseModel):
     # "unidentified" when the top probability is below `abstain_threshold`.
     temperature: float = Field(1.0, gt=0.0)
     abstain_threshold: float = Field(0.0, ge=0.0, lt=1.0)
+    # Relative cell size as a second opinion (models.size_prior); the service applies it when it knows its
+    # site's median cell diameter, None: the network alone.
+    size_prior: SizePrior | None = None
     # Set at registration.
     model_name: str | None = None
     version: int | None = None
@@ -92,6 +113,12 @@ class ModelContract(BaseModel):
     def _abstain_below_certainty(self) -> ModelContract:
         if self.abstain_threshold and self.abstain_threshold <= 1.0 / len(self.class_names):
             raise ValueError("abstain_threshold at or below chance would never abstain")
+        return self
+
+    @model_validator(mode="after")
+    def _size_prior_per_class(self) -> ModelContract:
+        if self.size_prior is not None and len(self.size_prior.mean) != len(self.class_names):
+            raise ValueError("size prior: one Gaussian per class")
         return self
 
     @property

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-from models.cellcrop import crop_cell, normalise_stain, white_balance
+from models.cellcrop import crop_cell_sized, normalise_stain, white_balance
 from models.contract import ModelContract
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -37,14 +37,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def prepare(image: Image.Image, contract: ModelContract) -> Image.Image:
     """Deterministic part: RGB, the cell crop and the colour normalisation the contract asks for."""
+    return prepare_sized(image, contract)[0]
+
+
+def prepare_sized(image: Image.Image, contract: ModelContract) -> tuple[Image.Image, float]:
+    """`prepare`, and the located cell's diameter in the input's pixels (NaN without a cell crop)."""
     rgb = to_rgb(image)
+    diameter = float("nan")
     if contract.cell_crop is not None:
-        rgb = crop_cell(rgb, contract.cell_crop)
+        rgb, diameter = crop_cell_sized(rgb, contract.cell_crop)
     if contract.color_norm == "white-balance":
         rgb = white_balance(rgb)
     elif contract.color_norm == "stain":
         rgb = normalise_stain(rgb)
-    return rgb
+    return rgb, diameter
 
 
 def _resize(image: Image.Image, contract: ModelContract) -> Image.Image:
@@ -81,6 +87,12 @@ def finish(image: Image.Image, contract: ModelContract) -> np.ndarray:
 
 def preprocess(image: Image.Image, contract: ModelContract) -> np.ndarray:
     return finish(prepare(image, contract), contract)
+
+
+def preprocess_sized(image: Image.Image, contract: ModelContract) -> tuple[np.ndarray, float]:
+    """`preprocess`, and the located cell's diameter (pixels; NaN without a cell crop)."""
+    prepared, diameter = prepare_sized(image, contract)
+    return finish(prepared, contract), diameter
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -80,6 +80,14 @@ class Settings(BaseSettings):
         "that preprocess the next images)"
     )
 
+    # ---- the size opinion (models.size_prior) ---------------------------------------------------------
+    site_cell_diameter: float | None = Field(
+        None, gt=0.0,
+        description="This site's median white-cell diameter in pixels of its images (`wbc site-scale DIR` "
+        "measures it, no labels needed); with it, a model whose contract carries a size prior combines the "
+        "cell's relative size with the network's answer. Unset = the network's answer alone",
+    )
+
     # ---- dynamic batching -------------------------------------------------------------------------
     # 4: on a 2-core x86 CPU, EfficientNet-Lite0 at 224 px costs 4.9-5.2 ms of CPU per image at batch
     # 1-4 and 7.3 ms at 32 (docs/performance.md); on a GPU use 32 or more.

@@ -11,14 +11,15 @@ from PIL import Image
 
 from federation.sites import Sample
 from models.evaluate import Metrics, compute_metrics
-from models.preprocess import preprocess
+from models.preprocess import preprocess_sized
+from models.size_prior import apply_size_prior, relative_log_size, site_reference
 from service.inference import Classifier
 
 
-def _load(sample: Sample, contract) -> np.ndarray:
+def _load(sample: Sample, contract) -> tuple[np.ndarray, float]:
     with Image.open(sample.path) as img:
         img.load()
-        return preprocess(img, contract)
+        return preprocess_sized(img, contract)
 
 
 def evaluate_classifier(
@@ -28,23 +29,36 @@ def evaluate_classifier(
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Metrics, np.ndarray, np.ndarray]:
-    """Metrics over samples whose label the model knows; returns (metrics, probabilities, targets)."""
+    """Metrics over samples whose label the model knows; returns (metrics, probabilities, targets).
+
+    With a size prior in the contract, each site's cells are sized against that site's median cell among
+    the evaluated ones (labels unused: what `wbc site-scale` gives a deployment for the same folder)."""
     contract = classifier.contract
     index = {name: i for i, name in enumerate(contract.class_names)}
     known = [s for s in samples if s.label in index]
-    probs, targets = [], []
+    probs, targets, diameters = [], [], []
     chunks = [known[i : i + batch_size] for i in range(0, len(known), batch_size)]
     done = 0
     with ThreadPoolExecutor(max_workers=2) as pool:  # the next chunk decodes while this one runs
         pending = [pool.submit(_load, s, contract) for s in chunks[0]] if chunks else []
         for k, chunk in enumerate(chunks):
-            arrays = [f.result() for f in pending]
+            loaded = [f.result() for f in pending]
             pending = [pool.submit(_load, s, contract) for s in chunks[k + 1]] if k + 1 < len(chunks) else []
-            probs.append(classifier.probabilities(np.stack(arrays)))
+            probs.append(classifier.probabilities(np.stack([a for a, _ in loaded])))
+            diameters.extend(d for _, d in loaded)
             targets.extend(index[s.label] for s in chunk)
             done += len(chunk)
             if progress:
                 progress(done, len(known))
     p = np.concatenate(probs) if probs else np.zeros((0, contract.num_classes), np.float32)
+    if contract.size_prior is not None and contract.size_prior.weight > 0 and len(known):
+        d = np.asarray(diameters)
+        sites = np.asarray([s.site for s in known])
+        r = np.full(len(known), np.nan)
+        for site in np.unique(sites):
+            here = (sites == site) & np.isfinite(d)
+            if here.any():
+                r[here] = relative_log_size(d[here], site_reference(d[here]))
+        p = apply_size_prior(p, r, contract.size_prior)
     t = np.asarray(targets, dtype=np.int64)
     return compute_metrics(contract.class_names, t, p), p, t

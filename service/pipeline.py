@@ -18,7 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from models.contract import UNIDENTIFIED, ModelContract
-from models.preprocess import preprocess
+from models.preprocess import preprocess_sized
+from models.size_prior import apply_size_prior, relative_log_size
 from service.batching import DynamicBatcher
 from service.decoding import DecodeError, decode_upload
 from service.inference import LoadedModel, Prediction
@@ -46,19 +47,20 @@ class _Prepared:
     array: np.ndarray
     format: str
     sop_instance_uid: str | None
+    diameter: float = float("nan")  # the located cell's diameter, pixels (NaN: no cell crop)
 
 
 def prepare_image(data: bytes, contract: ModelContract, max_pixels: int) -> _Prepared:
     """Decode + the contract's preprocessing (a worker thread: Pillow and NumPy release the GIL)."""
     decoded = decode_upload(data, max_pixels=max_pixels)
     try:
-        array = preprocess(decoded.image, contract)
+        array, diameter = preprocess_sized(decoded.image, contract)
     except Exception as exc:  # a mode or geometry the contract's preprocessing cannot handle
         image = decoded.image
         raise DecodeError(
             "unprocessable", f"{decoded.format} {image.mode} {image.size}: preprocessing failed: {exc}"
         ) from None
-    return _Prepared(array, decoded.format, decoded.sop_instance_uid)
+    return _Prepared(array, decoded.format, decoded.sop_instance_uid, diameter)
 
 
 class Pipeline:
@@ -66,9 +68,15 @@ class Pipeline:
     own thread pool stays free for file reads and the prediction sink) in front of the batcher."""
 
     def __init__(
-        self, batcher: DynamicBatcher, preprocess_workers: int, metrics: ServiceMetrics, max_pixels: int
+        self,
+        batcher: DynamicBatcher,
+        preprocess_workers: int,
+        metrics: ServiceMetrics,
+        max_pixels: int,
+        site_cell_diameter: float | None = None,
     ):
         self.batcher = batcher
+        self.site_cell_diameter = site_cell_diameter
         self.executor = ThreadPoolExecutor(
             max_workers=preprocess_workers, thread_name_prefix="wbc-preprocess"
         )
@@ -103,7 +111,7 @@ class Pipeline:
         self.metrics.preprocess_seconds.observe(seconds)
         if row is None:
             [row] = await self.batcher.probabilities(model, [prepared.array])
-        prediction = self.predict(model, row)
+        prediction = self.predict(model, self.with_size(model, row, prepared.diameter))
         return Outcome(prediction, format=prepared.format, sop_instance_uid=prepared.sop_instance_uid)
 
     def _prepare(self, data: bytes, model: LoadedModel) -> tuple[_Prepared, float, np.ndarray | None]:
@@ -117,6 +125,16 @@ class Pipeline:
         """Already preprocessed (N, 3, S, S) float32 tensors (KServe v2 FP32 input) → predictions."""
         rows = await self.batcher.probabilities(model, list(batch))
         return [self.predict(model, row) for row in rows]
+
+    def with_size(self, model: LoadedModel, row: np.ndarray, diameter: float) -> np.ndarray:
+        """The network's probabilities combined with the cell's relative size, when the model carries a
+        size prior and this site's cell diameter is configured (only images have a size: tensors sent to
+        the KServe v2 endpoint get the network's answer)."""
+        prior = model.contract.size_prior
+        if prior is None or self.site_cell_diameter is None or prior.weight == 0:
+            return row
+        r = relative_log_size([diameter], self.site_cell_diameter)
+        return apply_size_prior(row[None], r, prior)[0]
 
     def predict(self, model: LoadedModel, row: np.ndarray) -> Prediction:
         [prediction] = model.classifier.predictions_from(row[None])

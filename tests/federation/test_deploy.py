@@ -149,6 +149,10 @@ def test_three_site_federation_registers_verified_versions(
         assert (
             contract.class_names == CLASSES and contract.input_size == 64 and contract.version == info.version
         )
+        # The relative-size opinion, pooled from each site's per-class size sums (models.size_prior).
+        assert all(meta["sites"][s]["size"]["size-count"] == [4.0, 4.0] for s in sites)
+        assert contract.size_prior is not None and contract.size_prior.cells == 24
+        assert contract.size_prior.weight == 2.0 and meta["size_prior"] == contract.size_prior.model_dump()
 
     # The event log tells the same story.
     kinds = [e["kind"] for e in ev.read_events(result.run_dir / ev.EVENTS_FILE)]

@@ -25,7 +25,7 @@ def test_batched_evaluation_matches_one_cell_at_a_time(registry_root, settings, 
     metrics, probs, targets = evaluate_classifier(classifier, mixed, batch_size=3,
                                                   progress=lambda done, total: seen.append((done, total)))
 
-    alone = np.concatenate([classifier.probabilities(_load(s, classifier.contract)[None]) for s in samples])
+    alone = np.concatenate([classifier.probabilities(_load(s, classifier.contract)[0][None]) for s in samples])
     np.testing.assert_allclose(probs, alone, rtol=1e-5, atol=1e-6)
     assert targets.tolist() == [known.index(s.label) for s in samples]
     assert metrics.n == 7

@@ -1,0 +1,173 @@
+"""A cell's relative size as a second, federated opinion: does it fix the new hospital's lymphocytes?
+
+    .venv/bin/python benchmarks/size_prior.py --seeds 0,1,2
+
+The shipped crop frames every cell at 1.3 x its own diameter, so the network cannot see size; yet a
+site's lymphocytes are 0.78-0.90 and its basophils 1.07-1.13 of the site's median cell, at
+`tehran-lisc` and at Barcelona alike (`benchmarks/site_scale.py` measures both; framing by the site's
+median instead gave the frozen trunk no gain). Here size enters beside the network, naive-Bayes style:
+
+    log p(class | cell) = log softmax(logits / T) + w * log N(log(d / d_site) | mu_class, sigma_class)
+
+d = the locator's diameter (`models.cellcrop.locate_cell`), d_site = the site's median over its own
+cells (labels unused; one number per site, Barcelona's from its five-class cells), mu / sigma per class
+from the training sites' train cells: a federation needs only per-class count, sum and sum of squares
+from each site (exactly what pooling gives). T: the row's temperature fitted on the sites' validation
+cells. The weight w is chosen by the leave-one-site-out criterion (fit on two sites, score the third),
+never by Barcelona. The shipped arm's cached features (var/benchmark) are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from PIL import Image
+
+from federation.augment import AugmentConfig
+from federation.benchmark.presets import LITE0
+from federation.benchmark.protocols import _TopTrainers, arm_features, paper_layout
+from federation.benchmark.report import _mean_sd
+from federation.sites import DataRoot, resolve_data_root
+from models.calibration import expected_calibration_error, softmax
+from models.cellcrop import locate_cell
+from models.evaluate import compute_metrics
+from models.preprocess import to_rgb
+
+WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+MIN_CELLS = 10  # fewer cells of a class at the fitting sites: that class gets the all-cells Gaussian
+MIN_SIGMA = 0.05
+
+
+def diameters(samples, cache: Path) -> np.ndarray:
+    path = cache / "diameters.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [s for s in samples if str(s.path) not in known]
+    for s in missing:
+        with Image.open(s.path) as img:
+            known[str(s.path)] = locate_cell(to_rgb(img))[2]
+    if missing:
+        path.write_text(json.dumps(known))
+    return np.array([known[str(s.path)] for s in samples])
+
+
+def relative_log_size(samples, d: np.ndarray, ref: dict[str, float] | None = None) -> np.ndarray:
+    sites = np.array([s.site for s in samples])
+    ref = {site: float(np.median(d[sites == site])) for site in set(sites)} | (ref or {})
+    return np.log(d / np.array([ref[s] for s in sites]))
+
+
+def fit_prior(r: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    mu, sigma = np.full(n_classes, r.mean()), np.full(n_classes, max(r.std(), MIN_SIGMA))
+    for c in range(n_classes):
+        if (y == c).sum() >= MIN_CELLS:
+            mu[c], sigma[c] = r[y == c].mean(), max(r[y == c].std(), MIN_SIGMA)
+    return mu, sigma
+
+
+def log_likelihood(r: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    return -0.5 * ((r[:, None] - mu) / sigma) ** 2 - np.log(sigma)
+
+
+def combine(logits: np.ndarray, t: float, ll: np.ndarray, w: float) -> np.ndarray:
+    z = np.log(softmax(logits, t) + 1e-12) + w * ll
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--external-reference", choices=("five-classes", "all-classes"), default="five-classes",
+                    help="Barcelona's median cell from its cells of the five shared classes, or from all its cells")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    t0 = time.time()
+    data_root = DataRoot(resolve_data_root(None))
+    layout = paper_layout(data_root)
+    arm = replace(LITE0, name="augmentation: texture", augment=AugmentConfig.texture())
+    d = arm_features(arm, layout, args.cache, data=data_root)
+    classes = list(d.contract.class_names)
+    n = len(classes)
+    ref = None
+    if args.external_reference == "all-classes":  # what a deployment sees: every cell type, platelets too
+        every = data_root.select(["barcelona-pbc"], ["train", "val", "test"])
+        ref = {"barcelona-pbc": float(np.median(diameters(every, args.cache)))}
+        print(f"Barcelona's reference from all {len(every)} of its cells (8 classes): {ref['barcelona-pbc']:.1f} px")
+    r = relative_log_size(layout.samples, diameters(layout.samples, args.cache), ref)
+    y = layout.y
+    print(f"[{time.time() - t0:.0f} s] features and sizes ready", flush=True)
+    for site in layout.train:
+        idx = layout.train[site]
+        print(site, {c: round(float(np.exp(np.median(r[idx][y[idx] == k]))), 2)
+                     for k, c in enumerate(classes) if (y[idx] == k).any()})
+    ext = layout.evaluation["external"]
+    print("barcelona-pbc", {c: round(float(np.exp(np.median(r[ext][y[ext] == k]))), 2) for k, c in enumerate(classes)})
+    trainers = _TopTrainers(arm, d)
+
+    # Leave one training site out: the CNN and the size prior both fitted on the other two sites.
+    loso: dict[float, list[float]] = {w: [] for w in WEIGHTS}
+    for seed in seeds:
+        for held in layout.train:
+            rest = [s for s in layout.train if s != held]
+            model = trainers.pooled(rest, seed)
+            t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+            fit_idx = [i for s in rest for i in layout.train[s]]
+            mu, sigma = fit_prior(r[fit_idx], y[fit_idx], n)
+            h = d.sites[held]
+            hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
+            h_idx = list(layout.train[held]) + list(layout.val[held])
+            logits, ll = model.logits(hx), log_likelihood(r[h_idx], mu, sigma)
+            for w in WEIGHTS:
+                loso[w].append(compute_metrics(classes, y[h_idx], combine(logits, t, ll, w)).balanced_accuracy)
+        print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
+            f"w={w}: {np.mean(v[-3:]):.3f}" for w, v in loso.items()), flush=True)
+    print("LOSO mean over seeds and held-out sites: " + ", ".join(f"w={w}: {np.mean(v):.3f}" for w, v in loso.items()))
+
+    fit_idx = [i for s in layout.train for i in layout.train[s]]
+    mu, sigma = fit_prior(r[fit_idx], y[fit_idx], n)
+    print("prior (relative size): " + ", ".join(
+        f"{c} {np.exp(m):.2f} x/ {np.exp(s):.2f}" for c, m, s in zip(classes, mu, sigma)))
+    scores: dict[tuple, list[float]] = {}
+    for seed in seeds:
+        for row, model in (("centralised", trainers.pooled(list(layout.train), seed)),
+                           ("FedAvg", trainers.federated("fedavg", seed, {}))):
+            t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+            for name, (x, yy) in d.evaluation.items():
+                idx = layout.evaluation[name]
+                logits, ll = model.logits(x), log_likelihood(r[idx], mu, sigma)
+                for w in WEIGHTS:
+                    p = combine(logits, t, ll, w)
+                    m = compute_metrics(classes, yy, p)
+                    scores.setdefault((row, name, w), []).append(m.balanced_accuracy)
+                    if name == "external":
+                        scores.setdefault((row, "ece", w), []).append(expected_calibration_error(p, yy))
+                        for c in ("lymphocyte", "basophil"):
+                            scores.setdefault((row, c, w), []).append(float(m.recall[classes.index(c)]))
+        print(f"[{time.time() - t0:.0f} s] seed {seed} done", flush=True)
+    print("\n| row | w | internal | Barcelona | Barcelona ECE | lymphocyte recall | basophil recall |")
+    print("|---|---|---|---|---|---|---|")
+    for row in ("centralised", "FedAvg"):
+        for w in WEIGHTS:
+            print(f"| {row} | {w} | " + " | ".join(
+                _mean_sd(scores[row, k, w]) for k in ("internal", "external", "ece", "lymphocyte", "basophil")) + " |")
+    print(f"[{time.time() - t0:.0f} s]")
+
+
+if __name__ == "__main__":
+    main()

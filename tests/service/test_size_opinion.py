@@ -1,0 +1,66 @@
+"""The size opinion in the service: with WBC_SITE_CELL_DIAMETER set and a contract that carries a size
+prior, /v1/classify combines the network's probabilities with the cell's size relative to the site's
+median cell (models.size_prior), exactly; without the setting the answer is the network's alone."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from upload_helpers import files_field
+
+from federation.sites import DataRoot
+from models.cellcrop import locate_cell
+from models.contract import ModelContract, SizePrior
+from models.registry import Registry
+from models.size_prior import apply_size_prior, relative_log_size
+from service.config import Settings
+from service.main import create_app
+
+# Lymphocytes small, basophils large relative to the site's median cell (the shape of the fitted priors).
+PRIOR = SizePrior(mean=(0.08, 0.09, -0.25, 0.10, -0.03), sd=(0.12, 0.2, 0.13, 0.14, 0.14), weight=2.0, cells=1379)
+
+
+@pytest.fixture(scope="module")
+def sized_registry(tmp_path_factory: pytest.TempPathFactory, exported_onnx: Path, model_contract: ModelContract) -> Path:
+    root = tmp_path_factory.mktemp("sized-registry")
+    contract = model_contract.with_updates(cell_crop={"scale": 1.3}, size_prior=PRIOR.model_dump())
+    Registry(root, "wbc-sized").register(exported_onnx, contract, {"lineage": {"run_id": "size-opinion"}})
+    return root
+
+
+def _classify(settings: Settings, name: str, data: bytes) -> np.ndarray:
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/classify", files=files_field((name, data)))
+    assert response.status_code == 200, response.text
+    probs = response.json()["results"][0]["probabilities"]
+    return np.array([probs[c] for c in PRIOR_CLASSES])
+
+
+PRIOR_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
+
+
+def test_site_diameter_turns_the_size_opinion_on(sized_registry: Path, data_root: DataRoot) -> None:
+    sample = data_root.select(["barcelona-pbc"], ["test"], ["lymphocyte"])[0]
+    data = sample.path.read_bytes()
+    diameter = locate_cell(Image.open(io.BytesIO(data)).convert("RGB"))[2]
+    base = Settings(registry=sized_registry, model_name="wbc-sized", intra_op_threads=1)
+
+    network = _classify(base, sample.path.name, data)
+    site = 1.25 * diameter  # this cell is small for its site: the opinion favours lymphocyte
+    combined = _classify(base.model_copy(update={"site_cell_diameter": site}), sample.path.name, data)
+
+    expected = apply_size_prior(network[None], relative_log_size([diameter], site), PRIOR)[0]
+    np.testing.assert_allclose(combined, expected, rtol=1e-4, atol=1e-6)
+    lymphocyte = PRIOR_CLASSES.index("lymphocyte")
+    assert combined[lymphocyte] / combined.sum() > network[lymphocyte]
+    assert abs(combined.sum() - 1.0) < 1e-4
+
+
+def test_the_setting_must_be_a_positive_diameter() -> None:
+    with pytest.raises(ValueError):
+        Settings(site_cell_diameter=0)
