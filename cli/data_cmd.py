@@ -66,12 +66,6 @@ def site_scale(
     WBC_SITE_CELL_DIAMETER, which lets a model's size prior size each cell against its own site."""
     import json
 
-    from PIL import Image
-
-    from models.cellcrop import locate_cell
-    from models.preprocess import to_rgb
-    from models.size_prior import site_reference
-
     if not directory.is_dir():
         fail(f"{directory}: not a folder")
     if site is not None:
@@ -85,6 +79,24 @@ def site_scale(
         paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         fail(f"{directory}: no cell images found" + (f" for site {site!r}" if site else ""))
+    value, used = measure_site_diameter(paths, limit)
+    if used == 0:
+        fail("no image could be read")
+    if as_json:
+        print(json.dumps({"site_cell_diameter": round(value, 2), "images": used}))
+        return
+    console.print(f"median white-cell diameter over {used} images: [bold]{value:.1f} px[/]")
+    console.print(f"serve with: WBC_SITE_CELL_DIAMETER={value:.1f}")
+
+
+def measure_site_diameter(paths: list[Path], limit: int = 500) -> tuple[float, int]:
+    """(median located white-cell diameter, images read) over at most `limit` evenly spread images."""
+    from PIL import Image
+
+    from models.cellcrop import locate_cell
+    from models.preprocess import to_rgb
+    from models.size_prior import site_reference
+
     step = max(1, len(paths) // limit)
     paths = paths[::step][:limit]
     diameters = []
@@ -97,11 +109,4 @@ def site_scale(
             except OSError as exc:
                 console.print(f"[yellow]skipped[/] {path.name}: {exc}")
             progress.advance(task)
-    if not diameters:
-        fail("no image could be read")
-    value = site_reference(diameters)
-    if as_json:
-        print(json.dumps({"site_cell_diameter": round(value, 2), "images": len(diameters)}))
-        return
-    console.print(f"median white-cell diameter over {len(diameters)} images: [bold]{value:.1f} px[/]")
-    console.print(f"serve with: WBC_SITE_CELL_DIAMETER={value:.1f}")
+    return (site_reference(diameters) if diameters else float("nan")), len(diameters)

@@ -17,6 +17,7 @@ import httpx
 import typer
 
 from cli.common import DataRootOption, RegistryOption, console, fail
+from cli.data_cmd import measure_site_diameter
 from cli.evaluate_cmd import evaluate_version, metrics_tables
 from cli.federate_cmd import WorkdirOption, parse_overrides, rounds_table
 from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, SPLITS, DataError, DataRoot, resolve_data_root
@@ -127,6 +128,13 @@ def demo(
     port = _pick_port(host, port)
     url = f"http://{host}:{port}"
     env = {**os.environ, "WBC_REGISTRY": str(Path(registry).resolve()), "WBC_VERSION": str(version)}
+    # The service sizes each cell against its site's median cell (models.size_prior): measured here on the
+    # external hospital's images, labels unused, as `wbc data site-scale` does for a lab.
+    diameter, used = measure_site_diameter([s.path for s in DataRoot(root).select([EXTERNAL_SITE], list(SPLITS))], 300)
+    if used:
+        env["WBC_SITE_CELL_DIAMETER"] = f"{diameter:.1f}"
+        console.print(f"{EXTERNAL_SITE}: median white-cell diameter {diameter:.1f} px over {used} images "
+                      "(WBC_SITE_CELL_DIAMETER)")
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--host", host, "--port", str(port)],
                             env=env, start_new_session=True)
     try:

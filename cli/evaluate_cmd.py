@@ -57,11 +57,17 @@ def evaluate_version(version_ref: str, registry, model_name: str, data_root, sit
     classifier = Classifier(info.onnx_path, SessionConfig(providers=providers_for("auto"), device="auto",
                                                           intra_op_threads=usable_cores()))
     known = [s for s in samples if s.label in classifier.contract.class_names]
+    references = None
+    if classifier.contract.size_prior is not None:  # as the site's service would be set up: all its cells
+        from cli.data_cmd import measure_site_diameter
+
+        references = {site: measure_site_diameter([s.path for s in samples])[0]}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task(f"evaluating v{info.version} on {site}", total=len(known))
         metrics, _, _ = evaluate_classifier(
-            classifier, known, progress=lambda done, total: progress.update(task, completed=done)
+            classifier, known, progress=lambda done, total: progress.update(task, completed=done),
+            site_cell_diameters=references,
         )
     return info, metrics, len(samples) - len(known)
 

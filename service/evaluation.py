@@ -28,11 +28,13 @@ def evaluate_classifier(
     *,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    site_cell_diameters: dict[str, float] | None = None,
 ) -> tuple[Metrics, np.ndarray, np.ndarray]:
     """Metrics over samples whose label the model knows; returns (metrics, probabilities, targets).
 
-    With a size prior in the contract, each site's cells are sized against that site's median cell among
-    the evaluated ones (labels unused: what `wbc site-scale` gives a deployment for the same folder)."""
+    With a size prior in the contract, each site's cells are sized against `site_cell_diameters[site]`
+    (what the site's service is configured with, `wbc data site-scale`), else against that site's median
+    cell among the evaluated ones (labels unused either way)."""
     contract = classifier.contract
     index = {name: i for i, name in enumerate(contract.class_names)}
     known = [s for s in samples if s.label in index]
@@ -58,7 +60,8 @@ def evaluate_classifier(
         for site in np.unique(sites):
             here = (sites == site) & np.isfinite(d)
             if here.any():
-                r[here] = relative_log_size(d[here], site_reference(d[here]))
+                reference = (site_cell_diameters or {}).get(str(site)) or site_reference(d[here])
+                r[here] = relative_log_size(d[here], reference)
         p = apply_size_prior(p, r, contract.size_prior)
     t = np.asarray(targets, dtype=np.int64)
     return compute_metrics(contract.class_names, t, p), p, t

@@ -24,6 +24,7 @@ from federation import events as ev
 from federation.deploy import build_run_config, run_federation
 from federation.server_app import RunSettings
 from federation.sites import DEFAULT_TRAINING_SITES, DataRoot
+from models.contract import SizePrior
 from models.export import read_contract
 from models.registry import Registry
 
@@ -152,7 +153,7 @@ def test_three_site_federation_registers_verified_versions(
         # The relative-size opinion, pooled from each site's per-class size sums (models.size_prior).
         assert all(meta["sites"][s]["size"]["size-count"] == [4.0, 4.0] for s in sites)
         assert contract.size_prior is not None and contract.size_prior.cells == 24
-        assert contract.size_prior.weight == 2.0 and meta["size_prior"] == contract.size_prior.model_dump()
+        assert contract.size_prior.weight == 2.0 and SizePrior.model_validate(meta["size_prior"]) == contract.size_prior
 
     # The event log tells the same story.
     kinds = [e["kind"] for e in ev.read_events(result.run_dir / ev.EVENTS_FILE)]

@@ -64,3 +64,28 @@ def test_site_diameter_turns_the_size_opinion_on(sized_registry: Path, data_root
 def test_the_setting_must_be_a_positive_diameter() -> None:
     with pytest.raises(ValueError):
         Settings(site_cell_diameter=0)
+
+
+def test_evaluation_sizes_each_site_against_its_own_median_or_the_given_one(sized_registry: Path,
+                                                                            data_root: DataRoot) -> None:
+    from service.evaluation import _load, evaluate_classifier
+    from service.inference import Classifier
+
+    classifier = Classifier(Registry(sized_registry, "wbc-sized").resolve("latest").onnx_path)
+    samples = [s for site in ("tehran-lisc", "bccd") for s in data_root.select([site], ["test"])[:5]]
+    loaded = [_load(s, classifier.contract) for s in samples]
+    network = classifier.probabilities(np.stack([a for a, _ in loaded]))
+    d = np.array([dia for _, dia in loaded])
+
+    _, probs, _ = evaluate_classifier(classifier, samples, batch_size=4)
+    expected = network.copy()
+    for site in ("tehran-lisc", "bccd"):
+        here = np.array([s.site == site for s in samples])
+        expected[here] = apply_size_prior(network[here], relative_log_size(d[here], np.median(d[here])), PRIOR)
+    np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
+
+    _, given, _ = evaluate_classifier(classifier, samples, batch_size=4, site_cell_diameters={"bccd": 150.0})
+    here = np.array([s.site == "bccd" for s in samples])
+    np.testing.assert_allclose(given[~here], expected[~here], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(given[here], apply_size_prior(network[here], relative_log_size(d[here], 150.0), PRIOR),
+                               rtol=1e-4, atol=1e-6)
