@@ -1,6 +1,7 @@
 """A cell's relative size as a second, federated opinion: does it fix the new hospital's lymphocytes?
 
     .venv/bin/python benchmarks/size_prior.py --seeds 0,1,2
+    .venv/bin/python benchmarks/size_prior.py --seeds 0,1,2 --external-reference all-classes --views turns-zooms --single
 
 The shipped crop frames every cell at 1.3 x its own diameter, so the network cannot see size; yet a
 site's lymphocytes are 0.78-0.90 and its basophils 1.07-1.13 of the site's median cell, at
@@ -81,7 +82,11 @@ def log_likelihood(r: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarr
 
 
 def combine(logits: np.ndarray, t: float, ll: np.ndarray, w: float) -> np.ndarray:
-    z = np.log(softmax(logits, t) + 1e-12) + w * ll
+    return combine_probs(softmax(logits, t), ll, w)
+
+
+def combine_probs(p: np.ndarray, ll: np.ndarray, w: float) -> np.ndarray:
+    z = np.log(p + 1e-12) + w * ll
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=1, keepdims=True)
@@ -92,6 +97,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--views", default="none", choices=("none", "turns-zooms"),
+                    help="score with the contract's test-time views (what the exported graph averages) too")
+    ap.add_argument("--single", action="store_true",
+                    help="also each training site alone, its size Gaussians from its own cells only")
     ap.add_argument("--external-reference", choices=("five-classes", "all-classes"), default="five-classes",
                     help="Barcelona's median cell from its cells of the five shared classes, or from all its cells")
     args = ap.parse_args()
@@ -139,20 +148,50 @@ def main() -> None:
             f"w={w}: {np.mean(v[-3:]):.3f}" for w, v in loso.items()), flush=True)
     print("LOSO mean over seeds and held-out sites: " + ", ".join(f"w={w}: {np.mean(v):.3f}" for w, v in loso.items()))
 
+    views = None
+    if args.views != "none":  # the trunk outputs of each fixed view, cached beside the training views
+        from benchmarks.tta import fixed_view_features
+        from federation.benchmark.prepared import PreparedImages
+        from federation.benchmark.runs import fresh_split
+        from models.test_views import VIEW_SETS
+
+        trunk = fresh_split(d.contract, arm.top, seed=0)
+        views = {}
+        for name, idx in layout.evaluation.items():
+            samples = [layout.samples[i] for i in idx]
+            prepared = PreparedImages.build(samples, d.contract, args.cache / "prepared")
+            views[name] = fixed_view_features(trunk, samples, prepared, d.contract, VIEW_SETS[args.views],
+                                              args.cache / "features")
+        print(f"[{time.time() - t0:.0f} s] {args.views} views ready", flush=True)
+
+    def network(model, name, x, t):
+        """The network's probabilities as served: softmax(log mean softmax over the views / T)."""
+        if views is None:
+            return softmax(model.logits(x), t)
+        mean = np.mean([softmax(model.logits(f)) for f in views[name].values()], axis=0)
+        return softmax(np.log(np.clip(mean, 1e-12, None)), t)
+
     fit_idx = [i for s in layout.train for i in layout.train[s]]
     mu, sigma = fit_prior(r[fit_idx], y[fit_idx], n)
     print("prior (relative size): " + ", ".join(
         f"{c} {np.exp(m):.2f} x/ {np.exp(s):.2f}" for c, m, s in zip(classes, mu, sigma)))
     scores: dict[tuple, list[float]] = {}
+    rows = ["centralised", "FedAvg"] + ([f"{s} alone" for s in layout.train] if args.single else [])
     for seed in seeds:
-        for row, model in (("centralised", trainers.pooled(list(layout.train), seed)),
-                           ("FedAvg", trainers.federated("fedavg", seed, {}))):
+        models = {"centralised": trainers.pooled(list(layout.train), seed),
+                  "FedAvg": trainers.federated("fedavg", seed, {})}
+        if args.single:
+            models |= {f"{s} alone": trainers.pooled([s], seed) for s in layout.train}
+        for row, model in models.items():
             t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+            own = [row.removesuffix(" alone")] if row.endswith(" alone") else list(layout.train)
+            own_idx = [i for s in own for i in layout.train[s]]
+            prior = fit_prior(r[own_idx], y[own_idx], n)  # a site alone has only its own cells' sizes
             for name, (x, yy) in d.evaluation.items():
                 idx = layout.evaluation[name]
-                logits, ll = model.logits(x), log_likelihood(r[idx], mu, sigma)
+                p_net, ll = network(model, name, x, t), log_likelihood(r[idx], *prior)
                 for w in WEIGHTS:
-                    p = combine(logits, t, ll, w)
+                    p = combine_probs(p_net, ll, w)
                     m = compute_metrics(classes, yy, p)
                     scores.setdefault((row, name, w), []).append(m.balanced_accuracy)
                     if name == "external":
@@ -162,7 +201,7 @@ def main() -> None:
         print(f"[{time.time() - t0:.0f} s] seed {seed} done", flush=True)
     print("\n| row | w | internal | Barcelona | Barcelona ECE | lymphocyte recall | basophil recall |")
     print("|---|---|---|---|---|---|---|")
-    for row in ("centralised", "FedAvg"):
+    for row in rows:
         for w in WEIGHTS:
             print(f"| {row} | {w} | " + " | ".join(
                 _mean_sd(scores[row, k, w]) for k in ("internal", "external", "ece", "lymphocyte", "basophil")) + " |")
