@@ -91,9 +91,10 @@ def site_scale(
 
 def measure_site_diameter(paths: list[Path], limit: int = 500) -> tuple[float, int]:
     """(median located white-cell diameter, images read) over at most `limit` evenly spread images."""
+    import numpy as np
     from PIL import Image
 
-    from models.cellcrop import locate_cell
+    from models.cellcrop import cell_diameter
     from models.preprocess import to_rgb
     from models.size_prior import site_reference
 
@@ -105,8 +106,9 @@ def measure_site_diameter(paths: list[Path], limit: int = 500) -> tuple[float, i
         for path in paths:
             try:
                 with Image.open(path) as img:
-                    diameters.append(locate_cell(to_rgb(img))[2])
+                    diameters.append(cell_diameter(to_rgb(img)))
             except OSError as exc:
                 console.print(f"[yellow]skipped[/] {path.name}: {exc}")
             progress.advance(task)
-    return (site_reference(diameters) if diameters else float("nan")), len(diameters)
+    found = [d for d in diameters if np.isfinite(d)]  # images without a located nucleus say nothing
+    return (site_reference(found) if found else float("nan")), len(found)

@@ -155,8 +155,8 @@ class CellDataset(Dataset):
         for i in range(len(self)):  # cells a dropped last batch never showed (a few, prepared once here)
             if i not in self.diameters:
                 self.prepared(i)
-        d = [self.diameters.get(i, float("nan")) for i in range(len(self))]
-        if not d or not np.all(np.isfinite(d)):
+        d = [self.diameters[i] for i in range(len(self))]
+        if not np.isfinite(d).any():  # no nucleus found in any cell: nothing to say about sizes
             return None
         return SizeStatistics.of(d, self.targets, self.contract.num_classes)
 

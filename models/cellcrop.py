@@ -71,6 +71,7 @@ class _Found(NamedTuple):
     diameter: float
     box: tuple[int, int, int, int]  # unpadded content (left, top, right, bottom), full resolution
     fill: tuple[int, int, int]  # median colour of the content's border
+    located: bool = True  # False: no nucleus found, centre and diameter are the fallback's guess
 
 
 def locate_cell(image: Image.Image) -> tuple[float, float, float]:
@@ -94,10 +95,16 @@ def crop_cell(image: Image.Image, spec: CellCrop) -> Image.Image:
 
 def crop_cell_sized(image: Image.Image, spec: CellCrop) -> tuple[Image.Image, float]:
     """`crop_cell`, and the located diameter (pixels of `image`) that the size opinion needs, from the
-    same analysis."""
+    same analysis; NaN when no nucleus was found (the fallback frame says nothing about size)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     found = _analyse(rgb)
-    return _cut(rgb, found, spec), found.diameter
+    return _cut(rgb, found, spec), (found.diameter if found.located else float("nan"))
+
+
+def cell_diameter(image: Image.Image) -> float:
+    """The located white cell's diameter in pixels of `image`; NaN when no nucleus was found."""
+    found = _analyse(image if image.mode == "RGB" else image.convert("RGB"))
+    return found.diameter if found.located else float("nan")
 
 
 def _cut(rgb: Image.Image, found: _Found, spec: CellCrop) -> Image.Image:
@@ -165,7 +172,7 @@ def _analyse(image: Image.Image) -> _Found:
     nucleus = _nucleus_mask(small) if min(small.shape[:2]) >= 4 else None
     if nucleus is None:
         diameter = _FALLBACK_FRACTION * min(right - left, bottom - top)
-        return _Found((left + right) / 2.0, (top + bottom) / 2.0, max(float(diameter), 1.0), box, fill)
+        return _Found((left + right) / 2.0, (top + bottom) / 2.0, max(float(diameter), 1.0), box, fill, False)
     ys, xs = np.nonzero(nucleus)
     diameter = _CELL_PER_NUCLEUS * _spread(ys, xs)
     # Back to full-resolution pixels (reduced pixel i covers [i*f, (i+1)*f)).

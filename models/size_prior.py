@@ -33,7 +33,7 @@ MIN_SD = 0.05
 
 def site_reference(diameters: Iterable[float]) -> float:
     """The site's median located diameter (pixels): what sizes are relative to."""
-    d = np.asarray([v for v in diameters if v and v > 0], dtype=np.float64)
+    d = np.asarray([v for v in diameters if np.isfinite(v) and v > 0], dtype=np.float64)
     if d.size == 0:
         raise ValueError("no located cell diameter to take a site reference from")
     return float(np.median(d))
@@ -55,9 +55,12 @@ class SizeStatistics:
 
     @classmethod
     def of(cls, diameters: Sequence[float], targets: Sequence[int], num_classes: int) -> SizeStatistics:
-        """From one site's training cells: sizes relative to the same cells' median."""
-        r = relative_log_size(diameters, site_reference(diameters))
-        y = np.asarray(targets, dtype=np.int64)
+        """From one site's training cells: sizes relative to the same cells' median (cells whose nucleus
+        was not found, NaN, left out)."""
+        d = np.asarray(diameters, dtype=np.float64)
+        found = np.isfinite(d) & (d > 0)
+        r = relative_log_size(d[found], site_reference(d[found]))
+        y = np.asarray(targets, dtype=np.int64)[found]
         return cls(
             np.bincount(y, minlength=num_classes).astype(np.float64),
             np.bincount(y, weights=r, minlength=num_classes),

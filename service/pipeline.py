@@ -10,6 +10,7 @@ it is ready, so a request's images and different requests' images overlap with t
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from service.batching import DynamicBatcher
 from service.decoding import DecodeError, decode_upload
 from service.inference import LoadedModel, Prediction
 from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Pipeline:
     ):
         self.batcher = batcher
         self.site_cell_diameter = site_cell_diameter
+        self._warned_no_diameter = False
         self.executor = ThreadPoolExecutor(
             max_workers=preprocess_workers, thread_name_prefix="wbc-preprocess"
         )
@@ -131,7 +135,13 @@ class Pipeline:
         size prior and this site's cell diameter is configured (only images have a size: tensors sent to
         the KServe v2 endpoint get the network's answer)."""
         prior = model.contract.size_prior
-        if prior is None or self.site_cell_diameter is None or prior.weight == 0:
+        if prior is None or prior.weight == 0:
+            return row
+        if self.site_cell_diameter is None:
+            if not self._warned_no_diameter:  # once per process: the answer is still the network's
+                self._warned_no_diameter = True
+                log.warning("%s v%s carries a size prior but WBC_SITE_CELL_DIAMETER is not set: answering "
+                            "with the network alone (wbc data site-scale measures it)", model.name, model.version)
             return row
         r = relative_log_size([diameter], self.site_cell_diameter)
         return apply_size_prior(row[None], r, prior)[0]

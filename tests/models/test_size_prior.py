@@ -103,3 +103,18 @@ def test_contract_carries_a_size_prior_per_class_and_round_trips():
         base.with_updates(size_prior=SizePrior(mean=(0.0,) * 4, sd=(0.1,) * 4).model_dump())
     with pytest.raises(ValidationError, match="positive sd"):
         SizePrior(mean=(0.0,) * 5, sd=(0.1, 0.1, 0.0, 0.1, 0.1))
+
+
+def test_a_cell_without_a_located_nucleus_has_no_size_and_is_left_out_of_the_sums(lisc):
+    from models.cellcrop import cell_diameter, crop_cell_sized
+    from models.contract import CellCrop
+
+    blank = Image.new("RGB", (120, 120), (235, 225, 230))  # an empty field: the locator's fallback frame
+    crop, diameter = crop_cell_sized(blank, CellCrop())
+    assert crop.size[0] > 0 and np.isnan(diameter) and np.isnan(cell_diameter(blank))
+
+    d, y = lisc
+    with_missing = SizeStatistics.of(np.append(d, np.nan), np.append(y, LYMPHOCYTE), 5)
+    clean = SizeStatistics.of(d, y, 5)
+    np.testing.assert_array_equal(with_missing.count, clean.count)
+    np.testing.assert_allclose(with_missing.total, clean.total)
