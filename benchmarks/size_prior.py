@@ -169,12 +169,12 @@ def main() -> None:
                                               args.cache / "features")
         print(f"[{time.time() - t0:.0f} s] {args.views} views ready", flush=True)
 
-    def network(model, name, x, t):
-        """The network's probabilities as served: softmax(log mean softmax over the views / T)."""
+    def network_logits(model, name, x):
+        """What the served graph answers before the temperature: logits, or log mean softmax over views."""
         if views is None:
-            return softmax(model.logits(x), t)
+            return model.logits(x)
         mean = np.mean([softmax(model.logits(f)) for f in views[name].values()], axis=0)
-        return softmax(np.log(np.clip(mean, 1e-12, None)), t)
+        return np.log(np.clip(mean, 1e-12, None))
 
     fit_idx = [i for s in layout.train for i in layout.train[s]]
     mu, sigma = fit_prior(r[fit_idx], y[fit_idx], n)
@@ -200,14 +200,15 @@ def main() -> None:
                      for w in WEIGHTS}
             for name, (x, yy) in d.evaluation.items():
                 idx = layout.evaluation[name]
-                p_net, ll = network(model, name, x, t), log_likelihood(r[idx], *prior)
+                z, ll = network_logits(model, name, x), log_likelihood(r[idx], *prior)
+                p_net = softmax(z, t)
                 for w in WEIGHTS:
                     p = combine_probs(p_net, ll, w)
                     m = compute_metrics(classes, yy, p)
                     scores.setdefault((row, name, w), []).append(m.balanced_accuracy)
                     if name == "external":
                         scores.setdefault((row, "ece", w), []).append(expected_calibration_error(p, yy))
-                        p_refit = combine_probs(network(model, name, x, refit[w]), ll, w)
+                        p_refit = combine_probs(softmax(z, refit[w]), ll, w)
                         scores.setdefault((row, "ece refit", w), []).append(expected_calibration_error(p_refit, yy))
                         for c in ("lymphocyte", "basophil"):
                             scores.setdefault((row, c, w), []).append(float(m.recall[classes.index(c)]))
