@@ -41,7 +41,8 @@ from federation.benchmark.protocols import _TopTrainers, arm_features, leave_one
 from federation.benchmark.report import _mean_sd
 from federation.sites import DataRoot, resolve_data_root
 from models.calibration import softmax
-from models.cellcrop import _analyse, white_balance
+from models.cellcrop import _analyse, _cut, white_balance
+from models.contract import CellCrop
 from models.evaluate import compute_metrics
 from models.preprocess import to_rgb
 
@@ -66,15 +67,8 @@ def site_framed_prepare(site_of: dict[str, str], diameters: dict[str, float], sc
 
     def prepare(image, contract):
         rgb = to_rgb(image)
-        found = _analyse(rgb)
-        side = max(1, int(round(scale * diameters[site_of[str(getattr(image, "filename", ""))]])))
-        x0, y0 = int(round(found.cx - side / 2.0)), int(round(found.cy - side / 2.0))
-        out = Image.new("RGB", (side, side), found.fill)
-        left, top, right, bottom = found.box
-        ix0, iy0, ix1, iy1 = max(x0, left), max(y0, top), min(x0 + side, right), min(y0 + side, bottom)
-        if ix1 > ix0 and iy1 > iy0:
-            out.paste(rgb.crop((ix0, iy0, ix1, iy1)), (ix0 - x0, iy0 - y0))
-        return white_balance(out)
+        found = _analyse(rgb)._replace(diameter=diameters[site_of[str(getattr(image, "filename", ""))]])
+        return white_balance(_cut(rgb, found, CellCrop(scale=scale)))
 
     return prepare
 

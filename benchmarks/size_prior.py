@@ -43,13 +43,13 @@ from federation.benchmark.report import _mean_sd
 from federation.sites import DataRoot, resolve_data_root
 from models.calibration import expected_calibration_error, softmax
 from models.cellcrop import locate_cell
+from models.contract import SizePrior
 from models.evaluate import compute_metrics
+from models.size_prior import SizeStatistics, fit_prior, log_likelihood
 from models.preprocess import to_rgb
 
 TEMPERATURES = tuple(float(t) for t in np.round(np.exp(np.linspace(np.log(0.2), np.log(5.0), 41)), 4))
 WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
-MIN_CELLS = 10  # fewer cells of a class at the fitting sites: that class gets the all-cells Gaussian
-MIN_SIGMA = 0.05
 
 
 def _nll(p: np.ndarray, y: np.ndarray) -> float:
@@ -74,16 +74,11 @@ def relative_log_size(samples, d: np.ndarray, ref: dict[str, float] | None = Non
     return np.log(d / np.array([ref[s] for s in sites]))
 
 
-def fit_prior(r: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    mu, sigma = np.full(n_classes, r.mean()), np.full(n_classes, max(r.std(), MIN_SIGMA))
-    for c in range(n_classes):
-        if (y == c).sum() >= MIN_CELLS:
-            mu[c], sigma[c] = r[y == c].mean(), max(r[y == c].std(), MIN_SIGMA)
-    return mu, sigma
-
-
-def log_likelihood(r: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    return -0.5 * ((r[:, None] - mu) / sigma) ** 2 - np.log(sigma)
+def fit(r: np.ndarray, y: np.ndarray, n_classes: int) -> SizePrior:
+    """The product's Gaussians (models.size_prior.fit_prior) from these cells' relative log sizes."""
+    stats = SizeStatistics(np.bincount(y, minlength=n_classes).astype(np.float64),
+                           np.bincount(y, r, n_classes), np.bincount(y, r * r, n_classes))
+    return fit_prior([stats], weight=1.0)
 
 
 def combine(logits: np.ndarray, t: float, ll: np.ndarray, w: float) -> np.ndarray:
@@ -142,11 +137,11 @@ def main() -> None:
             model = trainers.pooled(rest, seed)
             t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
             fit_idx = [i for s in rest for i in layout.train[s]]
-            mu, sigma = fit_prior(r[fit_idx], y[fit_idx], n)
+            prior = fit(r[fit_idx], y[fit_idx], n)
             h = d.sites[held]
             hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
             h_idx = list(layout.train[held]) + list(layout.val[held])
-            logits, ll = model.logits(hx), log_likelihood(r[h_idx], mu, sigma)
+            logits, ll = model.logits(hx), log_likelihood(r[h_idx], prior)
             for w in WEIGHTS:
                 loso[w].append(compute_metrics(classes, y[h_idx], combine(logits, t, ll, w)).balanced_accuracy)
         print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
@@ -177,9 +172,9 @@ def main() -> None:
         return np.log(np.clip(mean, 1e-12, None))
 
     fit_idx = [i for s in layout.train for i in layout.train[s]]
-    mu, sigma = fit_prior(r[fit_idx], y[fit_idx], n)
+    pooled = fit(r[fit_idx], y[fit_idx], n)
     print("prior (relative size): " + ", ".join(
-        f"{c} {np.exp(m):.2f} x/ {np.exp(s):.2f}" for c, m, s in zip(classes, mu, sigma)))
+        f"{c} {np.exp(m):.2f} x/ {np.exp(s):.2f}" for c, m, s in zip(classes, pooled.mean, pooled.sd)))
     scores: dict[tuple, list[float]] = {}
     rows = ["centralised", "FedAvg"] + ([f"{s} alone" for s in layout.train] if args.single else [])
     for seed in seeds:
@@ -191,16 +186,16 @@ def main() -> None:
             t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
             own = [row.removesuffix(" alone")] if row.endswith(" alone") else list(layout.train)
             own_idx = [i for s in own for i in layout.train[s]]
-            prior = fit_prior(r[own_idx], y[own_idx], n)  # a site alone has only its own cells' sizes
+            prior = fit(r[own_idx], y[own_idx], n)  # a site alone has only its own cells' sizes
             # The temperature refitted with the size term in: NLL of the combined answer on the sites' val cells.
             val_logits = np.concatenate([model.logits(d.sites[s].val_x) for s in own])
             val_idx = [i for s in own for i in layout.val[s]]
-            val_ll = log_likelihood(r[val_idx], *prior)
+            val_ll = log_likelihood(r[val_idx], prior)
             refit = {w: min(TEMPERATURES, key=lambda tt: _nll(combine(val_logits, tt, val_ll, w), y[val_idx]))
                      for w in WEIGHTS}
             for name, (x, yy) in d.evaluation.items():
                 idx = layout.evaluation[name]
-                z, ll = network_logits(model, name, x), log_likelihood(r[idx], *prior)
+                z, ll = network_logits(model, name, x), log_likelihood(r[idx], prior)
                 p_net = softmax(z, t)
                 for w in WEIGHTS:
                     p = combine_probs(p_net, ll, w)
