@@ -9,9 +9,10 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from cli.common import console, fail
+from cli.common import ModelNameOption, RegistryOption, console, fail
 from federation.datacheck import check_data_root
 from federation.sites import SPLITS
+from models.registry import DEFAULT_MODEL_NAME, default_registry_root
 
 app = typer.Typer(help="Site data: validate a data root.", no_args_is_help=True)
 
@@ -60,14 +61,30 @@ def site_scale(
     directory: Annotated[Path, typer.Argument(help="A data root (with --site) or any folder of this site's cell images")],
     site: Annotated[str | None, typer.Option(help="The site inside a data root (manifest.csv).")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many images, evenly spread.")] = 500,
+    version: Annotated[str, typer.Option("--version", help="The registered version the service will serve "
+                                         "(number, 'latest', 'production' or 'candidate').")] = "production",
+    registry: RegistryOption = default_registry_root(),
+    model_name: ModelNameOption = DEFAULT_MODEL_NAME,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Measure this site's median white-cell diameter (pixels; no labels read): the service's
-    WBC_SITE_CELL_DIAMETER, which lets a model's size prior size each cell against its own site."""
+    """Measure this site's reference cell diameter (pixels; no labels read): the service's
+    WBC_SITE_CELL_DIAMETER, which lets a model's size prior size each cell against its own site.
+
+    The model says what the reference is: for the shipped models the median cell that the model (without
+    size) calls a neutrophil; for a model without an anchor, the median of all located cells."""
     import json
+
+    from cli.evaluate_cmd import open_classifier
+    from models.registry import Registry, RegistryError
 
     if not directory.is_dir():
         fail(f"{directory}: not a folder")
+    try:
+        info = Registry(registry, model_name).resolve(version)
+        info.verify()
+    except RegistryError as exc:
+        fail(f"{exc} (site-scale measures what the served version sizes against: register or pick one with --version)")
+    classifier = open_classifier(info)
     if site is not None:
         from federation.sites import DataError, DataRoot
 
@@ -79,36 +96,62 @@ def site_scale(
         paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         fail(f"{directory}: no cell images found" + (f" for site {site!r}" if site else ""))
-    value, used = measure_site_diameter(paths, limit)
+    if classifier.contract.size_prior is None:
+        console.print(f"[yellow]note:[/] {info.model_name} v{info.version} carries no size prior: the service "
+                      "will not use this setting")
+    value, used = measure_site_diameter(paths, limit, classifier)
     if used == 0:
-        fail("no image could be read")
+        fail("no image could be read, or no cell located in any")
+    anchor = classifier.contract.size_prior.anchor if classifier.contract.size_prior else None
+    what = f"median {anchor} (as v{info.version} calls them)" if anchor else "median white-cell"
     if as_json:
-        print(json.dumps({"site_cell_diameter": round(value, 2), "images": used}))
+        print(json.dumps({"site_cell_diameter": round(value, 2), "images": used, "reference": what,
+                          "model": info.model_name, "version": info.version}))
         return
-    console.print(f"median white-cell diameter over {used} images: [bold]{value:.1f} px[/]")
+    console.print(f"{what} diameter over {used} images: [bold]{value:.1f} px[/]")
     console.print(f"serve with: WBC_SITE_CELL_DIAMETER={value:.1f}")
 
 
-def measure_site_diameter(paths: list[Path], limit: int = 500) -> tuple[float, int]:
-    """(median located white-cell diameter, images read) over at most `limit` evenly spread images."""
+def measure_site_diameter(paths: list[Path], limit: int = 500, classifier=None) -> tuple[float, int]:
+    """(the site's reference diameter, images with a located cell) over at most `limit` evenly spread
+    images. With a `classifier` whose size prior has an anchor, the reference is the median of the cells
+    it calls that class (`models.size_prior.anchored_reference`), else the median of all located cells."""
     import numpy as np
     from PIL import Image
 
-    from models.cellcrop import cell_diameter
-    from models.preprocess import to_rgb
-    from models.size_prior import site_reference
+    from models.preprocess import preprocess_sized
+    from models.size_prior import anchored_reference, site_reference
 
     step = max(1, len(paths) // limit)
     paths = paths[::step][:limit]
-    diameters = []
+    prior = classifier.contract.size_prior if classifier is not None else None
+    anchor = prior.anchor if prior is not None else None
+    diameters, probabilities, batch = [], [], []
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("locating cells", total=len(paths))
-        for path in paths:
+        task = progress.add_task("locating cells" + (f" and finding {anchor}s" if anchor else ""), total=len(paths))
+        for k, path in enumerate(paths):
             try:
                 with Image.open(path) as img:
-                    diameters.append(cell_diameter(to_rgb(img)))
+                    if anchor is None:  # the locator alone
+                        from models.cellcrop import cell_diameter
+                        from models.preprocess import to_rgb
+
+                        diameters.append(cell_diameter(to_rgb(img)))
+                    else:  # the network's answer too, exactly as the service prepares the image
+                        array, diameter = preprocess_sized(img, classifier.contract)
+                        diameters.append(diameter)
+                        batch.append(array)
             except OSError as exc:
                 console.print(f"[yellow]skipped[/] {path.name}: {exc}")
+            if batch and (len(batch) == 16 or k == len(paths) - 1):
+                probabilities.append(classifier.probabilities(np.stack(batch)))
+                batch = []
             progress.advance(task)
-    found = [d for d in diameters if np.isfinite(d)]  # images without a located nucleus say nothing
-    return (site_reference(found) if found else float("nan")), len(found)
+    d = np.asarray(diameters, dtype=np.float64)
+    found = np.isfinite(d)  # images without a located nucleus say nothing
+    if not found.any():
+        return float("nan"), 0
+    if anchor is None:
+        return site_reference(d[found]), int(found.sum())
+    p = np.concatenate(probabilities)
+    return anchored_reference(d[found], p[found], classifier.contract.class_names, anchor), int(found.sum())

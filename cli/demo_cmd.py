@@ -18,10 +18,10 @@ import typer
 
 from cli.common import DataRootOption, RegistryOption, console, fail
 from cli.data_cmd import measure_site_diameter
-from cli.evaluate_cmd import evaluate_version, metrics_tables
+from cli.evaluate_cmd import evaluate_version, metrics_tables, open_classifier
 from cli.federate_cmd import WorkdirOption, parse_overrides, rounds_table
 from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, SPLITS, DataError, DataRoot, resolve_data_root
-from models.registry import default_registry_root
+from models.registry import Registry, default_registry_root
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -102,6 +102,16 @@ def demo(
     summary: dict = {"run_id": result.run_id, "decisions": result.decisions, "registered": result.registered,
                      "served_version": version}
     console.rule(f"[bold]2/3 the registered model[/] v{version}")
+    # The size opinion sizes each cell against its site's reference cell (models.size_prior): measured once
+    # on the external hospital's images, labels unused, as `wbc data site-scale` does for a lab; the
+    # evaluation below and the service both use it.
+    served = open_classifier(Registry(registry, "wbc-classifier").resolve(str(version)))
+    diameter, used = measure_site_diameter([s.path for s in DataRoot(root).select([EXTERNAL_SITE], list(SPLITS))],
+                                           classifier=served)
+    if used:
+        anchor = served.contract.size_prior.anchor if served.contract.size_prior else None
+        console.print(f"{EXTERNAL_SITE}: {f'median {anchor}' if anchor else 'median white cell'} diameter "
+                      f"{diameter:.1f} px over {used} images (WBC_SITE_CELL_DIAMETER)")
     try:
         t = time.time()
         for label, site, splits in (("internal test (3 training sites)", None, ["test"]),
@@ -112,7 +122,8 @@ def demo(
                          for s in DEFAULT_TRAINING_SITES]
                 metrics = sum(parts[1:], parts[0])
             elif external_eval:
-                metrics = evaluate_version(str(version), registry, "wbc-classifier", root, site, splits)[1]
+                metrics = evaluate_version(str(version), registry, "wbc-classifier", root, site, splits,
+                                           site_cell_diameter=diameter if used else None)[1]
             else:
                 continue
             table, confusion = metrics_tables(metrics, f"v{version}: {label}")
@@ -128,13 +139,8 @@ def demo(
     port = _pick_port(host, port)
     url = f"http://{host}:{port}"
     env = {**os.environ, "WBC_REGISTRY": str(Path(registry).resolve()), "WBC_VERSION": str(version)}
-    # The service sizes each cell against its site's median cell (models.size_prior): measured here on the
-    # external hospital's images, labels unused, as `wbc data site-scale` does for a lab.
-    diameter, used = measure_site_diameter([s.path for s in DataRoot(root).select([EXTERNAL_SITE], list(SPLITS))], 300)
     if used:
         env["WBC_SITE_CELL_DIAMETER"] = f"{diameter:.1f}"
-        console.print(f"{EXTERNAL_SITE}: median white-cell diameter {diameter:.1f} px over {used} images "
-                      "(WBC_SITE_CELL_DIAMETER)")
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--host", host, "--port", str(port)],
                             env=env, start_new_session=True)
     try:

@@ -40,11 +40,24 @@ def metrics_tables(metrics: Metrics, title: str) -> tuple[Table, Table]:
     return summary, confusion
 
 
-def evaluate_version(version_ref: str, registry, model_name: str, data_root, site: str, splits: list[str]):
-    """Resolve, verify and evaluate; returns (VersionInfo, Metrics, how many samples were skipped)."""
+def open_classifier(info):
+    """The version's ONNX Runtime session for offline work: every core (the service keeps one, its cores
+    also decode requests); a model with test-time views runs 12 passes per cell, so this is where
+    evaluation spends its time."""
     from service.config import usable_cores
-    from service.evaluation import evaluate_classifier
     from service.inference import Classifier, SessionConfig, providers_for
+
+    return Classifier(info.onnx_path, SessionConfig(providers=providers_for("auto"), device="auto",
+                                                    intra_op_threads=usable_cores()))
+
+
+def evaluate_version(version_ref: str, registry, model_name: str, data_root, site: str, splits: list[str],
+                     site_cell_diameter: float | None = None):
+    """Resolve, verify and evaluate; returns (VersionInfo, Metrics, how many samples were skipped).
+
+    `site_cell_diameter`: the site's median cell when the caller has measured it already (else it is
+    measured here over the evaluated images, as `wbc data site-scale` would for the site's service)."""
+    from service.evaluation import evaluate_classifier
 
     info = Registry(registry, model_name).resolve(version_ref)
     info.verify()
@@ -52,16 +65,17 @@ def evaluate_version(version_ref: str, registry, model_name: str, data_root, sit
     samples = data.select([site], splits)
     if not samples:
         raise DataError(f"{data.root}: site {site!r} has no samples in split(s) {splits}")
-    # Offline: every core for ONNX Runtime (the service keeps one, its cores also decode requests); a model
-    # with test-time views runs 12 passes per cell, so this is where evaluation spends its time.
-    classifier = Classifier(info.onnx_path, SessionConfig(providers=providers_for("auto"), device="auto",
-                                                          intra_op_threads=usable_cores()))
+    classifier = open_classifier(info)
     known = [s for s in samples if s.label in classifier.contract.class_names]
     references = None
-    if classifier.contract.size_prior is not None:  # as the site's service would be set up: all its cells
+    if site_cell_diameter:
+        references = {site: site_cell_diameter}
+    elif classifier.contract.size_prior is not None and len(known) < len(samples):
+        # As the site's service would be set up: from all its images, the classes the model does not know
+        # too (when every image is evaluated, evaluate_classifier measures the same from its own answers).
         from cli.data_cmd import measure_site_diameter
 
-        references = {site: measure_site_diameter([s.path for s in samples])[0]}
+        references = {site: measure_site_diameter([s.path for s in samples], classifier=classifier)[0]}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task(f"evaluating v{info.version} on {site}", total=len(known))

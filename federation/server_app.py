@@ -230,7 +230,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
     from federation.rounds import Accepted, ReportingGrid, RoundBook, write_json_atomic
     from federation.task import create_model_from_contract, seed_everything
     from models.calibration import calibrate_sites, without_summaries
-    from models.size_prior import SizeStatistics, fit_prior
+    from models.size_prior import SizeStatistics, anchor_of, fit_prior
     from models.zoo import weight_source
 
     params = strategy_params(
@@ -306,7 +306,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         size_prior = None
         if settings.size_weight > 0:
             stats = [SizeStatistics.from_record(site.get("size") or {}) for site in metadata.get("sites", {}).values()]
-            size_prior = fit_prior([s for s in stats if s is not None], settings.size_weight)
+            size_prior = fit_prior([s for s in stats if s is not None], settings.size_weight,
+                                   anchor=anchor_of(version_contract.class_names))
         if size_prior is not None:
             version_contract = version_contract.with_updates(size_prior=size_prior.model_dump())
         metadata["size_prior"] = size_prior.model_dump() if size_prior else None

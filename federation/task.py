@@ -27,7 +27,7 @@ from models.calibration import CalibrationSummary
 from models.contract import SHARED_CLASSES, CellCrop, ModelContract
 from models.evaluate import Metrics, compute_metrics
 from models.preprocess import finish, prepare_sized, softmax
-from models.size_prior import SizeStatistics
+from models.size_prior import SizeStatistics, anchor_of
 from models.zoo import create_model, pretrained_cfg
 
 DEFAULT_ARCHITECTURE = "tf_efficientnet_lite0"
@@ -158,7 +158,9 @@ class CellDataset(Dataset):
         d = [self.diameters[i] for i in range(len(self))]
         if not np.isfinite(d).any():  # no nucleus found in any cell: nothing to say about sizes
             return None
-        return SizeStatistics.of(d, self.targets, self.contract.num_classes)
+        anchor = anchor_of(self.contract.class_names)
+        return SizeStatistics.of(d, self.targets, self.contract.num_classes,
+                                 None if anchor is None else self.contract.class_names.index(anchor))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.prepared(i)

@@ -48,6 +48,9 @@ class SizePrior(BaseModel):
     sd: tuple[float, ...]
     weight: float = Field(2.0, ge=0.0, le=10.0)
     cells: int = Field(0, ge=0, description="training cells the statistics came from")
+    # What a site's sizes are relative to: the median of its cells of this class (at a training site its
+    # labelled ones, at a deployed site the ones the network calls so), or None: the median of all its cells.
+    anchor: str | None = None
 
     @model_validator(mode="after")
     def _same_length(self) -> SizePrior:
@@ -119,6 +122,8 @@ class ModelContract(BaseModel):
     def _size_prior_per_class(self) -> ModelContract:
         if self.size_prior is not None and len(self.size_prior.mean) != len(self.class_names):
             raise ValueError("size prior: one Gaussian per class")
+        if self.size_prior is not None and self.size_prior.anchor not in (None, *self.class_names):
+            raise ValueError(f"size prior: anchor {self.size_prior.anchor!r} is not one of the classes")
         return self
 
     @property

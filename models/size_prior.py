@@ -6,13 +6,19 @@ size is the one cue that travels between hospitals: measured with the locator, a
 differ 2.5x between sites: magnification), and Barcelona's lymphocytes, which the network calls basophils
 by their texture, are the small cells there too (docs/results.md, "Relative cell size").
 
-    relative size r = log(d / d_site)     d: the locator's diameter; d_site: the site's median cell
+    relative size r = log(d / d_site)     d: the locator's diameter; d_site: the site's anchor cell
     p(class | cell) ∝ p_network(class | cell) · N(r | mean_class, sd_class) ** weight
 
-d_site is one number per site, from its own cells without labels. During federated training each site
-sends per-class count, sum and sum of squares of r over its training cells (no cell, no size of any one
-cell); the server pools them into `SizePrior` (exactly the statistics of the pooled cells). The service
-needs its own site's d_site (`WBC_SITE_CELL_DIAMETER`, `wbc site-scale`); without it no size opinion is
+d_site is one number per site: the median of its neutrophils (`ANCHOR_CLASS`), the white cell every
+peripheral smear has most of. A training site takes its labelled ones; a deployed site, which has no
+labels, the cells the network (without size) calls neutrophils, over all its images
+(`anchored_reference`). A site's median over all its cells, the first reference, moves with what else
+the site images: at Barcelona platelets and erythroblasts pull it down and the five-class score fell
+0.766 → 0.728; the anchor also held best when the leave-one-site-out sites' class mix was skewed
+(`benchmarks/site_reference.py`, docs/results.md). During federated training each site sends per-class
+count, sum and sum of squares of r over its training cells (no cell, no size of any one cell); the
+server pools them into `SizePrior` (exactly the statistics of the pooled cells). The service needs its
+own site's d_site (`WBC_SITE_CELL_DIAMETER`, `wbc data site-scale`); without it no size opinion is
 applied and the answer is the network's alone.
 """
 
@@ -29,6 +35,15 @@ from models.contract import SizePrior
 # opinion about it rather than a guess from three cells).
 MIN_CELLS = 10
 MIN_SD = 0.05
+# Sizes are relative to the site's median cell of this class where it has enough of them (below that, to
+# its median over all cells: a small site's few neutrophils are a noisier reference than all its cells).
+ANCHOR_CLASS = "neutrophil"
+MIN_ANCHOR_CELLS = 10
+
+
+def anchor_of(class_names: Sequence[str]) -> str | None:
+    """The anchor class of a model with these classes (None: it has no neutrophil; all-cells median)."""
+    return ANCHOR_CLASS if ANCHOR_CLASS in class_names else None
 
 
 def site_reference(diameters: Iterable[float]) -> float:
@@ -37,6 +52,18 @@ def site_reference(diameters: Iterable[float]) -> float:
     if d.size == 0:
         raise ValueError("no located cell diameter to take a site reference from")
     return float(np.median(d))
+
+
+def anchored_reference(diameters: Sequence[float] | np.ndarray, probabilities: np.ndarray | None,
+                       class_names: Sequence[str], anchor: str | None) -> float:
+    """A deployed site's reference without labels: the median cell that the network (its answer before
+    the size opinion) calls `anchor`; the median of all cells when there is no anchor or too few of them."""
+    d = np.asarray(diameters, dtype=np.float64)
+    if anchor is not None and probabilities is not None and len(d):
+        picked = (np.asarray(probabilities).argmax(axis=1) == list(class_names).index(anchor)) & np.isfinite(d)
+        if picked.sum() >= MIN_ANCHOR_CELLS:
+            return site_reference(d[picked])
+    return site_reference(d)
 
 
 def relative_log_size(diameters: Sequence[float] | np.ndarray, reference: float) -> np.ndarray:
@@ -54,13 +81,17 @@ class SizeStatistics:
     squares: np.ndarray
 
     @classmethod
-    def of(cls, diameters: Sequence[float], targets: Sequence[int], num_classes: int) -> SizeStatistics:
-        """From one site's training cells: sizes relative to the same cells' median (cells whose nucleus
-        was not found, NaN, left out)."""
+    def of(cls, diameters: Sequence[float], targets: Sequence[int], num_classes: int,
+           anchor: int | None = None) -> SizeStatistics:
+        """From one site's training cells: sizes relative to the median of its labelled `anchor`-class
+        cells (all its cells' median when there is no anchor or fewer than MIN_ANCHOR_CELLS of them);
+        cells whose nucleus was not found (NaN) are left out."""
         d = np.asarray(diameters, dtype=np.float64)
         found = np.isfinite(d) & (d > 0)
-        r = relative_log_size(d[found], site_reference(d[found]))
         y = np.asarray(targets, dtype=np.int64)[found]
+        d = d[found]
+        anchors = d[y == anchor] if anchor is not None else d[:0]
+        r = relative_log_size(d, site_reference(anchors if len(anchors) >= MIN_ANCHOR_CELLS else d))
         return cls(
             np.bincount(y, minlength=num_classes).astype(np.float64),
             np.bincount(y, weights=r, minlength=num_classes),
@@ -80,8 +111,9 @@ class SizeStatistics:
         return SizeStatistics(self.count + other.count, self.total + other.total, self.squares + other.squares)
 
 
-def fit_prior(stats: Iterable[SizeStatistics], weight: float) -> SizePrior | None:
-    """Pool the sites' statistics into per-class Gaussians; None when no site sent any."""
+def fit_prior(stats: Iterable[SizeStatistics], weight: float, anchor: str | None = None) -> SizePrior | None:
+    """Pool the sites' statistics into per-class Gaussians; None when no site sent any. `anchor`: the
+    class the sites sized against (`anchor_of`), recorded so that deployed sites measure the same way."""
     pooled = None
     for s in stats:
         pooled = s if pooled is None else pooled + s
@@ -99,7 +131,7 @@ def fit_prior(stats: Iterable[SizeStatistics], weight: float) -> SizePrior | Non
         else:
             means.append(float(mean_all))
             sds.append(sd_all)
-    return SizePrior(mean=tuple(means), sd=tuple(sds), weight=weight, cells=int(n_all))
+    return SizePrior(mean=tuple(means), sd=tuple(sds), weight=weight, cells=int(n_all), anchor=anchor)
 
 
 def log_likelihood(r: np.ndarray, prior: SizePrior) -> np.ndarray:

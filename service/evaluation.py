@@ -12,7 +12,7 @@ from PIL import Image
 from federation.sites import Sample
 from models.evaluate import Metrics, compute_metrics
 from models.preprocess import preprocess_sized
-from models.size_prior import apply_size_prior, relative_log_size, site_reference
+from models.size_prior import anchored_reference, apply_size_prior, relative_log_size
 from service.inference import Classifier
 
 
@@ -33,8 +33,9 @@ def evaluate_classifier(
     """Metrics over samples whose label the model knows; returns (metrics, probabilities, targets).
 
     With a size prior in the contract, each site's cells are sized against `site_cell_diameters[site]`
-    (what the site's service is configured with, `wbc data site-scale`), else against that site's median
-    cell among the evaluated ones (labels unused either way)."""
+    (what the site's service is configured with, `wbc data site-scale`), else against that site's
+    reference among the evaluated ones, measured as a deployed site would (`anchored_reference`: labels
+    unused either way)."""
     contract = classifier.contract
     index = {name: i for i, name in enumerate(contract.class_names)}
     known = [s for s in samples if s.label in index]
@@ -60,7 +61,8 @@ def evaluate_classifier(
         for site in np.unique(sites):
             here = (sites == site) & np.isfinite(d)
             if here.any():
-                reference = (site_cell_diameters or {}).get(str(site)) or site_reference(d[here])
+                reference = (site_cell_diameters or {}).get(str(site)) or anchored_reference(
+                    d[here], p[here], contract.class_names, contract.size_prior.anchor)
                 r[here] = relative_log_size(d[here], reference)
         p = apply_size_prior(p, r, contract.size_prior)
     t = np.asarray(targets, dtype=np.int64)

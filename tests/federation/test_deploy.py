@@ -153,6 +153,7 @@ def test_three_site_federation_registers_verified_versions(
         # The relative-size opinion, pooled from each site's per-class size sums (models.size_prior).
         assert all(meta["sites"][s]["size"]["size-count"] == [4.0, 4.0] for s in sites)
         assert contract.size_prior is not None and contract.size_prior.cells == 24
+        assert contract.size_prior.anchor is None  # no neutrophil class here: each site's all-cells median
         assert contract.size_prior.weight == 2.0 and SizePrior.model_validate(meta["size_prior"]) == contract.size_prior
 
     # The event log tells the same story.

@@ -13,8 +13,11 @@ from federation.sites import DataRoot
 from models.cellcrop import locate_cell
 from models.contract import SHARED_CLASSES, ModelContract, SizePrior
 from models.size_prior import (
+    MIN_ANCHOR_CELLS,
     MIN_CELLS,
     SizeStatistics,
+    anchor_of,
+    anchored_reference,
     apply_size_prior,
     fit_prior,
     relative_log_size,
@@ -101,6 +104,8 @@ def test_contract_carries_a_size_prior_per_class_and_round_trips():
     assert ModelContract.from_json(contract.to_json()).size_prior == prior
     with pytest.raises(ValidationError, match="one Gaussian per class"):
         base.with_updates(size_prior=SizePrior(mean=(0.0,) * 4, sd=(0.1,) * 4).model_dump())
+    with pytest.raises(ValidationError, match="anchor 'platelet' is not one of the classes"):
+        base.with_updates(size_prior=prior.model_copy(update={"anchor": "platelet"}).model_dump())
     with pytest.raises(ValidationError, match="positive sd"):
         SizePrior(mean=(0.0,) * 5, sd=(0.1, 0.1, 0.0, 0.1, 0.1))
 
@@ -118,3 +123,40 @@ def test_a_cell_without_a_located_nucleus_has_no_size_and_is_left_out_of_the_sum
     clean = SizeStatistics.of(d, y, 5)
     np.testing.assert_array_equal(with_missing.count, clean.count)
     np.testing.assert_allclose(with_missing.total, clean.total)
+
+
+NEUTROPHIL = SHARED_CLASSES.index("neutrophil")
+
+
+def test_a_training_site_sizes_its_cells_against_its_labelled_neutrophils(lisc):
+    d, y = lisc  # 15 lymphocytes, basophils and neutrophils of one site
+    assert anchor_of(SHARED_CLASSES) == "neutrophil" and anchor_of(("eosinophil", "lymphocyte")) is None
+    stats = SizeStatistics.of(d, y, 5, anchor=NEUTROPHIL)
+    r = relative_log_size(d, np.median(d[y == NEUTROPHIL]))
+    np.testing.assert_allclose(stats.total, np.bincount(y, r, 5), atol=1e-9)
+    np.testing.assert_allclose(stats.squares, np.bincount(y, r * r, 5), atol=1e-9)
+    prior = fit_prior([stats], weight=2.0, anchor="neutrophil")
+    assert prior.anchor == "neutrophil" and prior.mean[LYMPHOCYTE] < prior.mean[NEUTROPHIL] < prior.mean[BASOPHIL]
+
+    # fewer neutrophils than MIN_ANCHOR_CELLS: the site's median over all its cells, as without an anchor
+    keep = (y != NEUTROPHIL) | (np.cumsum(y == NEUTROPHIL) < MIN_ANCHOR_CELLS)
+    assert (y[keep] == NEUTROPHIL).sum() == MIN_ANCHOR_CELLS - 1
+    np.testing.assert_allclose(SizeStatistics.of(d[keep], y[keep], 5, anchor=NEUTROPHIL).total,
+                               SizeStatistics.of(d[keep], y[keep], 5).total, atol=1e-12)
+
+
+def test_a_deployed_site_finds_its_neutrophils_by_the_networks_answer_and_other_cells_do_not_move_it(lisc):
+    d, y = lisc
+    right = np.eye(5)[y]  # a network right about every cell
+    reference = anchored_reference(d, right, SHARED_CLASSES, "neutrophil")
+    assert reference == pytest.approx(np.median(d[y == NEUTROPHIL]))
+    # A folder with small non-leukocytes too (platelets, erythroblasts, here called lymphocytes): the
+    # all-cells median falls, the anchor stays.
+    small = np.full(30, 0.5 * d.min())
+    d_all, p_all = np.r_[d, small], np.r_[right, np.eye(5)[[LYMPHOCYTE] * 30]]
+    assert anchored_reference(d_all, p_all, SHARED_CLASSES, "neutrophil") == pytest.approx(reference)
+    assert site_reference(d_all) < site_reference(d)
+    # no anchor, or fewer cells called neutrophils than MIN_ANCHOR_CELLS: the median of all located cells
+    assert anchored_reference(d, right, SHARED_CLASSES, None) == site_reference(d)
+    none_called = np.eye(5)[[LYMPHOCYTE] * len(d)]
+    assert anchored_reference(np.r_[d, np.nan], np.r_[none_called, right[:1]], SHARED_CLASSES, "neutrophil") == site_reference(d)

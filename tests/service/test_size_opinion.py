@@ -89,3 +89,58 @@ def test_evaluation_sizes_each_site_against_its_own_median_or_the_given_one(size
     np.testing.assert_allclose(given[~here], expected[~here], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(given[here], apply_size_prior(network[here], relative_log_size(d[here], 150.0), PRIOR),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_site_scale_and_evaluation_size_against_the_cells_the_model_calls_the_anchor(
+        tmp_path: Path, exported_onnx: Path, model_contract: ModelContract, data_root: DataRoot) -> None:
+    """`wbc data site-scale` and an evaluation without a given diameter both take the median of the cells
+    that the served model (before size) calls the contract's anchor class, over the site's images."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from models.size_prior import anchored_reference, site_reference
+    from service.evaluation import _load, evaluate_classifier
+    from service.inference import Classifier
+
+    samples = data_root.select(["bccd"], ["test"])[:40]
+    plain = model_contract.with_updates(cell_crop={"scale": 1.3})
+    loaded = [_load(s, plain) for s in samples]
+    Registry(tmp_path / "plain", "wbc-plain").register(exported_onnx, plain, {"lineage": {"run_id": "plain"}})
+    unsized = Classifier(Registry(tmp_path / "plain", "wbc-plain").resolve("latest").onnx_path)
+    network = unsized.probabilities(np.stack([a for a, _ in loaded]))
+    d = np.array([dia for _, dia in loaded])
+    # The anchor: the class this (untrained) test network calls most often, so that the anchor path is
+    # the one taken; its median differs from the all-cells median.
+    anchor = PRIOR_CLASSES[int(np.bincount(network.argmax(axis=1), minlength=5).argmax())]
+    expected = anchored_reference(d, network, PRIOR_CLASSES, anchor)
+    assert (network.argmax(axis=1) == PRIOR_CLASSES.index(anchor)).sum() >= 10
+    assert expected != site_reference(d)
+    contract = plain.with_updates(size_prior=PRIOR.model_copy(update={"anchor": anchor}).model_dump())
+    Registry(tmp_path / "anchored", "wbc-anchored").register(exported_onnx, contract, {"lineage": {"run_id": "anchor"}})
+
+    listing = tmp_path / "cells"
+    listing.mkdir()
+    for s in samples:
+        (listing / s.path.name).write_bytes(s.path.read_bytes())
+    result = CliRunner().invoke(app, ["data", "site-scale", str(listing), "--version", "latest", "--registry",
+                                      str(tmp_path / "anchored"), "--model-name", "wbc-anchored", "--json"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["images"] == len(samples) and answer["site_cell_diameter"] == pytest.approx(expected, abs=0.01)
+
+    classifier = Classifier(Registry(tmp_path / "anchored", "wbc-anchored").resolve("latest").onnx_path)
+    _, probs, _ = evaluate_classifier(classifier, samples, batch_size=8)
+    want = apply_size_prior(network, relative_log_size(d, expected), contract.size_prior)
+    np.testing.assert_allclose(probs, want, rtol=1e-4, atol=1e-6)
+
+
+def test_site_scale_says_which_version_is_missing(tmp_path: Path, data_root: DataRoot) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["data", "site-scale", str(data_root.root), "--site", "bccd", "--registry",
+                                      str(tmp_path), "--model-name", "nothing-here"])
+    assert result.exit_code == 2 and "--version" in result.output
