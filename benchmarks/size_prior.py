@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/size_prior.py --seeds 0,1,2
     .venv/bin/python benchmarks/size_prior.py --seeds 0,1,2 --external-reference all-classes --views turns-zooms --single
+    .venv/bin/python benchmarks/size_prior.py --seeds 0,1,2 --external-reference neutrophils --views turns-zooms --single
 
 The shipped crop frames every cell at 1.3 x its own diameter, so the network cannot see size; yet a
 site's lymphocytes are 0.78-0.90 and its basophils 1.07-1.13 of the site's median cell, at
@@ -45,7 +46,15 @@ from models.calibration import expected_calibration_error, softmax
 from models.cellcrop import locate_cell
 from models.contract import SizePrior
 from models.evaluate import compute_metrics
-from models.size_prior import SizeStatistics, fit_prior, log_likelihood
+from models.size_prior import (
+    ANCHOR_CLASS,
+    MIN_ANCHOR_CELLS,
+    SizeStatistics,
+    anchored_reference,
+    fit_prior,
+    log_likelihood,
+    site_reference,
+)
 from models.preprocess import to_rgb
 
 TEMPERATURES = tuple(float(t) for t in np.round(np.exp(np.linspace(np.log(0.2), np.log(5.0), 41)), 4))
@@ -76,9 +85,17 @@ def relative_log_size(samples, d: np.ndarray, ref: dict[str, float] | None = Non
 
 def fit(r: np.ndarray, y: np.ndarray, n_classes: int) -> SizePrior:
     """The product's Gaussians (models.size_prior.fit_prior) from these cells' relative log sizes."""
+    r, y = r[np.isfinite(r)], y[np.isfinite(r)]
     stats = SizeStatistics(np.bincount(y, minlength=n_classes).astype(np.float64),
                            np.bincount(y, r, n_classes), np.bincount(y, r * r, n_classes))
     return fit_prior([stats], weight=1.0)
+
+
+def size_ll(r: np.ndarray, prior: SizePrior) -> np.ndarray:
+    """Gaussian log-likelihoods; 0 (no opinion) for a cell without a located size, as the product does."""
+    ll = log_likelihood(np.nan_to_num(r, nan=0.0), prior)
+    ll[~np.isfinite(r)] = 0.0
+    return ll
 
 
 def combine(logits: np.ndarray, t: float, ll: np.ndarray, w: float) -> np.ndarray:
@@ -101,8 +118,12 @@ def main() -> None:
                     help="score with the contract's test-time views (what the exported graph averages) too")
     ap.add_argument("--single", action="store_true",
                     help="also each training site alone, its size Gaussians from its own cells only")
-    ap.add_argument("--external-reference", choices=("five-classes", "all-classes"), default="five-classes",
-                    help="Barcelona's median cell from its cells of the five shared classes, or from all its cells")
+    ap.add_argument("--external-reference", choices=("five-classes", "all-classes", "neutrophils"),
+                    default="five-classes",
+                    help="Barcelona's median cell from its cells of the five shared classes, or from all its "
+                         "cells; or, as the product now does, every site's neutrophils: a training site's "
+                         "labelled ones, a held-out or new site's the ones the row's network calls so (over "
+                         "all of Barcelona's images, picked by the clean view)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -118,15 +139,41 @@ def main() -> None:
         every = data_root.select(["barcelona-pbc"], ["train", "val", "test"])
         ref = {"barcelona-pbc": float(np.median(diameters(every, args.cache)))}
         print(f"Barcelona's reference from all {len(every)} of its cells (8 classes): {ref['barcelona-pbc']:.1f} px")
-    r = relative_log_size(layout.samples, diameters(layout.samples, args.cache), ref)
     y = layout.y
+    anchored = args.external_reference == "neutrophils"
+    if anchored:  # the product's located diameters (NaN where no nucleus was found: no size opinion)
+        from benchmarks.site_reference import located_diameters
+
+        dia = located_diameters(layout.samples, args.cache)
+        site_of = np.array([s.site for s in layout.samples])
+        ref = {"barcelona-pbc": np.nan}  # per row: the cells its network calls neutrophils
+        for site in layout.train:
+            own = np.array(layout.train[site])
+            ok = np.isfinite(dia[own])
+            anchors = dia[own][ok & (y[own] == classes.index(ANCHOR_CLASS))]
+            ref[site] = site_reference(anchors if len(anchors) >= MIN_ANCHOR_CELLS else dia[own][ok])
+        r = np.log(dia / np.array([ref[s] for s in site_of]))
+        every = data_root.select(["barcelona-pbc"], ["train", "val", "test"])
+        d_every = located_diameters(every, args.cache)
+        from benchmarks.tta import fixed_view_features
+        from federation.benchmark.prepared import PreparedImages
+        from federation.benchmark.runs import fresh_split
+        from models.test_views import VIEW_SETS
+
+        x_every = next(iter(fixed_view_features(
+            fresh_split(d.contract, arm.top, seed=0), every,
+            PreparedImages.build(every, d.contract, args.cache / "prepared"), d.contract, VIEW_SETS["none"],
+            args.cache / "features").values()))
+    else:
+        r = relative_log_size(layout.samples, diameters(layout.samples, args.cache), ref)
     print(f"[{time.time() - t0:.0f} s] features and sizes ready", flush=True)
     for site in layout.train:
         idx = layout.train[site]
-        print(site, {c: round(float(np.exp(np.median(r[idx][y[idx] == k]))), 2)
+        print(site, {c: round(float(np.exp(np.nanmedian(r[idx][y[idx] == k]))), 2)
                      for k, c in enumerate(classes) if (y[idx] == k).any()})
     ext = layout.evaluation["external"]
-    print("barcelona-pbc", {c: round(float(np.exp(np.median(r[ext][y[ext] == k]))), 2) for k, c in enumerate(classes)})
+    if not anchored:
+        print("barcelona-pbc", {c: round(float(np.exp(np.median(r[ext][y[ext] == k]))), 2) for k, c in enumerate(classes)})
     trainers = _TopTrainers(arm, d)
 
     # Leave one training site out: the CNN and the size prior both fitted on the other two sites.
@@ -141,7 +188,11 @@ def main() -> None:
             h = d.sites[held]
             hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
             h_idx = list(layout.train[held]) + list(layout.val[held])
-            logits, ll = model.logits(hx), log_likelihood(r[h_idx], prior)
+            logits = model.logits(hx)
+            r_held = r[h_idx]
+            if anchored:  # a held-out site has no labels: its neutrophils are the ones this network calls so
+                r_held = np.log(dia[h_idx] / anchored_reference(dia[h_idx], softmax(logits, t), classes, ANCHOR_CLASS))
+            ll = size_ll(r_held, prior)
             for w in WEIGHTS:
                 loso[w].append(compute_metrics(classes, y[h_idx], combine(logits, t, ll, w)).balanced_accuracy)
         print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
@@ -190,12 +241,16 @@ def main() -> None:
             # The temperature refitted with the size term in: NLL of the combined answer on the sites' val cells.
             val_logits = np.concatenate([model.logits(d.sites[s].val_x) for s in own])
             val_idx = [i for s in own for i in layout.val[s]]
-            val_ll = log_likelihood(r[val_idx], prior)
+            val_ll = size_ll(r[val_idx], prior)
             refit = {w: min(TEMPERATURES, key=lambda tt: _nll(combine(val_logits, tt, val_ll, w), y[val_idx]))
                      for w in WEIGHTS}
+            if anchored:
+                ref_b = anchored_reference(d_every, softmax(model.logits(x_every), t), classes, ANCHOR_CLASS)
+                r[ext] = np.log(dia[ext] / ref_b)
+                scores.setdefault((row, "reference px", 0.0), []).append(ref_b)
             for name, (x, yy) in d.evaluation.items():
                 idx = layout.evaluation[name]
-                z, ll = network_logits(model, name, x), log_likelihood(r[idx], prior)
+                z, ll = network_logits(model, name, x), size_ll(r[idx], prior)
                 p_net = softmax(z, t)
                 for w in WEIGHTS:
                     p = combine_probs(p_net, ll, w)
@@ -208,6 +263,9 @@ def main() -> None:
                         for c in ("lymphocyte", "basophil"):
                             scores.setdefault((row, c, w), []).append(float(m.recall[classes.index(c)]))
         print(f"[{time.time() - t0:.0f} s] seed {seed} done", flush=True)
+    if anchored:
+        print("Barcelona's reference (median of the cells each row's network calls neutrophils): " + ", ".join(
+            f"{row} {_mean_sd(scores[row, 'reference px', 0.0])} px" for row in rows))
     print("\n| row | w | internal | Barcelona | Barcelona ECE | ECE, T refitted with size | lymphocyte recall | basophil recall |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
