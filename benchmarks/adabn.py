@@ -1,6 +1,7 @@
 """BatchNorm statistics re-estimated on a new hospital's unlabelled cells (AdaBN): does Barcelona gain?
 
     .venv/bin/python benchmarks/adabn.py --seeds 0,1,2 --adapt-cells 100,500
+    .venv/bin/python benchmarks/adabn.py --seeds 0,1,2 --adapt-cells 500 --size   # with the shipped size opinion
 
 The shipped recipe's arm (EfficientNet-Lite0, frozen trunk + trained last stage, texture augmentation),
 FedAvg and centralised rows trained exactly as `benchmarks/ablations.py` trains them. Barcelona never
@@ -64,6 +65,10 @@ def main() -> None:
     ap.add_argument("--rows", default="FedAvg,centralised", help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--per-site", action="store_true", help="also: each training site scored with its own statistics")
     ap.add_argument("--entropy", type=int, default=0, help="also: N epochs of entropy minimisation (TENT) after AdaBN")
+    ap.add_argument("--size", action="store_true",
+                    help="also Barcelona with the shipped size opinion (models.size_prior, weight 2, anchored on "
+                         "neutrophils: Barcelona's reference = the cells each variant's top calls neutrophils over "
+                         "all its images, clean view; the row's fitted temperature first, as the product applies it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -97,6 +102,8 @@ def main() -> None:
     plain_internal = fixed_view_features(trunk, internal, prep_internal, contract, VIEWS, args.cache / "features")
     rows = args.rows.split(",")
     internal_site = np.array([s.site for s in internal])
+    if args.size:
+        size = _size_setup(layout, data, trunk, contract, args.cache, test)
     trainers = _TopTrainers(arm, data)
     sites = {name: site.train_x[:, 0] for name, site in data.sites.items()}  # clean views of the train cells
 
@@ -147,16 +154,55 @@ def main() -> None:
                         ba = compute_metrics(classes, y, p).balanced_accuracy
                         scores.setdefault((row, variant, where, col), []).append(ba)
                         line.append(f"{ba:.3f}")
+                        if args.size and where == "Barcelona" and "trunk" not in variant:
+                            t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+                            sized = size.combine(split, p, t)
+                            ba = compute_metrics(classes, y, sized).balanced_accuracy
+                            scores.setdefault((row, variant, "Barcelona + size", col), []).append(ba)
+                            line.append(f"+size {ba:.3f}")
                 print(f"| {row} | {seed} | {variant} | " + " | ".join(line) + " |", flush=True)
     print("\nmeans ± sd over seeds (balanced accuracy; internal = the training sites' test splits, Barcelona = its test split)")
-    print("| row | statistics | internal clean | internal views | Barcelona clean | Barcelona views |")
-    print("|---|---|---|---|---|---|")
+    wheres = ("internal", "Barcelona") + (("Barcelona + size",) if args.size else ())
+    print("| row | statistics | " + " | ".join(f"{w} {c}" for w in wheres for c in ("clean", "views")) + " |")
+    print("|---|---|" + "---|" * (2 * len(wheres)))
     for row in rows:
         for variant in dict.fromkeys(k[1] for k in scores if k[0] == row):
             cells = [_mean_sd(scores[row, variant, w, c]) if (row, variant, w, c) in scores else "—"
-                     for w in ("internal", "Barcelona") for c in ("clean", "views")]
+                     for w in wheres for c in ("clean", "views")]
             print(f"| {row} | {variant} | " + " | ".join(cells) + " |")
     print(f"[{time.time() - t0:.0f} s]")
+
+
+class _Size:
+    """The size opinion as the product applies it, for one set of Barcelona test cells."""
+
+    def __init__(self, prior, r_test_of_reference, d_every, x_every, classes):
+        self.prior, self.r_of, self.d_every, self.x_every, self.classes = prior, r_test_of_reference, d_every, x_every, classes
+
+    def combine(self, split, p: np.ndarray, t: float) -> np.ndarray:
+        from models.size_prior import ANCHOR_CLASS, anchored_reference, apply_size_prior
+
+        reference = anchored_reference(self.d_every, softmax(top_logits(split, self.x_every)), self.classes, ANCHOR_CLASS)
+        return apply_size_prior(softmax(np.log(np.clip(p, 1e-12, None)), t), self.r_of(reference), self.prior)
+
+
+def _size_setup(layout, data, trunk, contract, cache: Path, test) -> _Size:
+    from benchmarks.site_reference import located_diameters
+    from federation.sites import DataRoot, resolve_data_root
+    from models.size_prior import ANCHOR_CLASS, SizeStatistics, fit_prior
+
+    classes = list(contract.class_names)
+    d = located_diameters(layout.samples, cache)
+    y = layout.y
+    stats = [SizeStatistics.of(d[idx], y[idx], len(classes), anchor=classes.index(ANCHOR_CLASS))
+             for idx in (np.array(layout.train[s]) for s in layout.train)]
+    prior = fit_prior(stats, weight=2.0, anchor=ANCHOR_CLASS)
+    every = DataRoot(resolve_data_root(None)).select(["barcelona-pbc"], ["train", "val", "test"])
+    d_every = located_diameters(every, cache)
+    x_every = next(iter(fixed_view_features(trunk, every, PreparedImages.build(every, contract, cache / "prepared"),
+                                            contract, VIEW_SETS["none"], cache / "features").values()))
+    d_test = located_diameters(test, cache)
+    return _Size(prior, lambda reference: np.log(d_test / reference), d_every, x_every, classes)
 
 
 def sites_clean(split, sites: dict[str, np.ndarray]):

@@ -1,19 +1,25 @@
 """Which label-free site reference makes the size opinion travel? A probe at the new hospital.
 
-    .venv/bin/python benchmarks/site_reference.py --seeds 0,1,2
+    .venv/bin/python benchmarks/site_reference.py --seeds 0,1,2                                # the product's
+    .venv/bin/python benchmarks/site_reference.py --seeds 0,1,2 --training-reference median    # before it
+    .venv/bin/python benchmarks/site_reference.py --seeds 0,1,2 --training-reference mode
 
-The size opinion (models/size_prior.py) sizes each cell against its site's median cell. A deployed site
-has no labels, so its median is taken over every image it has: at Barcelona that is all 8 cell types
-(platelets, erythroblasts, immature granulocytes too), and the five-class score falls from 0.766 (median
-of the five shared classes) to 0.724 (docs/results.md). Here: Barcelona's score as a function of the
-reference, and where label-free estimators of it land:
+The size opinion (models/size_prior.py) sizes each cell against one reference diameter per site. A
+deployed site has no labels and images whatever it has: at Barcelona all 8 cell types (platelets,
+erythroblasts, immature granulocytes too). Its median over all of them moved the five-class score from
+0.766 (median of the five shared classes) to 0.728. Here: Barcelona's score for each label-free estimate
+of its reference, and a sweep around one of them (--sweep-around):
 
-- median:   the median over all of the site's images (what `wbc data site-scale` measures today);
-- mode:     the peak of a kernel density of log diameter (one cell type dominates a smear);
-- fitted:   the offset that makes the site's cells most likely under the pooled per-class Gaussians,
-            weighted per cell by the network's own (temperature-scaled) answer: no labels, no size
-            statistics beyond the contract's.
-Each estimator is also scored where it can be judged without Barcelona: leave one training site out.
+- median:                the median over all of the site's images (the first product);
+- mode:                  the peak of a kernel density of log diameter;
+- fitted:                the reference that makes the site's cells most likely under the pooled per-class
+                         Gaussians, each cell weighted by the network's own (temperature-scaled) answer;
+- predicted neutrophils: the median of the cells the network (before size) calls neutrophils
+                         (`models.size_prior.anchored_reference`: the product since this probe).
+The training sites' own references are set by --training-reference (their median, their mode, or their
+labelled neutrophils: `SizeStatistics.of(..., anchor=)`, the product). Each estimator is also judged
+without Barcelona: leave one training site out, and the same with the held-out site's class mix skewed
+(Dirichlet(1) subsamples), since a hospital's mix is not the training sites'.
 """
 
 from __future__ import annotations

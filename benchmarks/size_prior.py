@@ -260,18 +260,18 @@ def main() -> None:
                         scores.setdefault((row, "ece", w), []).append(expected_calibration_error(p, yy))
                         p_refit = combine_probs(softmax(z, refit[w]), ll, w)
                         scores.setdefault((row, "ece refit", w), []).append(expected_calibration_error(p_refit, yy))
-                        for c in ("lymphocyte", "basophil"):
+                        for c in ("lymphocyte", "basophil", "eosinophil"):
                             scores.setdefault((row, c, w), []).append(float(m.recall[classes.index(c)]))
         print(f"[{time.time() - t0:.0f} s] seed {seed} done", flush=True)
     if anchored:
         print("Barcelona's reference (median of the cells each row's network calls neutrophils): " + ", ".join(
             f"{row} {_mean_sd(scores[row, 'reference px', 0.0])} px" for row in rows))
-    print("\n| row | w | internal | Barcelona | Barcelona ECE | ECE, T refitted with size | lymphocyte recall | basophil recall |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| row | w | internal | Barcelona | Barcelona ECE | ECE, T refitted with size | lymphocyte recall | basophil recall | eosinophil recall |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         for w in WEIGHTS:
             print(f"| {row} | {w} | " + " | ".join(
-                _mean_sd(scores[row, k, w]) for k in ("internal", "external", "ece", "ece refit", "lymphocyte", "basophil")) + " |")
+                _mean_sd(scores[row, k, w]) for k in ("internal", "external", "ece", "ece refit", "lymphocyte", "basophil", "eosinophil")) + " |")
     print(f"[{time.time() - t0:.0f} s]")
 
 
