@@ -55,8 +55,8 @@ def evaluate_version(version_ref: str, registry, model_name: str, data_root, sit
                      site_cell_diameter: float | None = None):
     """Resolve, verify and evaluate; returns (VersionInfo, Metrics, how many samples were skipped).
 
-    `site_cell_diameter`: the site's median cell when the caller has measured it already (else it is
-    measured here over the evaluated images, as `wbc data site-scale` would for the site's service)."""
+    `site_cell_diameter`: the site's reference cell when the caller has measured it already (else it is
+    measured here over the site's images, as `wbc data site-scale` would for the site's service)."""
     from service.evaluation import evaluate_classifier
 
     info = Registry(registry, model_name).resolve(version_ref)
