@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +40,8 @@ import torch
 from PIL import Image
 from rich.progress import track
 
-from federation.augment import AugmentConfig
-from federation.benchmark.presets import LITE0
-from federation.benchmark.protocols import _TopTrainers, arm_features, paper_layout
+from benchmarks.tta import shipped_arm
+from federation.benchmark.protocols import _TopTrainers
 from federation.benchmark.report import _mean_sd
 from federation.sites import SPLITS, DataRoot, resolve_data_root
 from models.calibration import softmax
@@ -106,9 +104,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
     data_root = DataRoot(resolve_data_root(None))
-    layout = paper_layout(data_root)
-    arm = replace(LITE0, name="augmentation: texture", augment=AugmentConfig.texture())
-    data = arm_features(arm, layout, args.cache, data=data_root)
+    arm, layout, data, trunk = shipped_arm(args.cache)
     classes = list(data.contract.class_names)
     n = len(classes)
     y = layout.y
@@ -121,10 +117,8 @@ def main() -> None:
     # The network on every Barcelona image (all 8 types): what a deployed site's cells would get.
     from benchmarks.tta import fixed_view_features
     from federation.benchmark.prepared import PreparedImages
-    from federation.benchmark.runs import fresh_split
     from models.test_views import VIEW_SETS
 
-    trunk = fresh_split(data.contract, arm.top, seed=0)
     prepared = PreparedImages.build(every, data.contract, args.cache / "prepared")
     x_every = next(iter(fixed_view_features(trunk, every, prepared, data.contract, VIEW_SETS["none"],
                                             args.cache / "features").values()))
