@@ -38,9 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from federation.augment import AugmentConfig
-from federation.benchmark.presets import LITE0
-from federation.benchmark.protocols import _TopTrainers, arm_features, paper_layout
+from benchmarks.tta import shipped_arm
+from federation.benchmark.protocols import _TopTrainers
 from federation.benchmark.report import _mean_sd
 from federation.sites import DataRoot, resolve_data_root
 from models.calibration import expected_calibration_error, softmax
@@ -132,9 +131,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
     data_root = DataRoot(resolve_data_root(None))
-    layout = paper_layout(data_root)
-    arm = replace(LITE0, name="augmentation: texture", augment=AugmentConfig.texture())
-    d = arm_features(arm, layout, args.cache, data=data_root)
+    arm, layout, d, trunk = shipped_arm(args.cache)
     classes = list(d.contract.class_names)
     n = len(classes)
     ref = None
@@ -160,11 +157,10 @@ def main() -> None:
         d_every = located_diameters(every, args.cache)
         from benchmarks.tta import fixed_view_features
         from federation.benchmark.prepared import PreparedImages
-        from federation.benchmark.runs import fresh_split
         from models.test_views import VIEW_SETS
 
         x_every = next(iter(fixed_view_features(
-            fresh_split(d.contract, arm.top, seed=0), every,
+            trunk, every,
             PreparedImages.build(every, d.contract, args.cache / "prepared"), d.contract, VIEW_SETS["none"],
             args.cache / "features").values()))
     else:
@@ -208,10 +204,8 @@ def main() -> None:
     if args.views != "none":  # the trunk outputs of each fixed view, cached beside the training views
         from benchmarks.tta import fixed_view_features
         from federation.benchmark.prepared import PreparedImages
-        from federation.benchmark.runs import fresh_split
         from models.test_views import VIEW_SETS
 
-        trunk = fresh_split(d.contract, arm.top, seed=0)
         views = {}
         for name, idx in layout.evaluation.items():
             samples = [layout.samples[i] for i in idx]

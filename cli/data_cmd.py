@@ -119,7 +119,8 @@ def measure_site_diameter(paths: list[Path], limit: int = 500, classifier=None) 
     import numpy as np
     from PIL import Image
 
-    from models.preprocess import preprocess_sized
+    from models.cellcrop import cell_diameter
+    from models.preprocess import preprocess_sized, to_rgb
     from models.size_prior import anchored_reference, site_reference
 
     step = max(1, len(paths) // limit)
@@ -133,9 +134,6 @@ def measure_site_diameter(paths: list[Path], limit: int = 500, classifier=None) 
             try:
                 with Image.open(path) as img:
                     if anchor is None:  # the locator alone
-                        from models.cellcrop import cell_diameter
-                        from models.preprocess import to_rgb
-
                         diameters.append(cell_diameter(to_rgb(img)))
                     else:  # the network's answer too, exactly as the service prepares the image
                         array, diameter = preprocess_sized(img, classifier.contract)

@@ -83,9 +83,10 @@ class Settings(BaseSettings):
     # ---- the size opinion (models.size_prior) ---------------------------------------------------------
     site_cell_diameter: float | None = Field(
         None, gt=0.0,
-        description="This site's median white-cell diameter in pixels of its images (`wbc site-scale DIR` "
-        "measures it, no labels needed); with it, a model whose contract carries a size prior combines the "
-        "cell's relative size with the network's answer. Unset = the network's answer alone",
+        description="This site's reference cell diameter in pixels of its images: the median of the cells the "
+        "served version calls neutrophils (`wbc data site-scale DIR --version V` measures it, no labels "
+        "needed); with it, a model whose contract carries a size prior combines the cell's relative size "
+        "with the network's answer. Unset = the network's answer alone",
     )
 
     # ---- dynamic batching -------------------------------------------------------------------------
