@@ -9,13 +9,21 @@ import numpy as np
 import torch
 
 
-def class_weights(targets: Sequence[int], num_classes: int, cap: float = 3.0) -> torch.Tensor:
+def class_weights(
+    targets: Sequence[int], num_classes: int, cap: float = 3.0, counts: Sequence[float] | None = None
+) -> torch.Tensor:
     """Inverse-frequency class weights, capped at `cap` and normalised to a per-sample mean of 1.
 
     Uncapped, one basophil among 210 cells (jiangxi-tecom) weighs ~40x a neutrophil: the loss is then
     dominated by memorising that one cell (losses of 6-10 were seen). Classes absent locally get 0.
+    `counts`: the class counts to weigh by instead of these targets' (the federation's pooled counts: every
+    site then weighs its cells as the pooled, centralised loss would).
     """
-    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    if counts is None:
+        counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes)
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.shape != (num_classes,):
+        raise ValueError(f"class counts for {counts.size} classes, the model has {num_classes}")
     present = counts > 0
     if not present.any():
         return torch.zeros(num_classes, dtype=torch.float32)

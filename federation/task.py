@@ -192,6 +192,9 @@ class TrainConfig:
     # flatter point that transfers better to unseen domains. BatchNorm statistics stay the last step's.
     # 0 = off (the last iterate).
     average_tail: float = 0.0
+    # The federation's class counts (pooled over the sites): class weights from them instead of from this
+    # site's cells, so that the sites' losses add up to the pooled, centralised one. None = this site's.
+    class_counts: tuple[float, ...] | None = None
     proximal_mu: float = 0.0
     seed: int = 0
 
@@ -216,7 +219,8 @@ def fit(
     AdamW with a cosine schedule over all local steps, label smoothing, capped class weights, and the
     FedProx term (mu/2)·‖w − w_global‖² over `params` when proximal_mu > 0.
     """
-    weights = class_weights(targets, num_classes, config.class_weight_cap) if config.class_balanced else None
+    weights = (class_weights(targets, num_classes, config.class_weight_cap, config.class_counts)
+               if config.class_balanced else None)
     adjust = logit_adjustment(targets, num_classes, config.logit_adjustment) if config.logit_adjustment else None
     params = list(params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

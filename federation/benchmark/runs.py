@@ -48,6 +48,7 @@ class Recipe:
     logit_adjustment: float = 0.0
     frozen_bn_stats: bool = False
     average_tail: float = 0.0
+    pooled_class_weights: bool = False  # federated rows: every site weighs classes by the pooled counts
 
     def train_config(self, epochs: int, seed: int, proximal_mu: float = 0.0) -> TrainConfig:
         return TrainConfig(
@@ -91,6 +92,7 @@ class RowModel:
 
     contract: ModelContract | None = None  # needed by full rows, whose inputs are images
     val_confusion: np.ndarray | None = None  # pooled over the training sites' val splits (model selection)
+    round_states: list[dict[str, np.ndarray]] = field(default_factory=list)  # train_federated(keep_rounds=True)
 
     @property
     def val_balanced_accuracy(self) -> float | None:
@@ -153,7 +155,9 @@ def validation_evidence(
 class BenchObserver:
     """The strategies' observer (see `federation.strategies.RoundObserver`): records, never intervenes."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_rounds: bool = False) -> None:
+        self.keep_rounds = keep_rounds
+        self.round_states: list[dict[str, np.ndarray]] = []  # each round's aggregate, when kept
         self.node_sites: dict[int, str] = {}
         self.curves: dict[str, list[float]] = {}
         self.last_calibration: dict[str, CalibrationSummary] = {}
@@ -179,7 +183,8 @@ class BenchObserver:
         return sum(self.last_confusion.values()) if self.last_confusion else None  # type: ignore[return-value]
 
     def record_aggregate(self, server_round: int, arrays: ArrayRecord | None) -> None:
-        pass
+        if self.keep_rounds and arrays is not None:
+            self.round_states.append({k: v.numpy().copy() for k, v in arrays.to_torch_state_dict().items()})
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         return None
@@ -196,14 +201,16 @@ def train_federated(
     proximal_mu: float | None = None,
     server_lr: float | None = None,
     uniform_weights: bool = False,
+    keep_rounds: bool = False,
 ) -> RowModel:
-    """`uniform_weights`: every site weighs the same in the average (not by its number of cells)."""
+    """`uniform_weights`: every site weighs the same in the average (not by its number of cells);
+    `keep_rounds`: the returned model carries every round's aggregate (`RowModel.round_states`)."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     t0 = time.time()
     split = fresh_split(contract, top, seed)
     initial = ArrayRecord(split.top_state())
     buffers = set(split.top_state_keys()) - {n for n, _ in split.model.named_parameters()}
-    observer = BenchObserver()
+    observer = BenchObserver(keep_rounds)
     mu = recipe.proximal_mu if proximal_mu is None else proximal_mu
     strat = make_strategy(
         strategy,
@@ -235,6 +242,9 @@ def train_federated(
             **recipe.message_config(),
         }
     )
+    if recipe.pooled_class_weights:  # what the sites' size sums already tell the server: counts per class
+        pooled = sum(np.bincount(s.train_y, minlength=contract.num_classes) for s in sites.values())
+        train_config["class-counts"] = [float(c) for c in pooled]
     evaluate_config = ConfigRecord({"contract": contract_json, "top": top, "batch-size": recipe.batch_size})
     try:
         with grid:
@@ -261,4 +271,5 @@ def train_federated(
         calibration,
         grid.messages_sent,
         val_confusion=observer.pooled_confusion(),
+        round_states=observer.round_states,
     )

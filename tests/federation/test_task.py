@@ -40,6 +40,19 @@ def test_absent_classes_get_no_weight() -> None:
     assert w[0] == 0 and w[3] == 0 and w[4] == 0 and w[1] > 0
 
 
+def test_pooled_counts_give_every_site_the_centralised_weights() -> None:
+    site_a = [0] * 1 + [1] * 16 + [4] * 124  # few eosinophils (1) here: locally they would weigh 3x
+    site_b = [1] * 60 + [2] * 50 + [4] * 40
+    pooled = np.bincount(site_a + site_b, minlength=5)
+    centralised = class_weights(site_a + site_b, 5)
+    for site in (site_a, site_b):
+        w = class_weights(site, 5, counts=pooled)
+        assert torch.allclose(w, centralised)
+        assert not torch.allclose(w, class_weights(site, 5))
+    with pytest.raises(ValueError, match="3 classes"):
+        class_weights(site_a, 5, counts=[1, 2, 3])
+
+
 def _cell(side: int = 90) -> Image.Image:
     arr = np.full((side, side, 3), 235, np.uint8)
     yy, xx = np.mgrid[:side, :side]
