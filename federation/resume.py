@@ -124,20 +124,27 @@ def run_rounds(
     train_config: ConfigRecord,
     evaluate_config: ConfigRecord,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
+    serve: Callable[[int, ArrayRecord], ArrayRecord] | None = None,
 ) -> ArrayRecord:
-    """Rounds `first_round`..`last_round` with Flower's strategy methods, in `Strategy.start`'s order."""
+    """Rounds `first_round`..`last_round` with Flower's strategy methods, in `Strategy.start`'s order.
+
+    `serve(round, aggregate)`: what the sites evaluate and `evaluate_fn` judges instead of the aggregate
+    itself (the mean over the last rounds, `federation.averaging`); the next round is configured from the
+    aggregate (the observer's `start_weights` decides where it really starts)."""
     for server_round in range(first_round, last_round + 1):
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
         )
         aggregated, _ = strategy.aggregate_train(server_round, replies)
+        evaluated = arrays
         if aggregated is not None:
             arrays = aggregated
+            evaluated = serve(server_round, aggregated) if serve is not None else aggregated
         replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout
+            strategy.configure_evaluate(server_round, evaluated, evaluate_config, grid), timeout=timeout
         )
         strategy.aggregate_evaluate(server_round, replies)
-        evaluate_fn(server_round, arrays)
+        evaluate_fn(server_round, evaluated)
     return arrays
 
 

@@ -11,6 +11,10 @@ round is accepted). A rejected aggregate is never trained on further, so one bad
 corrupted labels, a diverging server step) cannot drag the federation down; the next round reruns local
 training from the accepted point with a new per-round seed, so it is not a replay of the rejected one.
 FedOpt's server moments keep their history across a rejection.
+
+Averaged rounds (`average_rounds` > 1, `federation.averaging`): what the sites evaluate, the gate judges
+and the registry gets is the mean of this round's aggregate and the last accepted rounds' aggregates;
+training goes on from the plain aggregate of the last accepted round, not from the mean.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from federation import events as ev
+from federation.averaging import RoundWindow
 from federation.gate import decide
 from federation.strategies import CONFIG_KEY, SiteReply
 from models.evaluate import Metrics
@@ -51,8 +56,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 class Accepted:
     round: int  # 0: the initial (pretrained) weights
     balanced_accuracy: float | None
-    arrays: ArrayRecord
+    arrays: ArrayRecord  # what was evaluated and registered (with averaged rounds: the mean)
     version: int | None = None
+    train_arrays: ArrayRecord | None = None  # with averaged rounds: the round's plain aggregate, trained on
+
+    @property
+    def start(self) -> ArrayRecord:
+        return self.train_arrays if self.train_arrays is not None else self.arrays
 
 
 # What the publisher gets: (server_round, arrays, lineage metadata) → outcome dict (see federation.publish).
@@ -73,6 +83,7 @@ class RoundBook:
         lineage: dict[str, Any],
         on_round_closed: Callable[[RoundBook, dict[str, Any]], None] | None = None,
         on_registered: Callable[[RoundBook, dict[str, Any]], dict[str, Any] | None] | None = None,
+        average_rounds: int = 1,
     ):
         self.run_dir = Path(run_dir)
         self.events = events
@@ -85,6 +96,8 @@ class RoundBook:
         self.records: dict[int, dict[str, Any]] = {}
         self.accepted = Accepted(0, None, initial_arrays)
         self._candidates: dict[int, ArrayRecord | None] = {}
+        self.window = RoundWindow(average_rounds, run_dir)
+        self._plain: dict[int, ArrayRecord] = {}  # this round's aggregate, while its mean is judged
         self._t0: dict[int, float] = {}
         # `on_round_closed(book, record)`: after the decision, before publishing (checkpoint: see
         # federation.resume); `on_registered(book, record)` → what the registry lifecycle did (aliases).
@@ -109,7 +122,16 @@ class RoundBook:
             ),
         }
         self.events.emit(ev.ROUND_STARTED, round=server_round, start_weights=record["start_weights"])
-        return self.accepted.arrays
+        return self.accepted.start
+
+    def serve(self, server_round: int, aggregate: ArrayRecord) -> ArrayRecord:
+        """The round's candidate from its aggregate: the aggregate itself, or with averaged rounds the
+        mean of it and the last accepted rounds' aggregates (see `federation.averaging`)."""
+        if self.window.size == 1:
+            return aggregate
+        self._plain[server_round] = aggregate
+        self._record(server_round)["averaged_rounds"] = self.window.candidate_rounds(server_round)
+        return self.window.candidate(aggregate)
 
     def record_replies(self, server_round: int, phase: str, replies: list[SiteReply]) -> None:
         record = self._record(server_round)
@@ -209,8 +231,11 @@ class RoundBook:
         )
 
         record["publish"] = {"status": "pending"} if gate["accepted"] else None
+        plain = self._plain.pop(server_round, None)
         if gate["accepted"]:
-            self.accepted = Accepted(server_round, decision.balanced_accuracy, arrays)
+            if plain is not None:
+                self.window.keep(server_round, plain)
+            self.accepted = Accepted(server_round, decision.balanced_accuracy, arrays, train_arrays=plain)
         # The decision is on disk (record, then checkpoint) before registration starts; see federation.resume.
         self.close_round(server_round, record)
         if gate["accepted"]:
@@ -233,6 +258,9 @@ class RoundBook:
 
     def restore(self, accepted: Accepted, upto_round: int) -> None:
         """Continue a resumed run: the last accepted weights, and the records of rounds 1..`upto_round`."""
+        self.window.restore(upto_round)
+        if accepted.train_arrays is None:  # averaged rounds: train on from the plain aggregate, kept on disk
+            accepted.train_arrays = self.window.aggregate_of(accepted.round)
         self.accepted = accepted
         for server_round in range(1, upto_round + 1):
             path = round_record_path(self.run_dir, server_round)
@@ -354,6 +382,7 @@ class RoundBook:
             "metrics": {"pooled_val": record["pooled"], "per_site_val": site_metrics},
             "gate": record["gate"],
             "start_weights": record.get("start_weights"),
+            "averaged_rounds": record.get("averaged_rounds"),
         }
         try:
             outcome = self.publish(server_round, arrays, metadata)

@@ -56,6 +56,10 @@ class RunSettings:
     # Weight of the relative-size opinion (models.size_prior) against the network's; 0 = off. 2 won the
     # leave-one-site-out criterion (docs/results.md, "Relative cell size").
     size_weight: float = 2.0
+    # What is evaluated, gated and registered each round: the mean of its aggregate and the last accepted
+    # rounds' (federation.averaging; training goes on from the plain aggregates); 1 = the aggregate alone.
+    # 3 won the federated leave-one-site-out criterion (docs/results.md, "Averaged rounds").
+    average_rounds: int = 3
     num_malicious: int = 1  # krum / multikrum: sites assumed hostile
     multikrum_keep: int = 2  # multikrum: updates averaged
     trim_beta: float = 0.34  # trimmedmean: fraction cut per tail (>= 1/3 trims one of three sites)
@@ -98,7 +102,7 @@ class RunSettings:
         problems = []
         if self.strategy.lower() not in STRATEGY_NAMES:
             problems.append(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGY_NAMES)}")
-        for key in ("num_server_rounds", "local_epochs", "batch_size", "min_nodes", "input_size"):
+        for key in ("num_server_rounds", "local_epochs", "batch_size", "min_nodes", "input_size", "average_rounds"):
             if getattr(self, key) < 1:
                 problems.append(f"{key.replace('_', '-')} must be >= 1")
         for key in ("lr", "server_lr", "round_timeout"):
@@ -168,6 +172,7 @@ class RunSettings:
             "min_nodes": self.min_nodes,
             "gate_tolerance": self.gate_tolerance,
             "round_timeout": self.round_timeout,
+            "average_rounds": self.average_rounds,
         }
 
     def dp_config(self):
@@ -357,6 +362,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         lineage=lineage,
         on_round_closed=save_checkpoint,
         on_registered=lifecycle,
+        average_rounds=settings.average_rounds,
     )
     strategy = make_strategy(
         settings.strategy,
@@ -422,6 +428,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         train_config=train_config,
         evaluate_config=evaluate_config,
         evaluate_fn=book,
+        serve=book.serve,
     )
     summary = book.summary()
     write_json_atomic(

@@ -130,6 +130,8 @@ def test_superlink_crash_after_a_round_resumes_without_counting_a_round_twice(
     assert [r["round"] for r in result.rounds] == [1, 2, 3]
     assert result.rounds[0]["gate"]["accepted"]  # tolerance 1.0: the mechanics, not the accuracy, are tested
     assert result.rounds[1]["start_weights"]["from_round"] == 1
+    # The averaged-rounds window survived the restart: round 2 is judged as the mean of rounds 1 and 2.
+    assert result.rounds[1]["averaged_rounds"] == [1, 2]
     assert result.rounds[1]["run_id"] != result.rounds[0]["run_id"]
     events = ev.read_events(result.run_dir / ev.EVENTS_FILE)
     resumed = [e for e in events if e["kind"] == ev.RUN_RESUMED]
