@@ -1,10 +1,12 @@
 """The served model as the mean of the last rounds' aggregates (run-config `average-rounds`).
 
-FedAvg's answer at a hospital that never trained moves from round to round (eosinophils traded against
-lymphocytes); the mean of the last few global models is steadier and better there (docs/results.md,
-"The federated model averaged over its last rounds"): Polyak / SWA averaging done by the server, one
-exported graph like any other. Training itself goes on from each round's plain aggregate; only what the
-sites evaluate (the gate, the temperature, the size sums) and what is registered is the mean.
+FedAvg's answer at a hospital that never trained moves from round to round and from run to run
+(eosinophils traded against lymphocytes). The mean of the last few global models (Polyak / SWA
+averaging done by the server; one exported graph like any other) is better at the held-out training
+site (the federated leave-one-site-out criterion), as good at Barcelona on average with a fraction of the
+spread, and better calibrated there (docs/results.md, "Averaged rounds"). Training itself goes on from
+each round's plain aggregate; only what the sites evaluate (the gate, the temperature) and what is
+registered is the mean.
 
 Floating-point arrays are averaged element-wise (parameters and BatchNorm statistics alike); integer
 arrays (BatchNorm's step counters) are the latest round's. The window is kept in the run directory so a

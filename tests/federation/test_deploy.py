@@ -84,7 +84,7 @@ def test_run_config_defaults_come_from_pyproject_and_bad_values_fail_early(tmp_p
         build_run_config({"local-epochs": 0}, **paths)
     with pytest.raises(ValueError, match="average-rounds must be >= 1"):
         build_run_config({"average-rounds": 0}, **paths)
-    assert settings.average_rounds == 3  # pyproject's default, as RunSettings' own
+    assert settings.average_rounds == 5  # pyproject's default, as RunSettings' own
 
 
 def test_unknown_site_is_refused_before_anything_starts(data_root: DataRoot, tmp_path: Path) -> None:
@@ -126,7 +126,7 @@ def test_three_site_federation_registers_verified_versions(
     assert result.rounds[1]["start_weights"]["from_round"] == (
         1 if result.rounds[0]["gate"]["accepted"] else 0
     )
-    # Averaged rounds (average-rounds = 3 by default): round 2 is judged as the mean of its aggregate and
+    # Averaged rounds (average-rounds = 5 by default): round 2 is judged as the mean of its aggregate and
     # round 1's when round 1 was accepted.
     assert result.rounds[0]["averaged_rounds"] == [1]
     assert result.rounds[1]["averaged_rounds"] == ([1, 2] if result.rounds[0]["gate"]["accepted"] else [2])
@@ -149,7 +149,7 @@ def test_three_site_federation_registers_verified_versions(
         assert set(meta["metrics"]["per_site_val"]) == set(sites)
         assert meta["metrics"]["pooled_val"]["confusion"] == record["pooled"]["confusion"]
         assert meta["gate"]["accepted"] is True
-        assert meta["averaged_rounds"] == record["averaged_rounds"] and meta["training"]["average_rounds"] == 3
+        assert meta["averaged_rounds"] == record["averaged_rounds"] and meta["training"]["average_rounds"] == 5
         assert meta["weight_source"]["kind"] in ("pypi-wheel", "timm-hub")
         assert (
             meta["parity"]["ok"] and meta["parity"]["max_abs_diff"] <= 1e-4 and meta["parity"]["n_images"] > 0
