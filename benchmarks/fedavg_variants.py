@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,pooled-class-weights --tails 3
+    .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --rounds 20 --no-loso
 
 FedAvg's Barcelona answer moves with the seed, with 24 training cells fewer and with more rounds, each
 time trading eosinophils against lymphocytes (docs/results.md, "The site's reference"), while the
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--views", default="turns-zooms", choices=("none", "turns-zooms"))
     ap.add_argument("--no-loso", action="store_true", help="skip the federated leave-one-site-out criterion")
+    ap.add_argument("--rounds", type=int, default=0, help="train this many rounds instead of the shipped recipe's 5")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -121,6 +123,8 @@ def main() -> None:
         ap.error(f"unknown --train {sorted(unknown)}; known: {list(TRAINING)}")
     t0 = time.time()
     arm, layout, d, trunk = shipped_arm(args.cache)
+    if args.rounds:  # the longer preset (`wbc federate --rounds 20`)
+        arm = replace(arm, recipe=replace(arm.recipe, rounds=args.rounds))
     classes = list(d.contract.class_names)
     n, y = len(classes), layout.y
     anchor = classes.index(ANCHOR_CLASS)
