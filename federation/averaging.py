@@ -73,10 +73,10 @@ class RoundWindow:
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             save_arrays(self.dir / f"round-{server_round:03d}.npz", aggregate)
-            names = {f"round-{r:03d}.npz" for r, _ in self.kept}
-            for path in self.dir.glob("round-*.npz"):
-                if path.name not in names:
-                    path.unlink()
+            # One more than the window on disk: a restart before this round's checkpoint drops this round
+            # (`restore`) and still finds the one it pushed out.
+            for path in sorted(self.dir.glob("round-*.npz"))[: -self.size]:
+                path.unlink()
 
     def aggregate_of(self, server_round: int) -> ArrayRecord | None:
         return next((a for r, a in self.kept if r == server_round), None)

@@ -72,8 +72,8 @@ def test_the_mean_of_accepted_rounds_is_judged_and_registered_the_aggregates_are
     rejected = json.loads(round_record_path(tmp_path, 3).read_text())
     assert rejected["averaged_rounds"] == [1, 2, 3] and not rejected["gate"]["accepted"]
     assert value(book.accepted.arrays) == 9.0 and value(book.accepted.start) == 12.0
-    # Only the aggregates the next mean needs stay on disk.
-    assert sorted(p.name for p in (tmp_path / WINDOW_DIR).iterdir()) == ["round-004.npz", "round-005.npz"]
+    # On disk: what the next mean needs, and one more for a restart before round 5's checkpoint.
+    assert sorted(p.name for p in (tmp_path / WINDOW_DIR).iterdir()) == ["round-002.npz", "round-004.npz", "round-005.npz"]
 
 
 def test_a_restarted_server_serves_the_same_mean_and_trains_on_the_same_aggregate(tmp_path: Path) -> None:
@@ -89,6 +89,16 @@ def test_a_restarted_server_serves_the_same_mean_and_trains_on_the_same_aggregat
     assert value(resumed.accepted.start) == 6.0
     assert play(resumed, 3, arrays(12.0), GOOD) == (6.0, 7.0)
     assert again[0][2]["averaged_rounds"] == [1, 2, 3]
+
+
+def test_a_restart_between_a_rounds_window_and_its_checkpoint_forgets_only_that_round(tmp_path: Path) -> None:
+    book = book_for(tmp_path, [])
+    for r, v in enumerate((3.0, 6.0, 9.0, 12.0), start=1):
+        play(book, r, arrays(v), GOOD)  # window of 3: rounds 3 and 4 kept, round 2 pushed out of memory
+    # The checkpoint says round 3 was the last completed (round 4's was never written).
+    resumed = book_for(tmp_path, [])
+    resumed.restore(Accepted(3, None, arrays(6.0)), upto_round=3)
+    assert [r for r, _ in resumed.window.kept] == [2, 3] and value(resumed.accepted.start) == 9.0
 
 
 def test_one_round_averaged_is_the_plain_aggregate_and_leaves_nothing_on_disk(tmp_path: Path) -> None:
