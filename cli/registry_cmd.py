@@ -34,6 +34,7 @@ def _summary(info, aliases: dict) -> dict:
             "round": meta.get("round"),
             "strategy": meta.get("strategy"),
             "start_weights": meta.get("start_weights"),
+            "averaged_rounds": meta.get("averaged_rounds"),  # the rounds whose global models it is the mean of
             "weight_source": meta.get("weight_source"),
             "sites": {site: {"train_examples": v.get("train_examples")} for site, v in sites.items()},
         },
@@ -72,12 +73,16 @@ def list_versions(
             ",".join(row["aliases"]),
             row["created"] or "",
             row["architecture"],
-            f"{lineage.get('run_id', '')} / {lineage.get('round', '')}",
+            f"{lineage.get('run_id', '')} / {lineage.get('round', '')}{_mean_of(lineage.get('averaged_rounds'))}",
             _strategy_name(lineage.get("strategy")),
             ", ".join(f"{site}({v['train_examples']})" for site, v in lineage["sites"].items()),
             f"{pooled['balanced_accuracy']:.3f}" if pooled.get("balanced_accuracy") is not None else "",
         )
     console.print(table)
+
+
+def _mean_of(rounds: list[int] | None) -> str:
+    return f" (mean of {', '.join(str(r) for r in rounds)})" if rounds and len(rounds) > 1 else ""
 
 
 @app.command("show")

@@ -164,6 +164,14 @@ def test_three_site_federation_registers_verified_versions(
         assert contract.size_prior.anchor is None  # no neutrophil class here: each site's all-cells median
         assert contract.size_prior.weight == 2.0 and SizePrior.model_validate(meta["size_prior"]) == contract.size_prior
 
+    # `wbc registry list` says which rounds each version is the mean of.
+    listed = subprocess.run(
+        [sys.executable, "-m", "cli.main", "registry", "list", "--json", "--registry", str(tmp_path / "registry")],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, check=True,
+    )
+    rows = json.loads(listed.stdout)["versions"]
+    assert [r["lineage"]["averaged_rounds"] for r in rows] == [v.metadata["averaged_rounds"] for v in versions]
+
     # The event log tells the same story.
     kinds = [e["kind"] for e in ev.read_events(result.run_dir / ev.EVENTS_FILE)]
     assert kinds[0] == ev.RUN_STARTED and kinds[-1] == ev.RUN_FINISHED
