@@ -41,10 +41,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 
 from benchmarks.site_reference import located_diameters
 from benchmarks.size_prior import TEMPERATURES, _nll, combine_probs, fit, size_ll
 from benchmarks.tta import fixed_view_features, shipped_arm
+from federation.averaging import mean_of
 from federation.benchmark.prepared import PreparedImages
 from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import RowModel, train_federated
@@ -58,15 +60,12 @@ SIZE_WEIGHT = 2.0  # the shipped `size-weight`
 REPORTED = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
 
-def averaged(model: RowModel, last: int) -> RowModel:
-    """The model whose floating-point top state is the mean of the last `last` rounds' aggregates."""
-    states = model.round_states[-last:]
+def averaged(model: RowModel, states: list[dict[str, np.ndarray]]) -> RowModel:
+    """The model with the mean of these rounds' top states, averaged by the server's own code
+    (`federation.averaging.mean_of`: float arrays averaged, counters the latest's)."""
+    mean = mean_of([ArrayRecord({k: Array(v) for k, v in s.items()}) for s in states])
     out = copy.deepcopy(model)
-    mean = {
-        k: torch.as_tensor(np.mean([s[k] for s in states], axis=0) if states[-1][k].dtype.kind == "f" else states[-1][k])
-        for k in states[-1]
-    }
-    out.split.load_top_state(mean)
+    out.split.load_top_state({k: torch.as_tensor(a.numpy()) for k, a in mean.items()})
     return out
 
 
@@ -75,21 +74,14 @@ TRAINING = {"shipped": {}, "pooled-class-weights": {"pooled_class_weights": True
 
 def variants(model: RowModel, tails: list[int], training: str) -> dict[str, list[RowModel]]:
     """name -> the models whose mean softmax answers (one model unless it is an ensemble)."""
+    states = model.round_states
     out = {f"{training}, last round": [model]}
     for k in tails:
-        if 1 < k <= len(model.round_states):
-            out[f"{training}, weights averaged over the last {k} rounds"] = [averaged(model, k)]
+        if 1 < k <= len(states):
+            out[f"{training}, weights averaged over the last {k} rounds"] = [averaged(model, states[-k:])]
     for k in tails:
-        if 1 < k <= len(model.round_states):
-            out[f"{training}, answers averaged over the last {k} rounds"] = [
-                _at_round(model, len(model.round_states) - i) for i in range(k)
-            ]
-    return out
-
-
-def _at_round(model: RowModel, round_number: int) -> RowModel:
-    out = copy.deepcopy(model)
-    out.split.load_top_state({k: torch.as_tensor(v) for k, v in model.round_states[round_number - 1].items()})
+        if 1 < k <= len(states):
+            out[f"{training}, answers averaged over the last {k} rounds"] = [averaged(model, [s]) for s in states[-k:]]
     return out
 
 
