@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/adabn.py --seeds 0,1,2 --adapt-cells 100,500
     .venv/bin/python benchmarks/adabn.py --seeds 0,1,2 --adapt-cells 500 --size   # with the shipped size opinion
+    .venv/bin/python benchmarks/adabn.py --seeds 0,1,2 --adapt-cells 500 --size --rows "FedAvg,FedAvg mean of rounds"
 
 The shipped recipe's arm (EfficientNet-Lite0, frozen trunk + trained last stage, texture augmentation),
 FedAvg and centralised rows trained exactly as `benchmarks/ablations.py` trains them. Barcelona never
@@ -45,8 +46,24 @@ from models.test_views import VIEW_SETS, View, apply_view
 VIEWS = VIEW_SETS["turns-zooms"]
 
 
+def _mean_of_rounds(trainers, seed: int):
+    """FedAvg as shipped since `average-rounds = 5`: the mean of the five rounds' global models."""
+    from benchmarks.fedavg_variants import averaged
+    from federation.benchmark.runs import train_federated
+
+    from models.calibration import CalibrationSummary, pool
+
+    d, arm = trainers.data, trainers.arm
+    model = train_federated("fedavg", d.contract, arm.top, d.sites, arm.recipe, seed, keep_rounds=True)
+    mean = averaged(model, model.round_states[-5:])
+    # Its own temperature, as the server fits it: the sites' val summaries of the mean, pooled.
+    mean.val_calibration = pool(CalibrationSummary.from_logits(mean.logits(s.val_x), s.val_y) for s in d.sites.values())
+    return mean
+
+
 ROWS = {
     "FedAvg": lambda t, seed: t.federated("fedavg", seed, {}),
+    "FedAvg mean of rounds": _mean_of_rounds,
     "FedProx mu=1": lambda t, seed: t.federated("fedprox", seed, {"proximal_mu": 1.0}),
     "FedMedian": lambda t, seed: t.federated("fedmedian", seed, {}),
     "FedAdam": lambda t, seed: t.federated("fedadam", seed, {}),
