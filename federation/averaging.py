@@ -3,8 +3,8 @@
 FedAvg's answer at a hospital that never trained moves from round to round and from run to run
 (eosinophils traded against lymphocytes). The mean of the last few global models (Polyak / SWA
 averaging done by the server; one exported graph like any other) is better at the held-out training
-site (the federated leave-one-site-out criterion), as good at Barcelona on average with a fraction of the
-spread, and better calibrated there (docs/results.md, "Averaged rounds"). Training itself goes on from
+site (the federated leave-one-site-out criterion) and steadier and better calibrated at Barcelona, though
+not more accurate there (0.01 lower in the benchmarks; docs/results.md, "Averaged rounds"). Training itself goes on from
 each round's plain aggregate; only what the sites evaluate (the gate, the temperature) and what is
 registered is the mean.
 
