@@ -97,11 +97,20 @@ def demo(
         fail(f"federation failed: {result.error}", code=1)
     if not result.registered:
         fail("no round was accepted, so nothing was registered; see the gate reasons above", code=1)
-    version = result.registered[-1]["version"]
+    # Serve what the service serves by default: the `production` alias, which the registry lifecycle moves
+    # only to a version that beats the current one on the sites' validation (models/lifecycle.py).
+    latest = result.registered[-1]["version"]
+    production = Registry(registry, "wbc-classifier").aliases().get("production")
+    version = int(production) if production is not None else latest
+    if version != latest:
+        why = next((r["lifecycle"].get("reason") for r in reversed(result.rounds)
+                    if (r.get("lifecycle") or {}).get("candidate") == latest), None)
+        console.print(f"production stays v{version}: this run's latest version v{latest} is the candidate"
+                      + (f" ({why})" if why else "") + f"; `wbc registry promote {latest}` serves it instead")
 
     summary: dict = {"run_id": result.run_id, "decisions": result.decisions, "registered": result.registered,
-                     "served_version": version}
-    console.rule(f"[bold]2/3 the registered model[/] v{version}")
+                     "latest_version": latest, "served_version": version}
+    console.rule(f"[bold]2/3 the production model[/] v{version}")
     # The size opinion sizes each cell against its site's reference cell (models.size_prior): measured once
     # on the external hospital's images, labels unused, as `wbc data site-scale` does for a lab; the
     # evaluation below and the service both use it.

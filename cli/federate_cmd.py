@@ -56,6 +56,8 @@ def rounds_table(result) -> Table:
         decision = "[green]accepted[/]" if (r.get("gate") or {}).get("accepted") else "[red]rejected[/]"
         publish = r.get("publish") or {}
         registered = f"v{publish['version']}" if publish.get("status") == "registered" else publish.get("status", "")
+        if (r.get("lifecycle") or {}).get("promoted"):
+            registered += " → production"
         table.add_row(str(r["round"]), *cells, f"{pooled:.3f}" if pooled is not None else "—", decision,
                       registered or "")
     return table

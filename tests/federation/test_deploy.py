@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
+from cli.federate_cmd import rounds_table
 from federation import events as ev
 from federation.deploy import build_run_config, run_federation
 from federation.server_app import RunSettings
@@ -163,6 +165,13 @@ def test_three_site_federation_registers_verified_versions(
         assert contract.size_prior is not None and contract.size_prior.cells == 24
         assert contract.size_prior.anchor is None  # no neutrophil class here: each site's all-cells median
         assert contract.size_prior.weight == 2.0 and SizePrior.model_validate(meta["size_prior"]) == contract.size_prior
+
+    # The first registered version became production (there was none); the rounds table says so.
+    first = result.rounds[result.registered[0]["round"] - 1]
+    assert first["lifecycle"]["promoted"] and first["lifecycle"]["production"] == result.registered[0]["version"]
+    console = Console(width=200, record=True)
+    console.print(rounds_table(result))
+    assert f"v{result.registered[0]['version']} → production" in console.export_text()
 
     # `wbc registry list` says which rounds each version is the mean of.
     listed = subprocess.run(
