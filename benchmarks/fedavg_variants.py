@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, replace
 import os
 import sys
 import time
@@ -95,6 +95,56 @@ def temperature(models: list[RowModel], val: list[tuple[np.ndarray, np.ndarray]]
     return min(TEMPERATURES, key=lambda t: _nll(probabilities(models, [np.concatenate([vx for vx, _ in val])], t), y))
 
 
+@dataclass
+class Bench:
+    """The shipped arm's data as every FedAvg variant is scored on it."""
+
+    arm: object
+    layout: object
+    data: object
+    classes: list[str]
+    dia: np.ndarray  # located cell diameters, layout order
+    r: np.ndarray  # log size relative to the training site's neutrophils (NaN elsewhere)
+    d_every: np.ndarray  # every Barcelona cell's diameter (its reference as deployed)
+    x_every: np.ndarray  # every Barcelona cell's clean-view trunk features
+    views: dict[str, list[np.ndarray]]  # evaluation split -> trunk features per test-time view
+
+
+def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0) -> Bench:
+    """Features, test-time views and sizes (cached under `cache`): a training site's sizes relative to its
+    labelled neutrophils; a held-out or new site's relative to the cells the scored network calls
+    neutrophils (what `wbc data site-scale` measures), computed per variant by the caller."""
+    arm, layout, d, trunk = shipped_arm(cache)
+    if rounds:  # the longer preset (`wbc federate --rounds 20`)
+        arm = replace(arm, recipe=replace(arm.recipe, rounds=rounds))
+    classes = list(d.contract.class_names)
+    y = layout.y
+    anchor = classes.index(ANCHOR_CLASS)
+    dia = located_diameters(layout.samples, cache)
+    site_of = np.array([s.site for s in layout.samples])
+    ref = {}
+    for site in layout.train:
+        own = np.array(layout.train[site])
+        ok = np.isfinite(dia[own])
+        anchors = dia[own][ok & (y[own] == anchor)]
+        ref[site] = site_reference(anchors if len(anchors) >= MIN_ANCHOR_CELLS else dia[own][ok])
+    r = np.full(len(dia), np.nan)
+    for site, value in ref.items():
+        r[site_of == site] = np.log(dia[site_of == site] / value)
+    every = DataRoot(resolve_data_root(None)).select(["barcelona-pbc"], ["train", "val", "test"])
+    d_every = located_diameters(every, cache)
+    x_every = next(iter(fixed_view_features(
+        trunk, every, PreparedImages.build(every, d.contract, cache / "prepared"), d.contract,
+        VIEW_SETS["none"], cache / "features").values()))
+    views = {}
+    for name, idx in layout.evaluation.items():
+        samples = [layout.samples[i] for i in idx]
+        prepared = PreparedImages.build(samples, d.contract, cache / "prepared")
+        views[name] = list(fixed_view_features(trunk, samples, prepared, d.contract, VIEW_SETS[view_set],
+                                               cache / "features").values())
+    return Bench(arm, layout, d, classes, dia, r, d_every, x_every, views)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -114,37 +164,9 @@ def main() -> None:
     if unknown := set(trainings) - set(TRAINING):
         ap.error(f"unknown --train {sorted(unknown)}; known: {list(TRAINING)}")
     t0 = time.time()
-    arm, layout, d, trunk = shipped_arm(args.cache)
-    if args.rounds:  # the longer preset (`wbc federate --rounds 20`)
-        arm = replace(arm, recipe=replace(arm.recipe, rounds=args.rounds))
-    classes = list(d.contract.class_names)
-    n, y = len(classes), layout.y
-    anchor = classes.index(ANCHOR_CLASS)
-
-    # Sizes: a training site's relative to its labelled neutrophils; a held-out or new site's relative to
-    # the cells the scored network calls neutrophils (what `wbc data site-scale` measures).
-    dia = located_diameters(layout.samples, args.cache)
-    site_of = np.array([s.site for s in layout.samples])
-    ref = {}
-    for site in layout.train:
-        own = np.array(layout.train[site])
-        ok = np.isfinite(dia[own])
-        anchors = dia[own][ok & (y[own] == anchor)]
-        ref[site] = site_reference(anchors if len(anchors) >= MIN_ANCHOR_CELLS else dia[own][ok])
-    r = np.full(len(dia), np.nan)
-    for site, value in ref.items():
-        r[site_of == site] = np.log(dia[site_of == site] / value)
-    every = DataRoot(resolve_data_root(None)).select(["barcelona-pbc"], ["train", "val", "test"])
-    d_every = located_diameters(every, args.cache)
-    x_every = next(iter(fixed_view_features(
-        trunk, every, PreparedImages.build(every, d.contract, args.cache / "prepared"), d.contract,
-        VIEW_SETS["none"], args.cache / "features").values()))
-    views = {}
-    for name, idx in layout.evaluation.items():
-        samples = [layout.samples[i] for i in idx]
-        prepared = PreparedImages.build(samples, d.contract, args.cache / "prepared")
-        views[name] = list(fixed_view_features(trunk, samples, prepared, d.contract, VIEW_SETS[args.views],
-                                               args.cache / "features").values())
+    b = prepare(args.cache, args.views, args.rounds)
+    arm, layout, d, classes, n, y = b.arm, b.layout, b.data, b.classes, len(b.classes), b.layout.y
+    dia, r, d_every, x_every, views = b.dia, b.r, b.d_every, b.x_every, b.views
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
 
     scores: dict[tuple[str, str], list[float]] = {}

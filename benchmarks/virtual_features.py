@@ -1,0 +1,275 @@
+"""Does the federated classifier's last layer lose what the centralised one learns? Retrain it on the server.
+
+    .venv/bin/python benchmarks/virtual_features.py --seeds 0,1,2
+    .venv/bin/python benchmarks/virtual_features.py --seeds 0,1,2 --rounds 20 --no-loso
+
+FedAvg's sites see very different class mixes (`bccd` has 3 basophils, `jiangxi-tecom` 1, `tehran-lisc`
+most of them), so each site's last layer drifts toward its own classes and the average is a compromise:
+inside the training sites FedAvg stays at 0.905 where the centralised model reaches 0.948. CCVR ("No
+Fear of Heterogeneity", Luo et al., NeurIPS 2021) recalibrates the classifier after training: every site
+sends, per class, the count, mean and scatter of its cells' penultimate features under the global model
+(statistics, no cell); the server pools them into one Gaussian per class, samples virtual features and
+retrains the classifier (the last linear layer) on them. Rows:
+
+- served: the mean of the last 5 rounds' global models (what the registry holds);
+- virtual, balanced (CCVR): its classifier retrained on 2,000 virtual cells per class;
+- virtual, centralised loss: virtual cells in the pooled class proportions, weighed by the sites' own
+  loss rule (inverse frequency capped at 3x) applied to the pooled counts: the centralised loss;
+- real pooled, centralised loss: the same on the pooled real penultimate features (what the virtual
+  rows approximate; not federated).
+
+Scored as `benchmarks/fedavg_variants.py` scores every variant (shipped arm, test-time views, NLL-grid
+temperature on the sites' val cells, size opinion at w = 2), with its federated leave-one-site-out
+criterion (never sees Barcelona). Uses the shipped arm's cached features (var/benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import replace
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from benchmarks.fedavg_variants import SIZE_WEIGHT, averaged, prepare, probabilities, temperature, REPORTED
+from benchmarks.size_prior import combine_probs, fit, size_ll
+from federation.benchmark.handlers import SiteFeatures, top_logits
+from federation.benchmark.report import _mean_sd
+from federation.losses import class_weights
+from federation.benchmark.presets import LITE0, LITE0_LONG
+from federation.benchmark.protocols import arm_features, in_domain_layout
+from federation.benchmark.runs import RowModel, train_federated, train_pooled
+from federation.sites import DataRoot, resolve_data_root
+from models.calibration import expected_calibration_error
+from models.evaluate import compute_metrics
+from models.size_prior import ANCHOR_CLASS, anchored_reference
+
+
+def penultimate(model: RowModel, x: np.ndarray) -> np.ndarray:
+    """The classifier's input for these trunk features (after the top's stage, BN and pooling)."""
+    out: list[np.ndarray] = []
+    classifier = model.split.model.get_classifier()
+    hook = classifier.register_forward_hook(lambda m, i, o: out.append(i[0].detach().numpy().copy()))
+    try:
+        top_logits(model.split, x)
+    finally:
+        hook.remove()
+    return np.concatenate(out)
+
+
+def site_features(model: RowModel, site: SiteFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features of every stored view of the site's train cells, and their labels."""
+    n, v = site.train_x.shape[:2]
+    x = np.asarray(site.train_x).reshape(n * v, *site.train_x.shape[2:])
+    return penultimate(model, x), np.repeat(site.train_y, v)
+
+
+def class_statistics(f: np.ndarray, y: np.ndarray, n_classes: int) -> dict[int, tuple[int, np.ndarray, np.ndarray]]:
+    """What a site would send: per class present, (count, mean, second moment about the mean)."""
+    out = {}
+    for c in range(n_classes):
+        fc = f[y == c].astype(np.float64)
+        if len(fc):
+            mu = fc.mean(0)
+            d = fc - mu
+            out[c] = (len(fc), mu, d.T @ d)
+    return out
+
+
+def pooled_gaussians(stats: list[dict], n_classes: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The exact pooled mean and covariance per class from the sites' (count, mean, scatter)."""
+    out = {}
+    for c in range(n_classes):
+        parts = [s[c] for s in stats if c in s]
+        if not parts:
+            continue
+        n = sum(p[0] for p in parts)
+        mu = sum(p[0] * p[1] for p in parts) / n
+        scatter = sum(p[2] + p[0] * np.outer(p[1] - mu, p[1] - mu) for p in parts)
+        out[c] = (mu, scatter / max(n - 1, 1))
+    return out
+
+
+def sample(gauss: dict[int, tuple[np.ndarray, np.ndarray]], per_class: dict[int, int], diagonal: bool, seed: int):
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for c, (mu, cov) in gauss.items():
+        k = per_class[c]
+        if diagonal:
+            x = mu + rng.standard_normal((k, len(mu))) * np.sqrt(np.clip(np.diag(cov), 0, None))
+        else:
+            w, v = np.linalg.eigh(cov)
+            x = mu + (rng.standard_normal((k, len(mu))) * np.sqrt(np.clip(w, 0, None))) @ v.T
+        xs.append(x.astype(np.float32))
+        ys.append(np.full(k, c))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def retrain_classifier(model: RowModel, x: np.ndarray, y: np.ndarray, seed: int, *, weight: np.ndarray | None,
+                       steps: int = 300, lr: float = 1e-3, smoothing: float = 0.1) -> RowModel:
+    """A copy of the model whose classifier is trained on (x, y) from its current weights."""
+    out = copy.deepcopy(model)
+    head = out.split.model.get_classifier()
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    w = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=smoothing)
+    rng = np.random.default_rng(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    head.train()
+    for _ in range(steps):
+        idx = torch.from_numpy(rng.integers(0, len(x), 256))
+        opt.zero_grad()
+        loss_fn(head(xt[idx]), yt[idx]).backward()
+        opt.step()
+    head.eval()
+    return out
+
+
+def recalibrated(model: RowModel, sites: dict[str, SiteFeatures], n_classes: int, seed: int) -> dict[str, RowModel]:
+    """Balanced: as many virtual cells per class (CCVR). Centralised loss: virtual cells in the pooled
+    class proportions, weighed as the sites' own loss weighs them (inverse frequency capped at 3x) but by
+    the pooled counts, i.e. the centralised model's loss on the virtual cells."""
+    feats = {name: site_features(model, s) for name, s in sites.items()}
+    stats = [class_statistics(f, y, n_classes) for f, y in feats.values()]
+    gauss = pooled_gaussians(stats, n_classes)
+    counts = np.zeros(n_classes)
+    for s in stats:
+        for c, (k, _, _) in s.items():
+            counts[c] += k
+    capped = class_weights([], n_classes, counts=counts).numpy()
+    proportional = {c: max(2, int(round(10000 * counts[c] / counts.sum()))) for c in gauss}
+    out = {}
+    vx, vy = sample(gauss, {c: 2000 for c in gauss}, False, seed)
+    out["virtual, balanced (CCVR)"] = retrain_classifier(model, vx, vy, seed, weight=None)
+    vx, vy = sample(gauss, proportional, False, seed)
+    out["virtual, centralised loss"] = retrain_classifier(model, vx, vy, seed, weight=capped)
+    rx = np.concatenate([f for f, _ in feats.values()])
+    ry = np.concatenate([y for _, y in feats.values()])
+    out["real pooled, centralised loss"] = retrain_classifier(model, rx, ry, seed, weight=capped)
+    return out
+
+
+def variants(model: RowModel, sites: dict[str, SiteFeatures], n_classes: int, seed: int) -> dict[str, RowModel]:
+    served = averaged(model, model.round_states[-5:])
+    return {"served (mean of the last 5 rounds)": served} | recalibrated(served, sites, n_classes, seed)
+
+
+def in_domain(args, seeds: list[int]) -> None:
+    """Protocol 2 (one domain, Dirichlet(0.5) label skew over 4 sites, 8 classes): the skew CCVR was made
+    for, without the domain shift. Scored as `wbc benchmark in-domain` scores (test split, clean view,
+    temperature fitted on the sites' val cells), beside the centralised model on the same cells."""
+    layout, _ = in_domain_layout(DataRoot(resolve_data_root(None)), 0)
+    arm = LITE0_LONG if args.rounds == 20 else LITE0
+    if args.rounds and args.rounds != 20:
+        arm = replace(arm, recipe=replace(arm.recipe, rounds=args.rounds))
+    t0 = time.time()
+    d = arm_features(arm, layout, args.cache)
+    n = d.contract.num_classes
+    classes = list(d.contract.class_names)
+    val = [(s.val_x, s.val_y) for s in d.sites.values()]
+    tx, ty = d.evaluation["test"]
+    print(f"[{time.time() - t0:.0f} s] in-domain features ready ({arm.name})", flush=True)
+    scores: dict[str, list[float]] = {}
+    for seed in seeds:
+        rows = {"centralised": train_pooled(d.contract, arm.top, np.concatenate([s.train_x for s in d.sites.values()]),
+                                            np.concatenate([s.train_y for s in d.sites.values()]), val, arm.recipe, seed)}
+        for strategy in ("fedavg", "fedmedian"):
+            model = train_federated(strategy, d.contract, arm.top, d.sites, arm.recipe, seed, keep_rounds=True)
+            rows[strategy] = model
+            for name, m in recalibrated(model, d.sites, n, seed).items():
+                rows[f"{strategy} + {name}"] = m
+        for name, m in rows.items():
+            t = temperature([m], val)
+            p = probabilities([m], [tx], t)
+            scores.setdefault(name, []).append(compute_metrics(classes, ty, p).balanced_accuracy)
+            scores.setdefault(name + " ECE", []).append(expected_calibration_error(p, ty))
+            print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: test {scores[name][-1]:.3f}", flush=True)
+    print(f"\n| in-domain ({arm.name}) | test bal. acc. | test ECE (fitted T) |\n|---|---|---|")
+    for name in (k for k in scores if not k.endswith(" ECE")):
+        print(f"| {name} | {_mean_sd(scores[name])} | {_mean_sd(scores[name + ' ECE'])} |")
+    print(f"[{time.time() - t0:.0f} s]")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-loso", action="store_true", help="skip the federated leave-one-site-out criterion")
+    ap.add_argument("--rounds", type=int, default=0, help="train this many rounds instead of the shipped recipe's 5")
+    ap.add_argument("--protocol", default="paper", choices=("paper", "in-domain"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.protocol == "in-domain":
+        return in_domain(args, seeds)
+    t0 = time.time()
+    b = prepare(args.cache, "turns-zooms", args.rounds)
+    d, layout, classes, y, n = b.data, b.layout, b.classes, b.layout.y, len(b.classes)
+    print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
+
+    scores: dict[tuple[str, str], list[float]] = {}
+    if not args.no_loso:
+        for seed in seeds:
+            for held in layout.train:
+                rest = {s: d.sites[s] for s in layout.train if s != held}
+                model = train_federated("fedavg", d.contract, b.arm.top, rest, b.arm.recipe, seed, keep_rounds=True)
+                fit_idx = [i for s in rest for i in layout.train[s]]
+                prior = fit(b.r[fit_idx], y[fit_idx], n)
+                h = d.sites[held]
+                hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
+                h_idx = list(layout.train[held]) + list(layout.val[held])
+                for name, m in variants(model, rest, n, seed).items():
+                    t = temperature([m], [(s.val_x, s.val_y) for s in rest.values()])
+                    p = probabilities([m], [hx], t)
+                    r_held = np.log(b.dia[h_idx] / anchored_reference(b.dia[h_idx], p, classes, ANCHOR_CLASS))
+                    p = combine_probs(p, size_ll(r_held, prior), SIZE_WEIGHT)
+                    scores.setdefault((name, "loso"), []).append(compute_metrics(classes, y[h_idx], p).balanced_accuracy)
+            print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
+                f"{k[0]} {np.mean(v[-3:]):.3f}" for k, v in scores.items() if k[1] == "loso"), flush=True)
+
+    fit_idx = [i for s in layout.train for i in layout.train[s]]
+    prior = fit(b.r[fit_idx], y[fit_idx], n)
+    ext = layout.evaluation["external"]
+    r = b.r.copy()
+    for seed in seeds:
+        model = train_federated("fedavg", d.contract, b.arm.top, d.sites, b.arm.recipe, seed, keep_rounds=True)
+        for name, m in variants(model, d.sites, n, seed).items():
+            t = temperature([m], [(s.val_x, s.val_y) for s in d.sites.values()])
+            r[ext] = np.log(b.dia[ext] / anchored_reference(b.d_every, probabilities([m], [b.x_every], t), classes,
+                                                            ANCHOR_CLASS))
+            for split, idx in layout.evaluation.items():
+                p = combine_probs(probabilities([m], b.views[split], t), size_ll(r[idx], prior), SIZE_WEIGHT)
+                met = compute_metrics(classes, y[idx], p)
+                scores.setdefault((name, split), []).append(met.balanced_accuracy)
+                if split == "external":
+                    scores.setdefault((name, "ece"), []).append(expected_calibration_error(p, y[idx]))
+                    for c in REPORTED:
+                        scores.setdefault((name, c), []).append(float(met.recall[classes.index(c)]))
+            print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: internal {scores[name, 'internal'][-1]:.3f}, "
+                  f"Barcelona {scores[name, 'external'][-1]:.3f}", flush=True)
+
+    names = list(dict.fromkeys(k[0] for k in scores))
+    print("\n| FedAvg (shipped arm, views, size w = 2) | federated LOSO | internal | Barcelona | Barcelona ECE | "
+          "Barcelona recall " + " / ".join(c[:4] for c in REPORTED) + " |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        loso = _mean_sd(scores[name, "loso"]) if (name, "loso") in scores else "—"
+        recall = " / ".join(f"{np.mean(scores[name, c]):.2f}" for c in REPORTED)
+        print(f"| {name} | {loso} | {_mean_sd(scores[name, 'internal'])} | {_mean_sd(scores[name, 'external'])} | "
+              f"{_mean_sd(scores[name, 'ece'])} | {recall} |")
+    print(f"[{time.time() - t0:.0f} s]")
+
+
+if __name__ == "__main__":
+    main()
