@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/virtual_features.py --seeds 0,1,2
     .venv/bin/python benchmarks/virtual_features.py --seeds 0,1,2 --rounds 20 --no-loso
+    .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --seeds 0,1,2 [--rounds 20]
 
 FedAvg's sites see very different class mixes (`bccd` has 3 basophils, `jiangxi-tecom` 1, `tehran-lisc`
 most of them), so each site's last layer drifts toward its own classes and the average is a compromise:
@@ -9,7 +10,7 @@ inside the training sites FedAvg stays at 0.905 where the centralised model reac
 Fear of Heterogeneity", Luo et al., NeurIPS 2021) recalibrates the classifier after training: every site
 sends, per class, the count, mean and scatter of its cells' penultimate features under the global model
 (statistics, no cell); the server pools them into one Gaussian per class, samples virtual features and
-retrains the classifier (the last linear layer) on them. Rows:
+retrains the classifier (the last linear layer) on them (`federation/recalibration.py`). Rows:
 
 - served: the mean of the last 5 rounds' global models (what the registry holds);
 - virtual, balanced (CCVR): its classifier retrained on 2,000 virtual cells per class;
@@ -45,6 +46,7 @@ from benchmarks.size_prior import combine_probs, fit, size_ll
 from federation.benchmark.handlers import SiteFeatures, top_logits
 from federation.benchmark.report import _mean_sd
 from federation.losses import class_weights
+from federation.recalibration import ClassStatistics, pooled_gaussians, retrain_classifier, sample_virtual
 from federation.benchmark.presets import LITE0, LITE0_LONG
 from federation.benchmark.protocols import arm_features, in_domain_layout
 from federation.benchmark.runs import RowModel, train_federated, train_pooled
@@ -73,90 +75,30 @@ def site_features(model: RowModel, site: SiteFeatures) -> tuple[np.ndarray, np.n
     return penultimate(model, x), np.repeat(site.train_y, v)
 
 
-def class_statistics(f: np.ndarray, y: np.ndarray, n_classes: int) -> dict[int, tuple[int, np.ndarray, np.ndarray]]:
-    """What a site would send: per class present, (count, mean, second moment about the mean)."""
-    out = {}
-    for c in range(n_classes):
-        fc = f[y == c].astype(np.float64)
-        if len(fc):
-            mu = fc.mean(0)
-            d = fc - mu
-            out[c] = (len(fc), mu, d.T @ d)
-    return out
-
-
-def pooled_gaussians(stats: list[dict], n_classes: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """The exact pooled mean and covariance per class from the sites' (count, mean, scatter)."""
-    out = {}
-    for c in range(n_classes):
-        parts = [s[c] for s in stats if c in s]
-        if not parts:
-            continue
-        n = sum(p[0] for p in parts)
-        mu = sum(p[0] * p[1] for p in parts) / n
-        scatter = sum(p[2] + p[0] * np.outer(p[1] - mu, p[1] - mu) for p in parts)
-        out[c] = (mu, scatter / max(n - 1, 1))
-    return out
-
-
-def sample(gauss: dict[int, tuple[np.ndarray, np.ndarray]], per_class: dict[int, int], diagonal: bool, seed: int):
-    rng = np.random.default_rng(seed)
-    xs, ys = [], []
-    for c, (mu, cov) in gauss.items():
-        k = per_class[c]
-        if diagonal:
-            x = mu + rng.standard_normal((k, len(mu))) * np.sqrt(np.clip(np.diag(cov), 0, None))
-        else:
-            w, v = np.linalg.eigh(cov)
-            x = mu + (rng.standard_normal((k, len(mu))) * np.sqrt(np.clip(w, 0, None))) @ v.T
-        xs.append(x.astype(np.float32))
-        ys.append(np.full(k, c))
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-def retrain_classifier(model: RowModel, x: np.ndarray, y: np.ndarray, seed: int, *, weight: np.ndarray | None,
-                       steps: int = 300, lr: float = 1e-3, smoothing: float = 0.1) -> RowModel:
-    """A copy of the model whose classifier is trained on (x, y) from its current weights."""
-    out = copy.deepcopy(model)
-    head = out.split.model.get_classifier()
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    w = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=smoothing)
-    rng = np.random.default_rng(seed)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-    head.train()
-    for _ in range(steps):
-        idx = torch.from_numpy(rng.integers(0, len(x), 256))
-        opt.zero_grad()
-        loss_fn(head(xt[idx]), yt[idx]).backward()
-        opt.step()
-    head.eval()
-    return out
-
-
 def recalibrated(model: RowModel, sites: dict[str, SiteFeatures], n_classes: int, seed: int) -> dict[str, RowModel]:
     """Balanced: as many virtual cells per class (CCVR). Centralised loss: virtual cells in the pooled
     class proportions, weighed as the sites' own loss weighs them (inverse frequency capped at 3x) but by
     the pooled counts, i.e. the centralised model's loss on the virtual cells."""
     feats = {name: site_features(model, s) for name, s in sites.items()}
-    stats = [class_statistics(f, y, n_classes) for f, y in feats.values()]
-    gauss = pooled_gaussians(stats, n_classes)
+    gauss = pooled_gaussians([ClassStatistics.of(f, y, n_classes) for f, y in feats.values()])
     counts = np.zeros(n_classes)
-    for s in stats:
-        for c, (k, _, _) in s.items():
-            counts[c] += k
+    for c, (_, _, k) in gauss.items():
+        counts[c] = k
     capped = class_weights([], n_classes, counts=counts).numpy()
+
+    def retrained(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None) -> RowModel:
+        out = copy.deepcopy(model)
+        retrain_classifier(out.split.model.get_classifier(), x, y, weight=weight, seed=seed)
+        return out
+
     proportional = {c: max(2, int(round(10000 * counts[c] / counts.sum()))) for c in gauss}
-    out = {}
-    vx, vy = sample(gauss, {c: 2000 for c in gauss}, False, seed)
-    out["virtual, balanced (CCVR)"] = retrain_classifier(model, vx, vy, seed, weight=None)
-    vx, vy = sample(gauss, proportional, False, seed)
-    out["virtual, centralised loss"] = retrain_classifier(model, vx, vy, seed, weight=capped)
     rx = np.concatenate([f for f, _ in feats.values()])
     ry = np.concatenate([y for _, y in feats.values()])
-    out["real pooled, centralised loss"] = retrain_classifier(model, rx, ry, seed, weight=capped)
-    return out
+    return {
+        "virtual, balanced (CCVR)": retrained(*sample_virtual(gauss, {c: 2000 for c in gauss}, seed), None),
+        "virtual, centralised loss": retrained(*sample_virtual(gauss, proportional, seed), capped),
+        "real pooled, centralised loss": retrained(rx, ry, capped),
+    }
 
 
 def variants(model: RowModel, sites: dict[str, SiteFeatures], n_classes: int, seed: int) -> dict[str, RowModel]:
