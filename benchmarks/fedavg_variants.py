@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,pooled-class-weights --tails 3
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --rounds 20 --no-loso
+    .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,no-clean-view --tails 5
 
 FedAvg's Barcelona answer moves with the seed, with 24 training cells fewer and with more rounds, each
 time trading eosinophils against lymphocytes (docs/results.md, "The site's reference"), while the
@@ -11,7 +12,8 @@ centralised model's does not (eosinophil recall 0.91 centralised, 0.70 federated
 - training: `pooled-class-weights` has every site weigh its classes by the federation's pooled class
   counts (which the sites' size sums already send) instead of its own, so the sites' losses add up to
   the centralised loss; the shipped recipe balances each site's classes locally (capped at 3x), which
-  weighs `jiangxi-tecom`'s 22 eosinophils 8x its neutrophils;
+  weighs `jiangxi-tecom`'s 22 eosinophils 8x its neutrophils; `no-clean-view` never draws the clean
+  cell from the cached views (the deployment's sites always augment; the benchmark draws it 1 time in 9);
 - after training: the global model averaged over its last k rounds (uniform, in weight space: the
   server's own Polyak / SWA average; one exported graph), or the last k rounds' answers averaged (an
   ensemble: k graphs to serve), `--tails`.
@@ -47,6 +49,7 @@ from benchmarks.site_reference import located_diameters
 from benchmarks.size_prior import TEMPERATURES, _nll, combine_probs, fit, size_ll
 from benchmarks.tta import fixed_view_features, shipped_arm
 from federation.averaging import mean_of
+from federation.benchmark.handlers import SiteFeatures
 from federation.benchmark.prepared import PreparedImages
 from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import RowModel, train_federated
@@ -69,7 +72,16 @@ def averaged(model: RowModel, states: list[dict[str, np.ndarray]]) -> RowModel:
     return out
 
 
-TRAINING = {"shipped": {}, "pooled-class-weights": {"pooled_class_weights": True}}
+TRAINING = {"shipped": {}, "pooled-class-weights": {"pooled_class_weights": True}, "no-clean-view": {}}
+
+
+def training_sites(training: str, sites: dict[str, SiteFeatures]) -> dict[str, SiteFeatures]:
+    """`no-clean-view`: each epoch draws only among the 8 augmented views, never the clean cell (view 0),
+    as the deployment's sites do (fresh augmentation every step); the shipped benchmark draws the clean
+    view one time in nine."""
+    if training != "no-clean-view":
+        return sites
+    return {name: replace(s, train_x=s.train_x[:, 1:]) for name, s in sites.items()}
 
 
 def variants(model: RowModel, tails: list[int], training: str) -> dict[str, list[RowModel]]:
@@ -175,7 +187,8 @@ def main() -> None:
             for held, training in ((h, tr) for h in layout.train for tr in trainings):
                 rest = [s for s in layout.train if s != held]
                 recipe = replace(arm.recipe, **TRAINING[training])
-                model = train_federated("fedavg", d.contract, arm.top, {s: d.sites[s] for s in rest}, recipe,
+                model = train_federated("fedavg", d.contract, arm.top,
+                                        training_sites(training, {s: d.sites[s] for s in rest}), recipe,
                                         seed, keep_rounds=True)
                 fit_idx = [i for s in rest for i in layout.train[s]]
                 prior = fit(r[fit_idx], y[fit_idx], n)
@@ -196,7 +209,8 @@ def main() -> None:
     ext = layout.evaluation["external"]
     for seed, training in ((s, tr) for s in seeds for tr in trainings):
         recipe = replace(arm.recipe, **TRAINING[training])
-        model = train_federated("fedavg", d.contract, arm.top, d.sites, recipe, seed, keep_rounds=True)
+        model = train_federated("fedavg", d.contract, arm.top, training_sites(training, d.sites), recipe, seed,
+                                keep_rounds=True)
         for name, models in variants(model, tails, training).items():
             t = temperature(models, [(s.val_x, s.val_y) for s in d.sites.values()])
             r[ext] = np.log(dia[ext] / anchored_reference(d_every, probabilities(models, [x_every], t), classes,

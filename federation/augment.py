@@ -53,6 +53,9 @@ class AugmentConfig:
     sharpen_p: float = 0.0  # unsharp mask: fine texture added to soft cells (sharp scanners), 0 = off
     style_p: float = 0.0  # amplitude mix with another site's style (federation.style), 0 = off
     style_lambda: float = 1.0  # the mix fraction is drawn from U(0, style_lambda)
+    # The prepared cell left as it is this often (the served rendering): the benchmark's cached views hold
+    # the clean cell beside 8 augmented ones and draw it 1 time in 9; a deployment's site sets this to match.
+    clean_p: float = 0.0
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -185,6 +188,8 @@ class CellAugment:
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Image.Image:
         rng = rng or random.Random(random.getrandbits(64))
         cfg = self.config
+        if cfg.clean_p and rng.random() < cfg.clean_p:
+            return image  # the contract's own resize follows (task.CellDataset), as when serving
         image = geometric(image, rng, cfg, self.out_side)
         if cfg.style_p and self.styles and rng.random() < cfg.style_p:
             style = self.styles[rng.randrange(len(self.styles))]

@@ -17,6 +17,7 @@ import sys
 import time
 import zlib
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -106,7 +107,8 @@ def train(msg: Message, context: Context) -> Message:
         global_params=global_params,
         progress=_progress(site, server_round),
         top=str(config.get("train-top", "full")),
-        augment=named_augmentation(str(config.get("augment", "default"))),
+        augment=replace(named_augmentation(str(config.get("augment", "default"))),
+                        clean_p=float(config.get("clean-view-p", 0.0))),
     )
     seconds = time.time() - t0
     # Per-class relative-size sums of the cells just trained on (models.size_prior): counts, no cell.

@@ -47,6 +47,9 @@ class RunSettings:
     # "full" on the external hospital in the same 5-round deployment (docs/results.md, "The shipped default").
     train_top: str = "stage"
     augment: str = "texture"  # federation.augment.named_augmentation: default | texture | strong-colour | ...
+    # How often a site trains on the clean cell instead of an augmented one (AugmentConfig.clean_p); the
+    # benchmark's recipe draws it 1 time in 9 (docs/results.md, "The clean cell in training").
+    clean_view_p: float = 0.0
     seed: int = 0
     min_nodes: int = 3
     round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes
@@ -111,6 +114,8 @@ class RunSettings:
                 problems.append(f"{key.replace('_', '-')} must be > 0")
         if self.temperature_rule not in ("soften-only", "fitted"):
             problems.append(f"temperature-rule {self.temperature_rule!r} is not one of soften-only, fitted")
+        if not 0.0 <= self.clean_view_p <= 1.0:
+            problems.append(f"clean-view-p {self.clean_view_p} is not within [0, 1]")
         if not 0.0 <= self.size_weight <= 10.0:
             problems.append(f"size-weight {self.size_weight} is not within [0, 10]")
         try:
@@ -411,6 +416,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
             "local-epochs": settings.local_epochs,
             "train-top": settings.train_top,
             "augment": settings.augment,
+            "clean-view-p": settings.clean_view_p,
             "lr": settings.lr,
             "batch-size": settings.batch_size,
             "seed": settings.seed,

@@ -52,7 +52,7 @@ def render_view(
 
 # Fields added to AugmentConfig after caches existed: left out of the key at their "off" value, so the
 # views cached before them (identical bytes) stay valid.
-_LATER_FIELDS = {"hue": 0.0, "sharpen_p": 0.0, "style_p": 0.0, "style_lambda": 1.0}
+_LATER_FIELDS = {"hue": 0.0, "sharpen_p": 0.0, "style_p": 0.0, "style_lambda": 1.0, "clean_p": 0.0}
 
 
 def _augment_key(augment: AugmentConfig | None) -> dict | None:

@@ -41,6 +41,8 @@ def test_declared_defaults_pass_the_checks(tmp_path: Path):
         RunSettings.from_run_config({**_declared(), **paths, "train-top": "everything"})
     with pytest.raises(ValueError, match="augmentation 'sepia'"):
         RunSettings.from_run_config({**_declared(), **paths, "augment": "sepia"})
+    with pytest.raises(ValueError, match="clean-view-p 1.5 is not within"):
+        RunSettings.from_run_config({**_declared(), **paths, "clean-view-p": 1.5})
     with pytest.raises(ValueError, match="detail must be"):
         RunSettings.from_run_config({**_declared(), **paths, "detail": 4})
     with pytest.raises(ValueError, match="test-views 'sideways'"):

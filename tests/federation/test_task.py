@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -75,6 +76,20 @@ def test_no_augmentation_is_a_plain_resize() -> None:
     ref = _cell(90).resize((45, 45), Image.Resampling.BILINEAR)
     assert np.abs(np.asarray(out, float) - np.asarray(ref, float)).mean() < 6.0  # flips aside: same cell
     assert np.asarray(out)[0, 0].tolist() == [235, 235, 235]  # corners keep the background, no black fill
+
+
+def test_clean_draws_leave_the_prepared_cell_as_the_service_would_see_it() -> None:
+    cell = _cell(90)
+    texture = AugmentConfig.texture()
+    always = CellAugment(64, replace(texture, clean_p=1.0))
+    assert np.array_equal(np.asarray(always(cell, random.Random(0))), np.asarray(cell))  # unchanged, full size
+    # With clean_p = 0 the draws are those of before the field existed (cached views stay valid).
+    plain, zero = CellAugment(64, texture), CellAugment(64, replace(texture, clean_p=0.0))
+    assert np.array_equal(np.asarray(plain(cell, random.Random(3))), np.asarray(zero(cell, random.Random(3))))
+    ninth = CellAugment(64, replace(texture, clean_p=1 / 9))
+    rng = random.Random(5)
+    clean = sum(ninth(cell, rng).size == cell.size for _ in range(900))
+    assert 60 <= clean <= 140  # ~100 of 900
 
 
 def _edge_energy(image: Image.Image) -> float:
