@@ -157,6 +157,59 @@ def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0) -> Benc
     return Bench(arm, layout, d, classes, dia, r, d_every, x_every, views)
 
 
+Scores = dict[tuple[str, str], list[float]]
+
+
+def score_held_out(b: Bench, models: list[RowModel], held: str, name: str, scores: Scores) -> None:
+    """The federated leave-one-site-out criterion for one variant trained without `held`: its train + val
+    cells, clean view, the size opinion as deployed there (its reference from the cells the network calls
+    neutrophils), the temperature from the other sites' val cells."""
+    layout, d, classes, y = b.layout, b.data, b.classes, b.layout.y
+    rest = [s for s in layout.train if s != held]
+    fit_idx = [i for s in rest for i in layout.train[s]]
+    prior = fit(b.r[fit_idx], y[fit_idx], len(classes))
+    h = d.sites[held]
+    hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
+    h_idx = list(layout.train[held]) + list(layout.val[held])
+    t = temperature(models, [(d.sites[s].val_x, d.sites[s].val_y) for s in rest])
+    p = probabilities(models, [hx], t)
+    r_held = np.log(b.dia[h_idx] / anchored_reference(b.dia[h_idx], p, classes, ANCHOR_CLASS))
+    p = combine_probs(p, size_ll(r_held, prior), SIZE_WEIGHT)
+    scores.setdefault((name, "loso"), []).append(compute_metrics(classes, y[h_idx], p).balanced_accuracy)
+
+
+def score_served(b: Bench, models: list[RowModel], name: str, scores: Scores) -> None:
+    """Internal and Barcelona figures of one variant trained at all three sites, as the product serves it."""
+    layout, classes, y = b.layout, b.classes, b.layout.y
+    fit_idx = [i for s in layout.train for i in layout.train[s]]
+    prior = fit(b.r[fit_idx], y[fit_idx], len(classes))
+    t = temperature(models, [(s.val_x, s.val_y) for s in b.data.sites.values()])
+    ext = layout.evaluation["external"]
+    r = b.r.copy()
+    r[ext] = np.log(b.dia[ext] / anchored_reference(b.d_every, probabilities(models, [b.x_every], t), classes,
+                                                    ANCHOR_CLASS))
+    for split, idx in layout.evaluation.items():
+        p = combine_probs(probabilities(models, b.views[split], t), size_ll(r[idx], prior), SIZE_WEIGHT)
+        m = compute_metrics(classes, y[idx], p)
+        scores.setdefault((name, split), []).append(m.balanced_accuracy)
+        if split == "external":
+            scores.setdefault((name, "ece"), []).append(expected_calibration_error(p, y[idx]))
+            for c in REPORTED:
+                scores.setdefault((name, c), []).append(float(m.recall[classes.index(c)]))
+
+
+def print_table(title: str, scores: Scores) -> None:
+    names = list(dict.fromkeys(k[0] for k in scores))
+    print(f"\n| {title} | federated LOSO | internal | Barcelona | Barcelona ECE | Barcelona recall "
+          + " / ".join(c[:4] for c in REPORTED) + " |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        loso = _mean_sd(scores[name, "loso"]) if (name, "loso") in scores else "—"
+        recall = " / ".join(f"{np.mean(scores[name, c]):.2f}" for c in REPORTED)
+        print(f"| {name} | {loso} | {_mean_sd(scores[name, 'internal'])} | {_mean_sd(scores[name, 'external'])} | "
+              f"{_mean_sd(scores[name, 'ece'])} | {recall} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -177,64 +230,32 @@ def main() -> None:
         ap.error(f"unknown --train {sorted(unknown)}; known: {list(TRAINING)}")
     t0 = time.time()
     b = prepare(args.cache, args.views, args.rounds)
-    arm, layout, d, classes, n, y = b.arm, b.layout, b.data, b.classes, len(b.classes), b.layout.y
-    dia, r, d_every, x_every, views = b.dia, b.r, b.d_every, b.x_every, b.views
+    arm, layout, d = b.arm, b.layout, b.data
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
 
-    scores: dict[tuple[str, str], list[float]] = {}
+    scores: Scores = {}
     if not args.no_loso:
         for seed in seeds:
             for held, training in ((h, tr) for h in layout.train for tr in trainings):
-                rest = [s for s in layout.train if s != held]
+                rest = {s: d.sites[s] for s in layout.train if s != held}
                 recipe = replace(arm.recipe, **TRAINING[training])
-                model = train_federated("fedavg", d.contract, arm.top,
-                                        training_sites(training, {s: d.sites[s] for s in rest}), recipe,
-                                        seed, keep_rounds=True)
-                fit_idx = [i for s in rest for i in layout.train[s]]
-                prior = fit(r[fit_idx], y[fit_idx], n)
-                h = d.sites[held]
-                hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
-                h_idx = list(layout.train[held]) + list(layout.val[held])
+                model = train_federated("fedavg", d.contract, arm.top, training_sites(training, rest), recipe, seed,
+                                        keep_rounds=True)
                 for name, models in variants(model, tails, training).items():
-                    t = temperature(models, [(d.sites[s].val_x, d.sites[s].val_y) for s in rest])
-                    p = probabilities(models, [hx], t)
-                    r_held = np.log(dia[h_idx] / anchored_reference(dia[h_idx], p, classes, ANCHOR_CLASS))
-                    p = combine_probs(p, size_ll(r_held, prior), SIZE_WEIGHT)
-                    scores.setdefault((name, "loso"), []).append(compute_metrics(classes, y[h_idx], p).balanced_accuracy)
+                    score_held_out(b, models, held, name, scores)
             print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
                 f"{k[0]} {np.mean(v[-3:]):.3f}" for k, v in scores.items() if k[1] == "loso"), flush=True)
 
-    fit_idx = [i for s in layout.train for i in layout.train[s]]
-    prior = fit(r[fit_idx], y[fit_idx], n)
-    ext = layout.evaluation["external"]
     for seed, training in ((s, tr) for s in seeds for tr in trainings):
         recipe = replace(arm.recipe, **TRAINING[training])
         model = train_federated("fedavg", d.contract, arm.top, training_sites(training, d.sites), recipe, seed,
                                 keep_rounds=True)
         for name, models in variants(model, tails, training).items():
-            t = temperature(models, [(s.val_x, s.val_y) for s in d.sites.values()])
-            r[ext] = np.log(dia[ext] / anchored_reference(d_every, probabilities(models, [x_every], t), classes,
-                                                          ANCHOR_CLASS))
-            for split, idx in layout.evaluation.items():
-                p = combine_probs(probabilities(models, views[split], t), size_ll(r[idx], prior), SIZE_WEIGHT)
-                m = compute_metrics(classes, y[idx], p)
-                scores.setdefault((name, split), []).append(m.balanced_accuracy)
-                if split == "external":
-                    scores.setdefault((name, "ece"), []).append(expected_calibration_error(p, y[idx]))
-                    for c in REPORTED:
-                        scores.setdefault((name, c), []).append(float(m.recall[classes.index(c)]))
+            score_served(b, models, name, scores)
             print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: internal {scores[name, 'internal'][-1]:.3f}, "
                   f"Barcelona {scores[name, 'external'][-1]:.3f}", flush=True)
 
-    names = list(dict.fromkeys(k[0] for k in scores))
-    print(f"\n| FedAvg, {args.views} views, size w = {SIZE_WEIGHT:g} | federated LOSO | internal | Barcelona | "
-          "Barcelona ECE | Barcelona recall " + " / ".join(c[:4] for c in REPORTED) + " |")
-    print("|---|---|---|---|---|---|")
-    for name in names:
-        loso = _mean_sd(scores[name, "loso"]) if (name, "loso") in scores else "—"
-        recall = " / ".join(f"{np.mean(scores[name, c]):.2f}" for c in REPORTED)
-        print(f"| {name} | {loso} | {_mean_sd(scores[name, 'internal'])} | {_mean_sd(scores[name, 'external'])} | "
-              f"{_mean_sd(scores[name, 'ece'])} | {recall} |")
+    print_table(f"FedAvg, {args.views} views, size w = {SIZE_WEIGHT:g}", scores)
     print(f"[{time.time() - t0:.0f} s]")
 
 

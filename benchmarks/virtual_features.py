@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import replace
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,19 +41,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from benchmarks.fedavg_variants import SIZE_WEIGHT, averaged, prepare, probabilities, temperature, REPORTED
-from benchmarks.size_prior import combine_probs, fit, size_ll
+from benchmarks.fedavg_variants import (Scores, averaged, prepare, print_table, probabilities, score_held_out,
+                                         score_served, temperature)
 from federation.benchmark.handlers import SiteFeatures, top_logits
-from federation.benchmark.report import _mean_sd
-from federation.losses import class_weights
-from federation.recalibration import ClassStatistics, pooled_gaussians, retrain_classifier, sample_virtual
 from federation.benchmark.presets import LITE0, LITE0_LONG
 from federation.benchmark.protocols import arm_features, in_domain_layout
+from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import RowModel, train_federated, train_pooled
+from federation.losses import class_weights
+from federation.recalibration import ClassStatistics, pooled_gaussians, retrain_classifier, sample_virtual
 from federation.sites import DataRoot, resolve_data_root
 from models.calibration import expected_calibration_error
 from models.evaluate import compute_metrics
-from models.size_prior import ANCHOR_CLASS, anchored_reference
 
 
 def penultimate(model: RowModel, x: np.ndarray) -> np.ndarray:
@@ -157,59 +156,28 @@ def main() -> None:
         return in_domain(args, seeds)
     t0 = time.time()
     b = prepare(args.cache, "turns-zooms", args.rounds)
-    d, layout, classes, y, n = b.data, b.layout, b.classes, b.layout.y, len(b.classes)
+    d, layout, n = b.data, b.layout, len(b.classes)
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
 
-    scores: dict[tuple[str, str], list[float]] = {}
+    scores: Scores = {}
     if not args.no_loso:
         for seed in seeds:
             for held in layout.train:
                 rest = {s: d.sites[s] for s in layout.train if s != held}
                 model = train_federated("fedavg", d.contract, b.arm.top, rest, b.arm.recipe, seed, keep_rounds=True)
-                fit_idx = [i for s in rest for i in layout.train[s]]
-                prior = fit(b.r[fit_idx], y[fit_idx], n)
-                h = d.sites[held]
-                hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
-                h_idx = list(layout.train[held]) + list(layout.val[held])
                 for name, m in variants(model, rest, n, seed).items():
-                    t = temperature([m], [(s.val_x, s.val_y) for s in rest.values()])
-                    p = probabilities([m], [hx], t)
-                    r_held = np.log(b.dia[h_idx] / anchored_reference(b.dia[h_idx], p, classes, ANCHOR_CLASS))
-                    p = combine_probs(p, size_ll(r_held, prior), SIZE_WEIGHT)
-                    scores.setdefault((name, "loso"), []).append(compute_metrics(classes, y[h_idx], p).balanced_accuracy)
+                    score_held_out(b, [m], held, name, scores)
             print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
                 f"{k[0]} {np.mean(v[-3:]):.3f}" for k, v in scores.items() if k[1] == "loso"), flush=True)
 
-    fit_idx = [i for s in layout.train for i in layout.train[s]]
-    prior = fit(b.r[fit_idx], y[fit_idx], n)
-    ext = layout.evaluation["external"]
-    r = b.r.copy()
     for seed in seeds:
         model = train_federated("fedavg", d.contract, b.arm.top, d.sites, b.arm.recipe, seed, keep_rounds=True)
         for name, m in variants(model, d.sites, n, seed).items():
-            t = temperature([m], [(s.val_x, s.val_y) for s in d.sites.values()])
-            r[ext] = np.log(b.dia[ext] / anchored_reference(b.d_every, probabilities([m], [b.x_every], t), classes,
-                                                            ANCHOR_CLASS))
-            for split, idx in layout.evaluation.items():
-                p = combine_probs(probabilities([m], b.views[split], t), size_ll(r[idx], prior), SIZE_WEIGHT)
-                met = compute_metrics(classes, y[idx], p)
-                scores.setdefault((name, split), []).append(met.balanced_accuracy)
-                if split == "external":
-                    scores.setdefault((name, "ece"), []).append(expected_calibration_error(p, y[idx]))
-                    for c in REPORTED:
-                        scores.setdefault((name, c), []).append(float(met.recall[classes.index(c)]))
+            score_served(b, [m], name, scores)
             print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: internal {scores[name, 'internal'][-1]:.3f}, "
                   f"Barcelona {scores[name, 'external'][-1]:.3f}", flush=True)
 
-    names = list(dict.fromkeys(k[0] for k in scores))
-    print("\n| FedAvg (shipped arm, views, size w = 2) | federated LOSO | internal | Barcelona | Barcelona ECE | "
-          "Barcelona recall " + " / ".join(c[:4] for c in REPORTED) + " |")
-    print("|---|---|---|---|---|---|")
-    for name in names:
-        loso = _mean_sd(scores[name, "loso"]) if (name, "loso") in scores else "—"
-        recall = " / ".join(f"{np.mean(scores[name, c]):.2f}" for c in REPORTED)
-        print(f"| {name} | {loso} | {_mean_sd(scores[name, 'internal'])} | {_mean_sd(scores[name, 'external'])} | "
-              f"{_mean_sd(scores[name, 'ece'])} | {recall} |")
+    print_table("FedAvg (shipped arm, views, size w = 2)", scores)
     print(f"[{time.time() - t0:.0f} s]")
 
 
