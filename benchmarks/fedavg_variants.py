@@ -77,8 +77,8 @@ TRAINING = {"shipped": {}, "pooled-class-weights": {"pooled_class_weights": True
 
 def training_sites(training: str, sites: dict[str, SiteFeatures]) -> dict[str, SiteFeatures]:
     """`no-clean-view`: each epoch draws only among the 8 augmented views, never the clean cell (view 0),
-    as the deployment's sites do (fresh augmentation every step); the shipped benchmark draws the clean
-    view one time in nine."""
+    as the deployment's sites did before `clean-view-p` (fresh augmentation every step); the shipped
+    benchmark draws the clean view one time in nine."""
     if training != "no-clean-view":
         return sites
     return {name: replace(s, train_x=s.train_x[:, 1:]) for name, s in sites.items()}
