@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,pooled-class-weights --tails 3
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --rounds 20 --no-loso
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,no-clean-view --tails 5
+    .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,fresh-augmentation --tails 5 --no-loso
 
 FedAvg's Barcelona answer moves with the seed, with 24 training cells fewer and with more rounds, each
 time trading eosinophils against lymphocytes (docs/results.md, "The site's reference"), while the
@@ -14,6 +15,8 @@ centralised model's does not (eosinophil recall 0.91 centralised, 0.70 federated
   the centralised loss; the shipped recipe balances each site's classes locally (capped at 3x), which
   weighs `jiangxi-tecom`'s 22 eosinophils 8x its neutrophils; `no-clean-view` never draws the clean
   cell from the cached views (the deployment's sites always augment; the benchmark draws it 1 time in 9);
+  `fresh-augmentation` trains with the deployment's own ClientApp (a fresh augmented view every step, as
+  a SuperNode does) instead of the finite pool of cached views;
 - after training: the global model averaged over its last k rounds (uniform, in weight space: the
   server's own Polyak / SWA average; one exported graph), or the last k rounds' answers averaged (an
   ensemble: k graphs to serve), `--tails`.
@@ -34,6 +37,7 @@ import copy
 from dataclasses import dataclass, replace
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,11 +53,13 @@ from benchmarks.site_reference import located_diameters
 from benchmarks.size_prior import TEMPERATURES, _nll, combine_probs, fit, size_ll
 from benchmarks.tta import fixed_view_features, shipped_arm
 from federation.averaging import mean_of
+from federation.benchmark.full import train_full_federated
 from federation.benchmark.handlers import SiteFeatures
-from federation.benchmark.prepared import PreparedImages
+from federation.benchmark.prepared import PreparedImages, cached_source
 from federation.benchmark.report import _mean_sd
-from federation.benchmark.runs import RowModel, train_federated
+from federation.benchmark.runs import RowModel, fresh_split, train_federated
 from federation.sites import DataRoot, resolve_data_root
+from federation.task import set_prepared_source
 from models.calibration import expected_calibration_error, softmax
 from models.evaluate import compute_metrics
 from models.size_prior import ANCHOR_CLASS, MIN_ANCHOR_CELLS, anchored_reference, site_reference
@@ -72,7 +78,34 @@ def averaged(model: RowModel, states: list[dict[str, np.ndarray]]) -> RowModel:
     return out
 
 
-TRAINING = {"shipped": {}, "pooled-class-weights": {"pooled_class_weights": True}, "no-clean-view": {}}
+TRAINING = {"shipped": {}, "pooled-class-weights": {"pooled_class_weights": True}, "no-clean-view": {},
+            "fresh-augmentation": {}}
+FRESH_SETTINGS = {"augment": "texture", "clean-view-p": 1 / 9}  # the deployment's run config for these
+
+
+def train_variant(b: "Bench", training: str, site_names: list[str], seed: int, cache: Path) -> RowModel:
+    """FedAvg at these training sites, keeping every round's aggregate. `fresh-augmentation` runs the
+    deployment's own ClientApp at every node (`federation.benchmark.full`: fresh augmentation every step,
+    the trunk run on every view) instead of the cached views; its model is then scored on the same cached
+    test-time views as every other variant (the top's weights are the whole difference)."""
+    arm, d = b.arm, b.data
+    recipe = replace(arm.recipe, **TRAINING[training])
+    if training != "fresh-augmentation":
+        sites = training_sites(training, {s: d.sites[s] for s in site_names})
+        return train_federated("fedavg", d.contract, arm.top, sites, recipe, seed, keep_rounds=True)
+    set_prepared_source(cached_source(cache / "prepared"))  # cells located once, not in every message
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            full = train_full_federated("fedavg", d.contract, DataRoot(resolve_data_root(None)), site_names,
+                                        recipe, seed, Path(work), train_top=arm.top, train_settings=FRESH_SETTINGS,
+                                        keep_rounds=True)
+    finally:
+        set_prepared_source(None)
+    split = fresh_split(d.contract, arm.top, seed)
+    keys = split.top_state_keys()
+    states = [{k: s[k] for k in keys} for s in full.round_states]
+    split.load_top_state({k: torch.as_tensor(v) for k, v in states[-1].items()})
+    return RowModel(split, full.seconds, full.curves, full.val_calibration, round_states=states)
 
 
 def training_sites(training: str, sites: dict[str, SiteFeatures]) -> dict[str, SiteFeatures]:
@@ -230,26 +263,21 @@ def main() -> None:
         ap.error(f"unknown --train {sorted(unknown)}; known: {list(TRAINING)}")
     t0 = time.time()
     b = prepare(args.cache, args.views, args.rounds)
-    arm, layout, d = b.arm, b.layout, b.data
+    layout = b.layout
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
 
     scores: Scores = {}
     if not args.no_loso:
         for seed in seeds:
             for held, training in ((h, tr) for h in layout.train for tr in trainings):
-                rest = {s: d.sites[s] for s in layout.train if s != held}
-                recipe = replace(arm.recipe, **TRAINING[training])
-                model = train_federated("fedavg", d.contract, arm.top, training_sites(training, rest), recipe, seed,
-                                        keep_rounds=True)
+                model = train_variant(b, training, [s for s in layout.train if s != held], seed, args.cache)
                 for name, models in variants(model, tails, training).items():
                     score_held_out(b, models, held, name, scores)
             print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
                 f"{k[0]} {np.mean(v[-3:]):.3f}" for k, v in scores.items() if k[1] == "loso"), flush=True)
 
     for seed, training in ((s, tr) for s in seeds for tr in trainings):
-        recipe = replace(arm.recipe, **TRAINING[training])
-        model = train_federated("fedavg", d.contract, arm.top, training_sites(training, d.sites), recipe, seed,
-                                keep_rounds=True)
+        model = train_variant(b, training, list(layout.train), seed, args.cache)
         for name, models in variants(model, tails, training).items():
             score_served(b, models, name, scores)
             print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: internal {scores[name, 'internal'][-1]:.3f}, "

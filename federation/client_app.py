@@ -85,6 +85,7 @@ def _setup(msg: Message, context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from federation.augment import named_augmentation
+    from federation.site_cache import CACHE_KEY, SiteCache
     from federation.task import TrainConfig, train_local
 
     site, config, contract, samples, model = _setup(msg, context)
@@ -99,17 +100,26 @@ def train(msg: Message, context: Context) -> Message:
         seed=site_seed(int(config["seed"]), server_round, site),
     )
     t0 = time.time()
-    result = train_local(
-        model,
-        samples,
-        contract,
-        train_config,
-        global_params=global_params,
-        progress=_progress(site, server_round),
-        top=str(config.get("train-top", "full")),
-        augment=replace(named_augmentation(str(config.get("augment", "default"))),
-                        clean_p=float(config.get("clean-view-p", 0.0))),
-    )
+    top = str(config.get("train-top", "full"))
+    augment = named_augmentation(str(config.get("augment", "default")))
+    pool, cache = int(config.get("view-pool", 0)), SiteCache.of(context.node_config)
+    if pool > 0 and top != "full" and cache is not None and not augment.style_p:
+        result = _train_on_view_pool(model, samples, contract, train_config, cache, top, augment, pool,
+                                     int(config["seed"]), _progress(site, server_round))
+    else:
+        if pool > 0:
+            _log(site, f"view-pool {pool} needs train-top stage or head, node config {CACHE_KEY} and no "
+                       "style augmentation: training on fresh augmentation instead")
+        result = train_local(
+            model,
+            samples,
+            contract,
+            train_config,
+            global_params=global_params,
+            progress=_progress(site, server_round),
+            top=top,
+            augment=replace(augment, clean_p=float(config.get("clean-view-p", 0.0))),
+        )
     seconds = time.time() - t0
     # Per-class relative-size sums of the cells just trained on (models.size_prior): counts, no cell.
     size = result.pop("size", None)
@@ -147,10 +157,15 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from federation.site_cache import SiteCache
     from federation.task import evaluation_record, predict_logits
 
     site, config, contract, samples, model = _setup(msg, context)
-    logits, targets = predict_logits(model, samples, contract, batch_size=int(config.get("batch-size", 64)))
+    top, cache = str(config.get("train-top", "full")), SiteCache.of(context.node_config)
+    if top != "full" and cache is not None:  # the frozen trunk's outputs of every test view, cached
+        logits, targets = _cached_logits(model, samples, contract, cache, top)
+    else:
+        logits, targets = predict_logits(model, samples, contract, batch_size=int(config.get("batch-size", 64)))
     # Metrics, confusion matrix and the calibration summary (models.calibration): counts only, no cells.
     record = evaluation_record(logits, targets, contract)
     _log(
@@ -165,6 +180,41 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _train_on_view_pool(model, samples, contract, config, cache, top, augment, views, seed, progress):
+    """The benchmark's recipe at a real site: the top trained on the cached trunk outputs of a finite
+    pool of views of each cell (the clean one + `views` seeded augmentations, the same all run), one drawn
+    per cell and epoch (`federation.benchmark.handlers.train_top`); the trunk runs once per view and run."""
+    import numpy as np
+
+    from federation.benchmark.handlers import train_top
+    from federation.task import size_statistics_of
+    from federation.trunk import split_model
+
+    split = split_model(model, top)
+    split.freeze_trunk()
+    prepared = cache.prepared(samples, contract)
+    x = cache.view_pool(split, samples, prepared, contract, augment, views, seed)
+    index = {c: i for i, c in enumerate(contract.class_names)}
+    y = np.array([index[s.label] for s in samples], dtype=np.int64)
+    global_params = [p.detach().clone() for p in split.trainable_parameters()] if config.proximal_mu > 0 else None
+    result = train_top(split, x, y, contract.num_classes, config, global_params=global_params, progress=progress)
+    return {**result, "size": size_statistics_of(prepared.diameters, y.tolist(), contract)}
+
+
+def _cached_logits(model, samples, contract, cache, top):
+    import numpy as np
+
+    from federation.site_cache import view_averaged_logits
+    from federation.trunk import split_model
+
+    split = split_model(model, top)
+    split.freeze_trunk()
+    prepared = cache.prepared(samples, contract)
+    feats = cache.test_view_features(split, samples, prepared, contract)
+    index = {c: i for i, c in enumerate(contract.class_names)}
+    return view_averaged_logits(split, feats, contract), np.array([index[s.label] for s in samples], np.int64)
 
 
 def _finite(value: float | None) -> float:

@@ -51,6 +51,12 @@ class RunSettings:
     # as the benchmark's recipe draws it from its 8 augmented views + the clean one; without it Barcelona
     # loses ~0.03 (docs/results.md, "The clean cell in training").
     clean_view_p: float = 0.111
+    # With a frozen trunk (train-top stage or head) and a site cache (node config cache-dir), each site
+    # trains on the cached trunk outputs of a fixed pool of views per cell: the clean one + this many
+    # seeded augmentations, one drawn per cell and epoch (the clean one 1 time in 1 + view-pool, so
+    # clean-view-p is then unused): the benchmark's recipe, and the trunk runs once per view and run
+    # (federation.site_cache; docs/results.md, "A finite pool of views"). 0 = fresh augmentation every step.
+    view_pool: int = 8
     seed: int = 0
     min_nodes: int = 3
     round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes
@@ -117,6 +123,8 @@ class RunSettings:
             problems.append(f"temperature-rule {self.temperature_rule!r} is not one of soften-only, fitted")
         if not 0.0 <= self.clean_view_p <= 1.0:
             problems.append(f"clean-view-p {self.clean_view_p} is not within [0, 1]")
+        if not 0 <= self.view_pool <= 64:
+            problems.append(f"view-pool {self.view_pool} is not within 0-64 views")
         if not 0.0 <= self.size_weight <= 10.0:
             problems.append(f"size-weight {self.size_weight} is not within [0, 10]")
         try:
@@ -418,13 +426,15 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
             "train-top": settings.train_top,
             "augment": settings.augment,
             "clean-view-p": settings.clean_view_p,
+            "view-pool": settings.view_pool,
             "lr": settings.lr,
             "batch-size": settings.batch_size,
             "seed": settings.seed,
         }
     )
     evaluate_config = ConfigRecord(
-        {"contract": contract_json, LAYOUT_KEY: layout.digest, "batch-size": settings.batch_size}
+        {"contract": contract_json, LAYOUT_KEY: layout.digest, "batch-size": settings.batch_size,
+         "train-top": settings.train_top}  # a frozen trunk's test-view outputs may come from the site cache
     )
     rs.run_rounds(
         strategy,

@@ -155,18 +155,25 @@ class CellDataset(Dataset):
         for i in range(len(self)):  # cells a dropped last batch never showed (a few, prepared once here)
             if i not in self.diameters:
                 self.prepared(i)
-        d = [self.diameters[i] for i in range(len(self))]
-        if not np.isfinite(d).any():  # no nucleus found in any cell: nothing to say about sizes
-            return None
-        anchor = anchor_of(self.contract.class_names)
-        return SizeStatistics.of(d, self.targets, self.contract.num_classes,
-                                 None if anchor is None else self.contract.class_names.index(anchor))
+        return size_statistics_of([self.diameters[i] for i in range(len(self))], self.targets, self.contract)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.prepared(i)
         if self.augment is not None:
             image = self.augment(image)
         return torch.from_numpy(finish(image, self.contract)), self.targets[i]
+
+
+def size_statistics_of(
+    diameters: Sequence[float], targets: Sequence[int], contract: ModelContract
+) -> SizeStatistics | None:
+    """Per-class relative-size statistics of located cell diameters (NaN: no nucleus found), or None
+    when no cell was located (no cell crop, or no nucleus in any cell: nothing to say about sizes)."""
+    if contract.cell_crop is None or not np.isfinite(diameters).any():
+        return None
+    anchor = anchor_of(contract.class_names)
+    return SizeStatistics.of(list(diameters), list(targets), contract.num_classes,
+                             None if anchor is None else contract.class_names.index(anchor))
 
 
 # ---- training -------------------------------------------------------------------------------------

@@ -68,13 +68,17 @@ def train_full_federated(
     proximal_mu: float | None = None,
     server_lr: float | None = None,
     train_top: str = "full",
+    train_settings: dict[str, str | float] | None = None,
+    keep_rounds: bool = False,
 ) -> RowModel:
+    """`train_settings`: more train-config entries for the ClientApp (e.g. "augment", "clean-view-p"), as a
+    deployment's run config sends them; `keep_rounds`: the result carries every round's aggregate."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     t0 = time.time()
     split = fresh_split(contract, "full", seed, pretrained)
     state = split.model.state_dict()
     buffers = set(state) - {n for n, _ in split.model.named_parameters()}
-    observer = BenchObserver()
+    observer = BenchObserver(keep_rounds)
     strat = make_strategy(
         strategy,
         min_nodes=len(sites),
@@ -98,6 +102,7 @@ def train_full_federated(
             "lr": recipe.lr,
             "batch-size": recipe.batch_size,
             "seed": seed,
+            **(train_settings or {}),
         }
     )
     evaluate_config = ConfigRecord({"contract": contract_json, "batch-size": 64})
@@ -125,4 +130,5 @@ def train_full_federated(
         grid.messages_sent,
         contract,
         observer.pooled_confusion(),
+        observer.round_states,
     )

@@ -12,7 +12,7 @@ in this process's `SITE_DATA` under the node's `bench-key` (a site only ever see
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +77,7 @@ def train_top(
     config: TrainConfig,
     *,
     global_params: list[torch.Tensor] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, float]:
     seed_everything(config.seed)
     steps, batches = view_batches(x, y, config.batch_size, config.seed)
@@ -89,6 +90,7 @@ def train_top(
         num_classes,
         config,
         global_params=global_params,
+        progress=progress,
     )
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from federation.sites import Sample
 from models.contract import ModelContract
-from models.preprocess import prepare
+from models.preprocess import prepare_sized
 
 # Bump when models/cellcrop.py or models/preprocess.py change what `prepare` returns.
 PREPARE_VERSION = "1"
@@ -41,10 +41,11 @@ def _key_digest(contract: ModelContract) -> str:
 class PreparedImages:
     """Prepared images of a fixed sample list, in sample order; `image(i)` is a fresh PIL image."""
 
-    def __init__(self, buffer: np.ndarray, shapes: np.ndarray):
+    def __init__(self, buffer: np.ndarray, shapes: np.ndarray, diameters: np.ndarray | None = None):
         self.buffer = buffer
         self.shapes = shapes
         self.offsets = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))])[:-1]
+        self.diameters = diameters  # located cell diameters (NaN: none found), when built with them
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -54,6 +55,7 @@ class PreparedImages:
         view = PreparedImages.__new__(PreparedImages)
         view.buffer, view.shapes = self.buffer, self.shapes[np.asarray(indices, dtype=np.int64)]
         view.offsets = self.offsets[np.asarray(indices, dtype=np.int64)]
+        view.diameters = None if self.diameters is None else self.diameters[np.asarray(indices, dtype=np.int64)]
         return view
 
     def array(self, i: int) -> np.ndarray:
@@ -71,32 +73,58 @@ class PreparedImages:
         contract: ModelContract,
         cache_dir: Path | None,
         log: Callable[[str], None] = print,
+        *,
+        diameters: bool = False,
+        with_stat: bool = False,
     ) -> PreparedImages:
         """Prepared images of `samples`; each image is cached once per preparation key (any later sample
-        list that holds it reuses it)."""
+        list that holds it reuses it). `diameters`: also the located cell diameters (kept beside the
+        images in `diameters.json`); `with_stat`: a file is known by its path, size and mtime (a site's
+        own folder, where an image may be replaced), not by its path alone (the fixed public data)."""
         store = cache_dir / _key_digest(contract) if cache_dir is not None else None
         if store is not None:
             store.mkdir(parents=True, exist_ok=True)
+        known: dict[str, float | None] = {}
+        sizes = store / "diameters.json" if store is not None and diameters else None
+        if sizes is not None and sizes.is_file():
+            known = json.loads(sizes.read_text())
         t0 = time.perf_counter()
-        arrays, computed = [], 0
+        arrays, located, computed = [], [], 0
         for s in samples:
-            path = store / (hashlib.sha1(str(s.path).encode()).hexdigest()[:20] + ".npy") if store else None
-            if path is not None and path.is_file():
+            name = _image_name(s, with_stat)
+            path = store / (name + ".npy") if store else None
+            if path is not None and path.is_file() and (not diameters or name in known):
                 arrays.append(np.load(path))
+                located.append(known.get(name))
                 continue
             with Image.open(s.path) as img:
                 img.load()
-                arr = np.asarray(prepare(img, contract), dtype=np.uint8)
+                prepared, d = prepare_sized(img, contract)
+                arr = np.asarray(prepared, dtype=np.uint8)
             computed += 1
             if path is not None:
                 _save(path, arr)
+            known[name] = d if np.isfinite(d) else None
             arrays.append(arr)
+            located.append(known[name])
+        if sizes is not None and computed:
+            tmp = sizes.with_name(sizes.name + ".tmp")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(sizes)
         shapes = np.array([a.shape for a in arrays], dtype=np.int64).reshape(-1, 3)
         buffer = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.uint8)
         if computed:
             log(f"prepared {computed} of {len(samples)} images in {time.perf_counter() - t0:.0f} s")
-        return cls(buffer, shapes)
+        d_array = np.array([np.nan if d is None else d for d in located], dtype=np.float64) if diameters else None
+        return cls(buffer, shapes, d_array)
 
+
+def _image_name(sample: Sample, with_stat: bool) -> str:
+    text = str(sample.path)
+    if with_stat:
+        st = Path(sample.path).stat()
+        text += f"|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 def cached_source(cache_dir: Path) -> Callable[[Sample, ModelContract], Image.Image]:
     """A `federation.task.set_prepared_source` callable over this cache (prepares and stores on a miss)."""

@@ -110,9 +110,12 @@ def test_three_site_federation_registers_verified_versions(
     assert result.ok, f"{result.error} (logs: {result.logs})"
     assert flower_processes_under(work) == []
 
-    # Each SuperNode saw only its own site.
+    # Each SuperNode saw only its own site, and kept its frozen trunk's outputs in its own cache
+    # (view-pool = 8 by default: the pool of its training cells' views, and its val cells' test views).
     for site in sites:
         assert DataRoot(work / "sites" / site).sites == (site,)
+        cached = sorted(p.name for p in (work / "site-cache" / site / "features").glob("*.npy"))
+        assert any("-v8-" in n for n in cached) and any(n.startswith("test-views-") for n in cached), cached
 
     # Every round recorded: raw per-site train and val results, pooled from the summed confusions, a decision.
     assert [r["round"] for r in result.rounds] == [1, 2]

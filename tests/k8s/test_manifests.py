@@ -292,4 +292,7 @@ def test_supernode_node_config_reaches_the_clientapp(rendered: dict[str, list[di
     data_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == node_config["data-root"])
     assert data_mount["readOnly"] is True
     assert int(node_config["threads"]) >= 1
+    # The site cache is a writable volume of its own (the root filesystem is read-only).
+    cache_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == node_config["cache-dir"])
+    assert not cache_mount.get("readOnly") and container["securityContext"]["readOnlyRootFilesystem"] is True
     assert {v["name"]: v.get("value") for v in container["env"]}["FLWR_TELEMETRY_ENABLED"] == "0"
