@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --rounds 20 --no-loso
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,no-clean-view --tails 5
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,fresh-augmentation --tails 5 --no-loso
+    .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train pool-2,pool-4,pool-8,pool-16 --tails 5 --views-per-cell 16
 
 FedAvg's Barcelona answer moves with the seed, with 24 training cells fewer and with more rounds, each
 time trading eosinophils against lymphocytes (docs/results.md, "The site's reference"), while the
@@ -89,7 +90,7 @@ def train_variant(b: "Bench", training: str, site_names: list[str], seed: int, c
     the trunk run on every view) instead of the cached views; its model is then scored on the same cached
     test-time views as every other variant (the top's weights are the whole difference)."""
     arm, d = b.arm, b.data
-    recipe = replace(arm.recipe, **TRAINING[training])
+    recipe = replace(arm.recipe, **TRAINING.get(training, {}))
     if training != "fresh-augmentation":
         sites = training_sites(training, {s: d.sites[s] for s in site_names})
         return train_federated("fedavg", d.contract, arm.top, sites, recipe, seed, keep_rounds=True)
@@ -108,10 +109,22 @@ def train_variant(b: "Bench", training: str, site_names: list[str], seed: int, c
     return RowModel(split, full.seconds, full.curves, full.val_calibration, round_states=states)
 
 
+def known_training(training: str) -> bool:
+    return training in TRAINING or (training.startswith("pool-") and training[5:].isdigit())
+
+
 def training_sites(training: str, sites: dict[str, SiteFeatures]) -> dict[str, SiteFeatures]:
     """`no-clean-view`: each epoch draws only among the 8 augmented views, never the clean cell (view 0),
     as the deployment's sites did before `clean-view-p` (fresh augmentation every step); the shipped
-    benchmark draws the clean view one time in nine."""
+    benchmark draws the clean view one time in nine. `pool-K`: the clean cell and the first K augmented
+    views of each cell (views are seeded per cell and view, so a smaller pool is a prefix of a larger one;
+    K up to `--views-per-cell`)."""
+    if training.startswith("pool-"):
+        k = int(training[5:])
+        if any(s.train_x.shape[1] < 1 + k for s in sites.values()):
+            raise SystemExit(f"{training}: only {next(iter(sites.values())).train_x.shape[1] - 1} views cached "
+                             "per cell; run with --views-per-cell K or more")
+        return {name: replace(s, train_x=s.train_x[:, : 1 + k]) for name, s in sites.items()}
     if training != "no-clean-view":
         return sites
     return {name: replace(s, train_x=s.train_x[:, 1:]) for name, s in sites.items()}
@@ -155,11 +168,12 @@ class Bench:
     views: dict[str, list[np.ndarray]]  # evaluation split -> trunk features per test-time view
 
 
-def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0) -> Bench:
+def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_per_cell: int = 0) -> Bench:
     """Features, test-time views and sizes (cached under `cache`): a training site's sizes relative to its
     labelled neutrophils; a held-out or new site's relative to the cells the scored network calls
-    neutrophils (what `wbc data site-scale` measures), computed per variant by the caller."""
-    arm, layout, d, trunk = shipped_arm(cache)
+    neutrophils (what `wbc data site-scale` measures), computed per variant by the caller.
+    `views_per_cell`: cache this many augmented views per training cell instead of the arm's 8."""
+    arm, layout, d, trunk = shipped_arm(cache, views_per_cell)
     if rounds:  # the longer preset (`wbc federate --rounds 20`)
         arm = replace(arm, recipe=replace(arm.recipe, rounds=rounds))
     classes = list(d.contract.class_names)
@@ -247,22 +261,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--train", default="shipped,pooled-class-weights",
-                    help="training variants, comma-separated: " + ", ".join(TRAINING))
+                    help="training variants, comma-separated: " + ", ".join(TRAINING) + ", pool-K")
     ap.add_argument("--tails", default="3", help="how many last rounds each averaged variant takes (1 = none)")
     ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--views", default="turns-zooms", choices=("none", "turns-zooms"))
     ap.add_argument("--no-loso", action="store_true", help="skip the federated leave-one-site-out criterion")
     ap.add_argument("--rounds", type=int, default=0, help="train this many rounds instead of the shipped recipe's 5")
+    ap.add_argument("--views-per-cell", type=int, default=0,
+                    help="augmented views cached per training cell (default: the arm's 8); for pool-K with K > 8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     tails = [int(k) for k in args.tails.split(",")]
     trainings = args.train.split(",")
-    if unknown := set(trainings) - set(TRAINING):
-        ap.error(f"unknown --train {sorted(unknown)}; known: {list(TRAINING)}")
+    if unknown := {t for t in trainings if not known_training(t)}:
+        ap.error(f"unknown --train {sorted(unknown)}; known: {list(TRAINING)} and pool-K")
     t0 = time.time()
-    b = prepare(args.cache, args.views, args.rounds)
+    b = prepare(args.cache, args.views, args.rounds, args.views_per_cell)
     layout = b.layout
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
 

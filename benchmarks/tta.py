@@ -106,9 +106,12 @@ def main() -> None:
     print(f"[{time.time() - t0:.0f} s]")
 
 
-def shipped_arm(cache: Path):
-    """The shipped recipe's arm (texture augmentation), the paper layout, its cached features and trunk."""
+def shipped_arm(cache: Path, views_per_cell: int = 0):
+    """The shipped recipe's arm (texture augmentation), the paper layout, its cached features and trunk;
+    `views_per_cell` > 0 caches that many augmented views per training cell instead of the arm's 8."""
     arm = replace(LITE0, name="augmentation: texture", augment=AugmentConfig.texture())
+    if views_per_cell:
+        arm = replace(arm, views=views_per_cell)
     layout = paper_layout(DataRoot(resolve_data_root(None)))
     data = arm_features(arm, layout, cache)
     return arm, layout, data, fresh_split(data.contract, arm.top, seed=0)

@@ -121,6 +121,7 @@ class SiteTracking:
         if self.observer is not None:
             arrays = self.observer.start_weights(server_round, arrays)
         self._sent_dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
+        self._sent_arrays = {k: a.numpy() for k, a in arrays.items()}
         if not self._enough_nodes(server_round, "train", grid):
             return []
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
@@ -154,9 +155,10 @@ class SiteTracking:
         else:
             self._weigh(valid)
             plain = _weighted_average(valid, self.averaged_keys, self._weight_key()) if self.averaged_keys else {}
+            untouched = self._untouched(valid)  # before Flower aggregates (FedMedian consumes the arrays)
             arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
             if arrays is not None:
-                arrays = self._restore(arrays, plain)
+                arrays = self._keep_untouched(self._restore(arrays, plain), untouched)
         self._aggregated = {**getattr(self, "_aggregated", {}), server_round: arrays is not None}
         if self.observer is not None:
             self.observer.record_aggregate(server_round, arrays)
@@ -209,6 +211,38 @@ class SiteTracking:
             return
         parsed = [SiteReply.from_message(m, self.observer.node_sites) for m in replies]
         self.observer.record_replies(server_round, phase, parsed)
+
+    def _untouched(self, replies: list[Message]) -> dict[str, np.ndarray]:
+        """Per float array sent: where every site sent back exactly the value it was sent (a frozen trunk)."""
+        sent = getattr(self, "_sent_arrays", {})
+        records = [next(iter(m.content.array_records.values())) for m in replies]
+        masks = {}
+        for key, before in sent.items():
+            if before.dtype.kind != "f" or not all(key in r.keys() for r in records):
+                continue
+            mask = np.ones(before.shape, dtype=bool)
+            for record in records:
+                value = record[key].numpy()
+                if value.shape != before.shape:
+                    break
+                mask &= value == before
+            else:
+                if mask.any():
+                    masks[key] = mask
+        return masks
+
+    def _keep_untouched(self, arrays: ArrayRecord, untouched: dict[str, np.ndarray]) -> ArrayRecord:
+        """Values no site changed stay exactly as they were sent: a weighted mean of identical float32
+        copies can land one ulp away, which changed the frozen trunk's digest every round and with it every
+        site's cache key (federation.site_cache)."""
+        sent = getattr(self, "_sent_arrays", {})
+        out = ArrayRecord()
+        for key, array in arrays.items():
+            value = array.numpy()
+            if key in untouched and value.shape == sent[key].shape:
+                value = np.where(untouched[key], sent[key], value).astype(value.dtype, copy=False)
+            out[key] = Array(np.array(value, order="C"))
+        return out
 
     def _restore(self, arrays: ArrayRecord, plain: dict[str, np.ndarray]) -> ArrayRecord:
         sent = getattr(self, "_sent_dtypes", {})

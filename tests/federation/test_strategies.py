@@ -174,6 +174,30 @@ def book(tmp_path: Path, initial: ArrayRecord) -> RoundBook:
     )
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "trimmedmean"])
+def test_values_no_site_changed_come_back_bit_for_bit(tmp_path: Path, server_process: None, name: str) -> None:
+    """A frozen trunk is sent back unchanged by every site; its weighted mean must be it exactly (one ulp
+    off changes its digest and every site's cache key, federation.site_cache), while a trained value is
+    the weighted mean as before."""
+    rng = np.random.default_rng(0)
+    frozen = rng.normal(size=(64, 64)).astype(np.float32)
+
+    def arrays(trained: float) -> ArrayRecord:
+        return ArrayRecord({"trunk": Array(frozen.copy()), "head": Array(np.full(3, trained, np.float32))})
+
+    initial = arrays(0.0)
+    strategy = make_strategy(name, min_nodes=3, observer=book(tmp_path, initial))
+    list(strategy.configure_train(1, initial, ConfigRecord(), NodesOnly([11, 12, 13])))
+    replies = [reply(11, "a", arrays(1.0), 213), reply(12, "b", arrays(2.0), 248), reply(13, "c", arrays(4.0), 918)]
+    naive = sum(frozen * np.float32(n / 1379) for n in (213, 248, 918))  # what rounding does to a mean
+    assert not np.array_equal(naive, frozen)
+    out, _ = strategy.aggregate_train(1, replies)
+    assert np.array_equal(out["trunk"].numpy(), frozen) and out["trunk"].numpy().dtype == np.float32
+    head = out["head"].numpy()
+    expected = 2.0 if name == "trimmedmean" else (213 * 1.0 + 248 * 2.0 + 918 * 4.0) / 1379
+    assert np.allclose(head, expected, atol=1e-5), head
+
+
 def test_fedadam_steps_parameters_but_averages_buffers_and_keeps_dtypes(
     tmp_path: Path, server_process: None
 ) -> None:
