@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,no-clean-view --tails 5
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,fresh-augmentation --tails 5 --no-loso
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train pool-2,pool-4,pool-8,pool-16 --tails 5 --views-per-cell 16
+    .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --no-loso --product-temperature
 
 FedAvg's Barcelona answer moves with the seed, with 24 training cells fewer and with more rounds, each
 time trading eosinophils against lymphocytes (docs/results.md, "The site's reference"), while the
@@ -153,6 +154,22 @@ def temperature(models: list[RowModel], val: list[tuple[np.ndarray, np.ndarray]]
     return min(TEMPERATURES, key=lambda t: _nll(probabilities(models, [np.concatenate([vx for vx, _ in val])], t), y))
 
 
+def product_probabilities(models: list[RowModel], inputs: list[np.ndarray], t: float) -> np.ndarray:
+    """What the product answers: the exported graph's log of the mean softmax over the test views, then the
+    service's softmax at temperature t (models.test_views, service.inference); mean over models."""
+    return np.mean([softmax(np.log(np.mean([softmax(m.logits(x), 1.0) for x in inputs], axis=0) + 1e-12), t)
+                    for m in models], axis=0)
+
+
+def product_temperature(models: list[RowModel], val_views: dict[str, tuple[list[np.ndarray], np.ndarray]]) -> float:
+    """The deployment's rule: the NLL-best temperature of the sites' pooled val answers as served (views
+    averaged inside the graph), where `temperature` fits the clean view and applies t to every view."""
+    y = np.concatenate([vy for _, vy in val_views.values()])
+    views = len(next(iter(val_views.values()))[0])
+    x = [np.concatenate([vx[v] for vx, _ in val_views.values()]) for v in range(views)]
+    return min(TEMPERATURES, key=lambda t: _nll(product_probabilities(models, x, t), y))
+
+
 @dataclass
 class Bench:
     """The shipped arm's data as every FedAvg variant is scored on it."""
@@ -166,6 +183,7 @@ class Bench:
     d_every: np.ndarray  # every Barcelona cell's diameter (its reference as deployed)
     x_every: np.ndarray  # every Barcelona cell's clean-view trunk features
     views: dict[str, list[np.ndarray]]  # evaluation split -> trunk features per test-time view
+    val_views: dict[str, tuple[list[np.ndarray], np.ndarray]] | None = None  # site -> its val cells' views, labels
 
 
 def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_per_cell: int = 0) -> Bench:
@@ -201,7 +219,13 @@ def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_p
         prepared = PreparedImages.build(samples, d.contract, cache / "prepared")
         views[name] = list(fixed_view_features(trunk, samples, prepared, d.contract, VIEW_SETS[view_set],
                                                cache / "features").values())
-    return Bench(arm, layout, d, classes, dia, r, d_every, x_every, views)
+    val_views = {}
+    for site, idx in layout.val.items():  # the training sites' val cells as the served graph sees them
+        samples = [layout.samples[i] for i in idx]
+        prepared = PreparedImages.build(samples, d.contract, cache / "prepared")
+        val_views[site] = (list(fixed_view_features(trunk, samples, prepared, d.contract, VIEW_SETS[view_set],
+                                                    cache / "features").values()), y[idx])
+    return Bench(arm, layout, d, classes, dia, r, d_every, x_every, views, val_views)
 
 
 Scores = dict[tuple[str, str], list[float]]
@@ -225,18 +249,24 @@ def score_held_out(b: Bench, models: list[RowModel], held: str, name: str, score
     scores.setdefault((name, "loso"), []).append(compute_metrics(classes, y[h_idx], p).balanced_accuracy)
 
 
-def score_served(b: Bench, models: list[RowModel], name: str, scores: Scores) -> None:
-    """Internal and Barcelona figures of one variant trained at all three sites, as the product serves it."""
+def score_served(b: Bench, models: list[RowModel], name: str, scores: Scores, product: bool = False) -> None:
+    """Internal and Barcelona figures of one variant trained at all three sites, as the product serves it.
+    `product`: the temperature fitted and applied exactly as the deployment does (`product_temperature`,
+    `product_probabilities`) instead of the benchmark's rule (fitted on the clean view, applied per view)."""
     layout, classes, y = b.layout, b.classes, b.layout.y
     fit_idx = [i for s in layout.train for i in layout.train[s]]
     prior = fit(b.r[fit_idx], y[fit_idx], len(classes))
-    t = temperature(models, [(s.val_x, s.val_y) for s in b.data.sites.values()])
+    if product:
+        assert b.val_views is not None
+        t, answer = product_temperature(models, b.val_views), product_probabilities
+    else:
+        t, answer = temperature(models, [(s.val_x, s.val_y) for s in b.data.sites.values()]), probabilities
     ext = layout.evaluation["external"]
     r = b.r.copy()
-    r[ext] = np.log(b.dia[ext] / anchored_reference(b.d_every, probabilities(models, [b.x_every], t), classes,
+    r[ext] = np.log(b.dia[ext] / anchored_reference(b.d_every, answer(models, [b.x_every], t), classes,
                                                     ANCHOR_CLASS))
     for split, idx in layout.evaluation.items():
-        p = combine_probs(probabilities(models, b.views[split], t), size_ll(r[idx], prior), SIZE_WEIGHT)
+        p = combine_probs(answer(models, b.views[split], t), size_ll(r[idx], prior), SIZE_WEIGHT)
         m = compute_metrics(classes, y[idx], p)
         scores.setdefault((name, split), []).append(m.balanced_accuracy)
         if split == "external":
@@ -268,6 +298,8 @@ def main() -> None:
     ap.add_argument("--views", default="turns-zooms", choices=("none", "turns-zooms"))
     ap.add_argument("--no-loso", action="store_true", help="skip the federated leave-one-site-out criterion")
     ap.add_argument("--rounds", type=int, default=0, help="train this many rounds instead of the shipped recipe's 5")
+    ap.add_argument("--product-temperature", action="store_true",
+                    help="also score every variant with the temperature fitted and applied as the deployment does")
     ap.add_argument("--views-per-cell", type=int, default=0,
                     help="augmented views cached per training cell (default: the arm's 8); for pool-K with K > 8")
     args = ap.parse_args()
@@ -296,6 +328,8 @@ def main() -> None:
         model = train_variant(b, training, list(layout.train), seed, args.cache)
         for name, models in variants(model, tails, training).items():
             score_served(b, models, name, scores)
+            if args.product_temperature:
+                score_served(b, models, f"{name}, the product's temperature", scores, product=True)
             print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: internal {scores[name, 'internal'][-1]:.3f}, "
                   f"Barcelona {scores[name, 'external'][-1]:.3f}", flush=True)
 

@@ -705,8 +705,10 @@ def run_federation(
     with _sigterm_as_interrupt(), _exclusive(workdir):
         site_roots = {site: materialize_site(source, site, workdir / "sites" / site) for site in sites}
         # Each site's own cache of its frozen trunk's outputs (federation.site_cache), kept across runs.
-        node_config = {site: {"cache-dir": str(workdir / "site-cache" / site), **(node_config or {}).get(site, {})}
-                       for site in sites}
+        node_config = {
+            site: {"cache-dir": str(workdir / "site-cache" / site), **(node_config or {}).get(site, {})}
+            for site in sites
+        }
         run_dir.mkdir(parents=True)
         config_file = run_dir / "run-config.toml"
         config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))

@@ -126,6 +126,7 @@ def _image_name(sample: Sample, with_stat: bool) -> str:
         text += f"|{st.st_size}|{st.st_mtime_ns}"
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
+
 def cached_source(cache_dir: Path) -> Callable[[Sample, ModelContract], Image.Image]:
     """A `federation.task.set_prepared_source` callable over this cache (prepares and stores on a miss)."""
 
