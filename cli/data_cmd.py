@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pathlib import Path
 from typing import Annotated
 
@@ -68,7 +70,8 @@ def site_scale(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Measure this site's reference cell diameter (pixels; no labels read): the service's
-    WBC_SITE_CELL_DIAMETER, which lets a model's size prior size each cell against its own site.
+    WBC_SITE_CELL_DIAMETER, which lets a model's size prior size each cell against its own site; and,
+    for a model with a granule prior, its reference granule density (WBC_SITE_GRANULE_REFERENCE).
 
     The model says what the reference is: for the shipped models the median cell that the model (without
     size) calls a neutrophil; for a model without an anchor, the median of all located cells."""
@@ -99,45 +102,71 @@ def site_scale(
     if classifier.contract.size_prior is None:
         console.print(f"[yellow]note:[/] {info.model_name} v{info.version} carries no size prior: the service "
                       "will not use this setting")
-    value, used = measure_site_diameter(paths, limit, classifier)
-    if used == 0:
+    refs = measure_site_references(paths, limit, classifier)
+    if refs.images == 0:
         fail("no image could be read, or no cell located in any")
     anchor = classifier.contract.size_prior.anchor if classifier.contract.size_prior else None
     what = f"median {anchor} (as v{info.version} calls them)" if anchor else "median white-cell"
     if as_json:
-        print(json.dumps({"site_cell_diameter": round(value, 2), "images": used, "reference": what,
+        print(json.dumps({"site_cell_diameter": round(refs.diameter, 2), "images": refs.images, "reference": what,
+                          "site_granule_reference": None if refs.granules is None else round(refs.granules, 4),
                           "model": info.model_name, "version": info.version}))
         return
-    console.print(f"{what} diameter over {used} images: [bold]{value:.1f} px[/]")
-    console.print(f"serve with: WBC_SITE_CELL_DIAMETER={value:.1f}")
+    console.print(f"{what} diameter over {refs.images} images: [bold]{refs.diameter:.1f} px[/]")
+    if refs.granules is not None:
+        console.print(f"{what} granule density: [bold]{refs.granules:.3f}[/]")
+    console.print("serve with: " + " ".join(f"{k}={v}" for k, v in refs.environment().items()))
 
 
-def measure_site_diameter(paths: list[Path], limit: int = 500, classifier=None) -> tuple[float, int]:
-    """(the site's reference diameter, images with a located cell) over at most `limit` evenly spread
-    images. With a `classifier` whose size prior has an anchor, the reference is the median of the cells
-    it calls that class (`models.size_prior.anchored_reference`), else the median of all located cells."""
+@dataclass(frozen=True)
+class SiteReferences:
+    """What a site's service sizes and weighs its cells against (no labels read): the reference cell
+    diameter (pixels), the reference granule density (None: the model carries no granule prior), and over
+    how many images with a located cell they were measured."""
+
+    diameter: float
+    granules: float | None
+    images: int
+
+    def environment(self) -> dict[str, str]:
+        """The service's settings for them (none when no cell was located)."""
+        if not self.images:
+            return {}
+        env = {"WBC_SITE_CELL_DIAMETER": f"{self.diameter:.1f}"}
+        if self.granules is not None:
+            env["WBC_SITE_GRANULE_REFERENCE"] = f"{self.granules:.4f}"
+        return env
+
+
+def measure_site_references(paths: list[Path], limit: int = 500, classifier=None) -> SiteReferences:
+    """The site's references over at most `limit` evenly spread images. With a `classifier` whose size
+    prior has an anchor, the diameter is the median of the cells it calls that class
+    (`models.size_prior.anchored_reference`), else the median of all located cells; with a granule prior,
+    the granule density's median over the same cells (`models.granule_prior.anchored_granule_reference`)."""
     import numpy as np
     from PIL import Image
 
-    from models.cellcrop import cell_diameter
+    from models.cellcrop import cell_measures
+    from models.granule_prior import anchored_granule_reference
     from models.preprocess import preprocess_sized, to_rgb
     from models.size_prior import anchored_reference, site_reference
 
     step = max(1, len(paths) // limit)
     paths = paths[::step][:limit]
     prior = classifier.contract.size_prior if classifier is not None else None
+    granule_prior = classifier.contract.granule_prior if classifier is not None else None
     anchor = prior.anchor if prior is not None else None
-    diameters, probabilities, batch = [], [], []
+    measures, probabilities, batch = [], [], []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("locating cells" + (f" and finding {anchor}s" if anchor else ""), total=len(paths))
         for k, path in enumerate(paths):
             try:
                 with Image.open(path) as img:
                     if anchor is None:  # the locator alone
-                        diameters.append(cell_diameter(to_rgb(img)))
+                        measures.append(cell_measures(to_rgb(img)))
                     else:  # the network's answer too, exactly as the service prepares the image
-                        array, diameter = preprocess_sized(img, classifier.contract)
-                        diameters.append(diameter)
+                        array, measured = preprocess_sized(img, classifier.contract)
+                        measures.append(measured)
                         batch.append(array)
             except OSError as exc:
                 console.print(f"[yellow]skipped[/] {path.name}: {exc}")
@@ -145,11 +174,16 @@ def measure_site_diameter(paths: list[Path], limit: int = 500, classifier=None) 
                 probabilities.append(classifier.probabilities(np.stack(batch)))
                 batch = []
             progress.advance(task)
-    d = np.asarray(diameters, dtype=np.float64)
+    d = np.asarray([m.diameter for m in measures], dtype=np.float64)
+    g = np.asarray([m.granules for m in measures], dtype=np.float64)
     found = np.isfinite(d)  # images without a located nucleus say nothing
     if not found.any():
-        return float("nan"), 0
+        return SiteReferences(float("nan"), None, 0)
     if anchor is None:
-        return site_reference(d[found]), int(found.sum())
+        return SiteReferences(site_reference(d[found]), None, int(found.sum()))
     p = np.concatenate(probabilities)
-    return anchored_reference(d[found], p[found], classifier.contract.class_names, anchor), int(found.sum())
+    names = classifier.contract.class_names
+    granules = None
+    if granule_prior is not None and np.isfinite(g).any():
+        granules = anchored_granule_reference(g, p, names, granule_prior.anchor)
+    return SiteReferences(anchored_reference(d[found], p[found], names, anchor), granules, int(found.sum()))

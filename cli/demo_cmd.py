@@ -17,7 +17,7 @@ import httpx
 import typer
 
 from cli.common import DataRootOption, RegistryOption, console, fail
-from cli.data_cmd import measure_site_diameter
+from cli.data_cmd import measure_site_references
 from cli.evaluate_cmd import evaluate_version, metrics_tables, open_classifier
 from cli.federate_cmd import WorkdirOption, parse_overrides, rounds_table
 from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, SPLITS, DataError, DataRoot, resolve_data_root
@@ -115,12 +115,14 @@ def demo(
     # on the external hospital's images, labels unused, as `wbc data site-scale` does for a lab; the
     # evaluation below and the service both use it.
     served = open_classifier(Registry(registry, "wbc-classifier").resolve(str(version)))
-    diameter, used = measure_site_diameter([s.path for s in DataRoot(root).select([EXTERNAL_SITE], list(SPLITS))],
-                                           classifier=served)
-    if used:
+    refs = measure_site_references([s.path for s in DataRoot(root).select([EXTERNAL_SITE], list(SPLITS))],
+                                   classifier=served)
+    if refs.images:
         anchor = served.contract.size_prior.anchor if served.contract.size_prior else None
         console.print(f"{EXTERNAL_SITE}: {f'median {anchor}' if anchor else 'median white cell'} diameter "
-                      f"{diameter:.1f} px over {used} images (WBC_SITE_CELL_DIAMETER)")
+                      f"{refs.diameter:.1f} px over {refs.images} images (WBC_SITE_CELL_DIAMETER)"
+                      + ("" if refs.granules is None else
+                         f", granule density {refs.granules:.3f} (WBC_SITE_GRANULE_REFERENCE)"))
     try:
         t = time.time()
         for label, site, splits in (("internal test (3 training sites)", None, ["test"]),
@@ -132,7 +134,7 @@ def demo(
                 metrics = sum(parts[1:], parts[0])
             elif external_eval:
                 metrics = evaluate_version(str(version), registry, "wbc-classifier", root, site, splits,
-                                           site_cell_diameter=diameter if used else None)[1]
+                                           site_references=refs)[1]
             else:
                 continue
             table, confusion = metrics_tables(metrics, f"v{version}: {label}")
@@ -148,8 +150,7 @@ def demo(
     port = _pick_port(host, port)
     url = f"http://{host}:{port}"
     env = {**os.environ, "WBC_REGISTRY": str(Path(registry).resolve()), "WBC_VERSION": str(version)}
-    if used:
-        env["WBC_SITE_CELL_DIAMETER"] = f"{diameter:.1f}"
+    env.update(refs.environment())
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--host", host, "--port", str(port)],
                             env=env, start_new_session=True)
     try:

@@ -52,11 +52,12 @@ def open_classifier(info):
 
 
 def evaluate_version(version_ref: str, registry, model_name: str, data_root, site: str, splits: list[str],
-                     site_cell_diameter: float | None = None):
+                     site_references=None):
     """Resolve, verify and evaluate; returns (VersionInfo, Metrics, how many samples were skipped).
 
-    `site_cell_diameter`: the site's reference cell when the caller has measured it already (else it is
-    measured here over the site's images, as `wbc data site-scale` would for the site's service)."""
+    `site_references` (`cli.data_cmd.SiteReferences`): the site's reference cell and granule density when
+    the caller has measured them already (else they are measured here over the site's images, as
+    `wbc data site-scale` would for the site's service)."""
     from service.evaluation import evaluate_classifier
 
     info = Registry(registry, model_name).resolve(version_ref)
@@ -67,21 +68,22 @@ def evaluate_version(version_ref: str, registry, model_name: str, data_root, sit
         raise DataError(f"{data.root}: site {site!r} has no samples in split(s) {splits}")
     classifier = open_classifier(info)
     known = [s for s in samples if s.label in classifier.contract.class_names]
-    references = None
-    if site_cell_diameter:
-        references = {site: site_cell_diameter}
-    elif classifier.contract.size_prior is not None and len(known) < len(samples):
+    if site_references is None and classifier.contract.size_prior is not None and len(known) < len(samples):
         # As the site's service would be set up: from all its images, the classes the model does not know
         # too (when every image is evaluated, evaluate_classifier measures the same from its own answers).
-        from cli.data_cmd import measure_site_diameter
+        from cli.data_cmd import measure_site_references
 
-        references = {site: measure_site_diameter([s.path for s in samples], classifier=classifier)[0]}
+        site_references = measure_site_references([s.path for s in samples], classifier=classifier)
+    diameters = granules = None
+    if site_references is not None and site_references.images:
+        diameters = {site: site_references.diameter}
+        granules = None if site_references.granules is None else {site: site_references.granules}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task(f"evaluating v{info.version} on {site}", total=len(known))
         metrics, _, _ = evaluate_classifier(
             classifier, known, progress=lambda done, total: progress.update(task, completed=done),
-            site_cell_diameters=references,
+            site_cell_diameters=diameters, site_granule_references=granules,
         )
     return info, metrics, len(samples) - len(known)
 

@@ -121,8 +121,9 @@ def train(msg: Message, context: Context) -> Message:
             augment=replace(augment, clean_p=float(config.get("clean-view-p", 0.0))),
         )
     seconds = time.time() - t0
-    # Per-class relative-size sums of the cells just trained on (models.size_prior): counts, no cell.
-    size = result.pop("size", None)
+    # Per-class sums of the cells' relative size and granule density (models.size_prior,
+    # models.granule_prior): counts and sums, no cell.
+    size, granules = result.pop("size", None), result.pop("granules", None)
     counts = Counter(s.label for s in samples)
     _log(site, f"round {server_round}: trained on {len(samples)} cells in {seconds:.1f} s: {result}")
     content = RecordDict(
@@ -140,6 +141,7 @@ def train(msg: Message, context: Context) -> Message:
                     "steps": int(result["steps"]),
                     "seconds": float(seconds),
                     **(size.to_record() if size is not None else {}),
+                    **(granules.to_record("granule") if granules is not None else {}),
                 }
             ),
             SITE_KEY: ConfigRecord(
@@ -189,7 +191,7 @@ def _train_on_view_pool(model, samples, contract, config, cache, top, augment, v
     import numpy as np
 
     from federation.benchmark.handlers import train_top
-    from federation.task import size_statistics_of
+    from federation.task import granule_statistics_of, size_statistics_of
     from federation.trunk import split_model
 
     split = split_model(model, top)
@@ -200,7 +202,8 @@ def _train_on_view_pool(model, samples, contract, config, cache, top, augment, v
     y = np.array([index[s.label] for s in samples], dtype=np.int64)
     global_params = [p.detach().clone() for p in split.trainable_parameters()] if config.proximal_mu > 0 else None
     result = train_top(split, x, y, contract.num_classes, config, global_params=global_params, progress=progress)
-    return {**result, "size": size_statistics_of(prepared.diameters, y.tolist(), contract)}
+    return {**result, "size": size_statistics_of(prepared.diameters, y.tolist(), contract),
+            "granules": granule_statistics_of(prepared.granules, y.tolist(), contract)}
 
 
 def _cached_logits(model, samples, contract, cache, top):

@@ -307,6 +307,8 @@ class RoundBook:
                 "data_sources": _json_or_none(info.get("data-sources")),
                 # per-class relative-size sums (models.size_prior), for the size opinion fitted at export
                 "size": {k: list(v) for k, v in m.items() if k.startswith("size-")} or None,
+                # and of granule density (models.granule_prior), for the granule opinion
+                "granules": {k: list(v) for k, v in m.items() if k.startswith("granule-")} or None,
             }
         c = len(self.class_names)
         flat = list(m.get("confusion") or [])
@@ -371,6 +373,7 @@ class RoundBook:
                 "data_sources": entry.get("train", {}).get("data_sources"),
                 "val_examples": entry.get("evaluate", {}).get("n"),
                 "size": entry.get("train", {}).get("size"),
+                "granules": entry.get("train", {}).get("granules"),
             }
             for site, entry in sorted(record["sites"].items())
         }

@@ -66,6 +66,9 @@ class RunSettings:
     # Weight of the relative-size opinion (models.size_prior) against the network's; 0 = off. 2 won the
     # leave-one-site-out criterion (docs/results.md, "Relative cell size").
     size_weight: float = 2.0
+    # Weight of the granule-density opinion (models.granule_prior); 0 = off. 0.5 won the
+    # leave-one-site-out criterion with size at 2 (docs/results.md, "Granules").
+    granule_weight: float = 0.5
     # What is evaluated, gated and registered each round: the mean of its aggregate and the last accepted
     # rounds' (federation.averaging; training goes on from the plain aggregates); 1 = the aggregate alone.
     # 5 (with the shipped 5 rounds: every accepted round) won the federated leave-one-site-out criterion
@@ -127,6 +130,8 @@ class RunSettings:
             problems.append(f"view-pool {self.view_pool} is not within 0-64 views")
         if not 0.0 <= self.size_weight <= 10.0:
             problems.append(f"size-weight {self.size_weight} is not within [0, 10]")
+        if not 0.0 <= self.granule_weight <= 10.0:
+            problems.append(f"granule-weight {self.granule_weight} is not within [0, 10]")
         try:
             from federation.augment import named_augmentation
 
@@ -331,6 +336,16 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         if size_prior is not None:
             version_contract = version_contract.with_updates(size_prior=size_prior.model_dump())
         metadata["size_prior"] = size_prior.model_dump() if size_prior else None
+        # ... and the granule-density opinion from their per-class granule sums.
+        granule_prior = None
+        if settings.granule_weight > 0:
+            stats = [SizeStatistics.from_record(site.get("granules") or {}, "granule")
+                     for site in metadata.get("sites", {}).values()]
+            granule_prior = fit_prior([s for s in stats if s is not None], settings.granule_weight,
+                                      anchor=anchor_of(version_contract.class_names))
+        if granule_prior is not None:
+            version_contract = version_contract.with_updates(granule_prior=granule_prior.model_dump())
+        metadata["granule_prior"] = granule_prior.model_dump() if granule_prior else None
         return publisher.publish(layout.to_torch(arrays), metadata, version_contract).as_dict()
 
     def lifecycle(book: RoundBook, record: dict[str, Any]) -> dict[str, Any]:

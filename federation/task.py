@@ -24,8 +24,10 @@ from federation.losses import class_weights, logit_adjustment
 from federation.sites import Sample
 from federation.style import OwnAmplitudes
 from models.calibration import CalibrationSummary
+from models.cellcrop import CellMeasures
 from models.contract import SHARED_CLASSES, CellCrop, ModelContract
 from models.evaluate import Metrics, compute_metrics
+from models.granule_prior import granule_statistics
 from models.preprocess import finish, prepare_sized, softmax
 from models.size_prior import SizeStatistics, anchor_of
 from models.zoo import create_model, pretrained_cfg
@@ -133,8 +135,8 @@ class CellDataset(Dataset):
         self.contract = contract
         self.augment = augment
         self._prepared: dict[int, Image.Image] = {}
-        # Located cell diameters, kept as cells are prepared (the size opinion's statistics, free here).
-        self.diameters: dict[int, float] = {}
+        # The locator's measures, kept as cells are prepared (the opinions' statistics, free here).
+        self.measures: dict[int, CellMeasures] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -144,18 +146,21 @@ class CellDataset(Dataset):
             if _prepared_source is not None:
                 self._prepared[i] = _prepared_source(self.samples[i], self.contract)
             else:
-                self._prepared[i], self.diameters[i] = prepare_sized(load_image(self.samples[i].path), self.contract)
+                self._prepared[i], self.measures[i] = prepare_sized(load_image(self.samples[i].path), self.contract)
         return self._prepared[i]
 
-    def size_statistics(self) -> SizeStatistics | None:
-        """Per-class relative-size statistics of every cell (models.size_prior), once each was prepared
-        here with a cell crop; None otherwise (a benchmark's cached source, no crop)."""
+    def opinion_statistics(self) -> tuple[SizeStatistics | None, SizeStatistics | None]:
+        """Per-class statistics of every cell's relative size (models.size_prior) and granule density
+        (models.granule_prior), once each was prepared here with a cell crop; None otherwise (a
+        benchmark's cached source, no crop)."""
         if _prepared_source is not None or self.contract.cell_crop is None:
-            return None
+            return None, None
         for i in range(len(self)):  # cells a dropped last batch never showed (a few, prepared once here)
-            if i not in self.diameters:
+            if i not in self.measures:
                 self.prepared(i)
-        return size_statistics_of([self.diameters[i] for i in range(len(self))], self.targets, self.contract)
+        measures = [self.measures[i] for i in range(len(self))]
+        return (size_statistics_of([m.diameter for m in measures], self.targets, self.contract),
+                granule_statistics_of([m.granules for m in measures], self.targets, self.contract))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.prepared(i)
@@ -174,6 +179,18 @@ def size_statistics_of(
     anchor = anchor_of(contract.class_names)
     return SizeStatistics.of(list(diameters), list(targets), contract.num_classes,
                              None if anchor is None else contract.class_names.index(anchor))
+
+
+def granule_statistics_of(
+    granules: Sequence[float], targets: Sequence[int], contract: ModelContract
+) -> SizeStatistics | None:
+    """Per-class statistics of granule density relative to the site's labelled neutrophils
+    (models.granule_prior), or None when no cell was measured."""
+    if contract.cell_crop is None:
+        return None
+    anchor = anchor_of(contract.class_names)
+    return granule_statistics(list(granules), list(targets), contract.num_classes,
+                              None if anchor is None else contract.class_names.index(anchor))
 
 
 # ---- training -------------------------------------------------------------------------------------
@@ -295,8 +312,8 @@ def train_local(
     augment: AugmentConfig | None = None,
     top: str = "full",
 ) -> dict[str, Any]:
-    """Train in place on local images (fresh augmentation per step). The result's "size": the cells'
-    relative-size statistics (models.size_prior.SizeStatistics) or None.
+    """Train in place on local images (fresh augmentation per step). The result's "size" and "granules":
+    the cells' relative-size and granule-density statistics (models.size_prior.SizeStatistics) or None.
 
     `top` (`federation.trunk`): "full" trains every layer; "stage" / "head" train only the last block
     group / the classifier, the rest frozen in eval mode (pretrained BatchNorm statistics kept), about
@@ -337,7 +354,7 @@ def train_local(
         global_params=global_params,
         progress=progress,
     )
-    result["size"] = dataset.size_statistics()
+    result["size"], result["granules"] = dataset.opinion_statistics()
     return result
 
 

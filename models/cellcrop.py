@@ -55,6 +55,12 @@ _MIN_LOBE = 0.1
 _SAME_STAIN = 0.97
 # Reported cell diameter per nucleus spread (round lymphocyte nucleus ~0.8 of its cell).
 _CELL_PER_NUCLEUS = 1.25
+# Granule density: cytoplasm within this many cell diameters of the nucleus's centre, stained above this
+# summed optical density (not background), at least this many working pixels, its densest fraction.
+_CYTOPLASM_REACH = 0.6
+_MIN_CYTOPLASM_DENSITY = 0.2
+_MIN_CYTOPLASM_PIXELS = 10
+_GRANULE_QUANTILE = 0.3
 # Nothing is stained when the best nucleus score is below this (blank or grey field).
 _MIN_SCORE = 0.1
 # normalise_stain: the nucleus's optical density per channel after normalisation (an MGG-like purple,
@@ -72,6 +78,17 @@ class _Found(NamedTuple):
     box: tuple[int, int, int, int]  # unpadded content (left, top, right, bottom), full resolution
     fill: tuple[int, int, int]  # median colour of the content's border
     located: bool = True  # False: no nucleus found, centre and diameter are the fallback's guess
+    granules: float = float("nan")  # `_granule_density` (NaN: no nucleus or too little cytoplasm)
+
+
+class CellMeasures(NamedTuple):
+    """What the locator measures of the white cell for the opinions beside the network (NaN: not found).
+
+    diameter: pixels of the input image (`models.size_prior`); granules: the log optical density of the
+    densest part of the cytoplasm relative to the nucleus's (`models.granule_prior`)."""
+
+    diameter: float
+    granules: float
 
 
 def locate_cell(image: Image.Image) -> tuple[float, float, float]:
@@ -93,18 +110,28 @@ def crop_cell(image: Image.Image, spec: CellCrop) -> Image.Image:
     return crop_cell_sized(image, spec)[0]
 
 
-def crop_cell_sized(image: Image.Image, spec: CellCrop) -> tuple[Image.Image, float]:
-    """`crop_cell`, and the located diameter (pixels of `image`) that the size opinion needs, from the
-    same analysis; NaN when no nucleus was found (the fallback frame says nothing about size)."""
+def crop_cell_sized(image: Image.Image, spec: CellCrop) -> tuple[Image.Image, CellMeasures]:
+    """`crop_cell`, and the measures the opinions beside the network need, from the same analysis; NaN
+    when no nucleus was found (the fallback frame says nothing about size or granules)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     found = _analyse(rgb)
-    return _cut(rgb, found, spec), (found.diameter if found.located else float("nan"))
+    return _cut(rgb, found, spec), _measures(found)
+
+
+def cell_measures(image: Image.Image) -> CellMeasures:
+    """The located white cell's diameter (pixels of `image`) and granule density; NaN where not found."""
+    return _measures(_analyse(image if image.mode == "RGB" else image.convert("RGB")))
 
 
 def cell_diameter(image: Image.Image) -> float:
     """The located white cell's diameter in pixels of `image`; NaN when no nucleus was found."""
-    found = _analyse(image if image.mode == "RGB" else image.convert("RGB"))
-    return found.diameter if found.located else float("nan")
+    return cell_measures(image).diameter
+
+
+def _measures(found: _Found) -> CellMeasures:
+    if not found.located:
+        return CellMeasures(float("nan"), float("nan"))
+    return CellMeasures(found.diameter, found.granules)
 
 
 def _cut(rgb: Image.Image, found: _Found, spec: CellCrop) -> Image.Image:
@@ -169,7 +196,10 @@ def _analyse(image: Image.Image) -> _Found:
     small = np.asarray(content.reduce(factor) if factor > 1 else content)
     fill = _border_colour(small)
 
-    nucleus = _nucleus_mask(small) if min(small.shape[:2]) >= 4 else None
+    nucleus, density = None, None
+    if min(small.shape[:2]) >= 4:
+        score, density = _stain(small)
+        nucleus = _nucleus_from(score, density)
     if nucleus is None:
         diameter = _FALLBACK_FRACTION * min(right - left, bottom - top)
         return _Found((left + right) / 2.0, (top + bottom) / 2.0, max(float(diameter), 1.0), box, fill, False)
@@ -182,7 +212,26 @@ def _analyse(image: Image.Image) -> _Found:
         float(max(diameter, 2.0) * factor),
         box,
         fill,
+        granules=_granule_density(nucleus, density, _CYTOPLASM_REACH * diameter),
     )
+
+
+def _granule_density(nucleus: np.ndarray, density: np.ndarray, radius: float) -> float:
+    """log(mean optical density of the densest `_GRANULE_QUANTILE` of the cytoplasm / the nucleus's mean).
+
+    Cytoplasm: stained pixels within `radius` of the nucleus's centre, nucleus out. An eosinophil's
+    granules are about as dense as its nucleus, a neutrophil's much paler; being a ratio inside one cell it
+    agrees between sites whatever their stain strength, camera or magnification (eosinophil > neutrophil
+    AUC 0.75-1.00 at each of the four sites; docs/results.md, "Granules")."""
+    ys, xs = np.nonzero(nucleus)
+    total = density.sum(axis=-1)
+    yy, xx = np.mgrid[: total.shape[0], : total.shape[1]]
+    near = (yy - ys.mean()) ** 2 + (xx - xs.mean()) ** 2 <= radius**2
+    cytoplasm = total[near & ~nucleus & (total > _MIN_CYTOPLASM_DENSITY)]
+    if cytoplasm.size < _MIN_CYTOPLASM_PIXELS:
+        return float("nan")
+    dense = cytoplasm[cytoplasm >= np.percentile(cytoplasm, 100 * (1 - _GRANULE_QUANTILE))]
+    return float(np.log(dense.mean()) - np.log(total[nucleus].mean()))
 
 
 def _content_box(rgb: Image.Image) -> tuple[int, int, int, int]:
@@ -240,6 +289,10 @@ def _background(a: np.ndarray) -> np.ndarray:
 def _nucleus_mask(arr: np.ndarray) -> np.ndarray | None:
     """Mask of the white cell's nucleus (the central, large, strongly stained object), or None."""
     score, density = _stain(arr)
+    return _nucleus_from(score, density)
+
+
+def _nucleus_from(score: np.ndarray, density: np.ndarray) -> np.ndarray | None:
     score = ndimage.uniform_filter(score, size=3)
     if float(score.max()) < _MIN_SCORE:
         return None

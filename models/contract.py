@@ -39,8 +39,9 @@ class CellCrop(BaseModel):
 
 
 class SizePrior(BaseModel):
-    """Per-class Gaussian of a cell's log size relative to its site's median cell (models.size_prior),
-    pooled from the training sites' statistics; `weight` scales its log-likelihood against the network's."""
+    """Per-class Gaussian of one cell measure relative to its site's reference, pooled from the training
+    sites' statistics: the log size (models.size_prior) or the granule density (models.granule_prior);
+    `weight` scales its log-likelihood against the network's."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -92,6 +93,9 @@ class ModelContract(BaseModel):
     # Relative cell size as a second opinion (models.size_prior); the service applies it when it knows its
     # site's median cell diameter, None: the network alone.
     size_prior: SizePrior | None = None
+    # Cytoplasm granule density as a third opinion (models.granule_prior), applied when the service knows
+    # its site's reference (the median over its neutrophils); None: not used.
+    granule_prior: SizePrior | None = None
     # Set at registration.
     model_name: str | None = None
     version: int | None = None
@@ -119,11 +123,12 @@ class ModelContract(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _size_prior_per_class(self) -> ModelContract:
-        if self.size_prior is not None and len(self.size_prior.mean) != len(self.class_names):
-            raise ValueError("size prior: one Gaussian per class")
-        if self.size_prior is not None and self.size_prior.anchor not in (None, *self.class_names):
-            raise ValueError(f"size prior: anchor {self.size_prior.anchor!r} is not one of the classes")
+    def _priors_per_class(self) -> ModelContract:
+        for name, prior in (("size", self.size_prior), ("granule", self.granule_prior)):
+            if prior is not None and len(prior.mean) != len(self.class_names):
+                raise ValueError(f"{name} prior: one Gaussian per class")
+            if prior is not None and prior.anchor not in (None, *self.class_names):
+                raise ValueError(f"{name} prior: anchor {prior.anchor!r} is not one of the classes")
         return self
 
     @property

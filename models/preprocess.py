@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-from models.cellcrop import crop_cell_sized, normalise_stain, white_balance
+from models.cellcrop import CellMeasures, crop_cell_sized, normalise_stain, white_balance
 from models.contract import ModelContract
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -40,17 +40,18 @@ def prepare(image: Image.Image, contract: ModelContract) -> Image.Image:
     return prepare_sized(image, contract)[0]
 
 
-def prepare_sized(image: Image.Image, contract: ModelContract) -> tuple[Image.Image, float]:
-    """`prepare`, and the located cell's diameter in the input's pixels (NaN without a cell crop)."""
+def prepare_sized(image: Image.Image, contract: ModelContract) -> tuple[Image.Image, CellMeasures]:
+    """`prepare`, and the located cell's measures: diameter in the input's pixels, granule density (NaN
+    without a cell crop)."""
     rgb = to_rgb(image)
-    diameter = float("nan")
+    measures = CellMeasures(float("nan"), float("nan"))
     if contract.cell_crop is not None:
-        rgb, diameter = crop_cell_sized(rgb, contract.cell_crop)
+        rgb, measures = crop_cell_sized(rgb, contract.cell_crop)
     if contract.color_norm == "white-balance":
         rgb = white_balance(rgb)
     elif contract.color_norm == "stain":
         rgb = normalise_stain(rgb)
-    return rgb, diameter
+    return rgb, measures
 
 
 def _resize(image: Image.Image, contract: ModelContract) -> Image.Image:
@@ -89,10 +90,10 @@ def preprocess(image: Image.Image, contract: ModelContract) -> np.ndarray:
     return finish(prepare(image, contract), contract)
 
 
-def preprocess_sized(image: Image.Image, contract: ModelContract) -> tuple[np.ndarray, float]:
-    """`preprocess`, and the located cell's diameter (pixels; NaN without a cell crop)."""
-    prepared, diameter = prepare_sized(image, contract)
-    return finish(prepared, contract), diameter
+def preprocess_sized(image: Image.Image, contract: ModelContract) -> tuple[np.ndarray, CellMeasures]:
+    """`preprocess`, and the located cell's measures (`prepare_sized`)."""
+    prepared, measures = prepare_sized(image, contract)
+    return finish(prepared, contract), measures
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -92,20 +92,27 @@ class SizeStatistics:
         d = d[found]
         anchors = d[y == anchor] if anchor is not None else d[:0]
         r = relative_log_size(d, site_reference(anchors if len(anchors) >= MIN_ANCHOR_CELLS else d))
-        return cls(
-            np.bincount(y, minlength=num_classes).astype(np.float64),
-            np.bincount(y, weights=r, minlength=num_classes),
-            np.bincount(y, weights=r * r, minlength=num_classes),
-        )
-
-    def to_record(self) -> dict[str, list[float]]:
-        return {"size-count": self.count.tolist(), "size-sum": self.total.tolist(), "size-sumsq": self.squares.tolist()}
+        return cls.of_relative(r, y, num_classes)
 
     @classmethod
-    def from_record(cls, record: dict) -> SizeStatistics | None:
-        if "size-count" not in record:
+    def of_relative(cls, values: np.ndarray, targets: np.ndarray, num_classes: int) -> SizeStatistics:
+        """Per-class count, sum and sum of squares of values already relative to the site's reference."""
+        y = np.asarray(targets, dtype=np.int64)
+        return cls(
+            np.bincount(y, minlength=num_classes).astype(np.float64),
+            np.bincount(y, weights=values, minlength=num_classes),
+            np.bincount(y, weights=np.asarray(values) ** 2, minlength=num_classes),
+        )
+
+    def to_record(self, measure: str = "size") -> dict[str, list[float]]:
+        return {f"{measure}-count": self.count.tolist(), f"{measure}-sum": self.total.tolist(),
+                f"{measure}-sumsq": self.squares.tolist()}
+
+    @classmethod
+    def from_record(cls, record: dict, measure: str = "size") -> SizeStatistics | None:
+        if f"{measure}-count" not in record:
             return None
-        return cls(*(np.asarray(record[k], dtype=np.float64) for k in ("size-count", "size-sum", "size-sumsq")))
+        return cls(*(np.asarray(record[f"{measure}-{k}"], dtype=np.float64) for k in ("count", "sum", "sumsq")))
 
     def __add__(self, other: SizeStatistics) -> SizeStatistics:
         return SizeStatistics(self.count + other.count, self.total + other.total, self.squares + other.squares)

@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         "needed); with it, a model whose contract carries a size prior combines the cell's relative size "
         "with the network's answer. Unset = the network's answer alone",
     )
+    # ---- the granule opinion (models.granule_prior) ---------------------------------------------------
+    site_granule_reference: float | None = Field(
+        None, ge=-10.0, le=10.0,
+        description="This site's reference granule density: the median over the cells the served version "
+        "calls neutrophils (`wbc data site-scale` measures it with the diameter); with it, a model whose "
+        "contract carries a granule prior weighs the cell's granule density too. Unset = no granule opinion",
+    )
 
     # ---- dynamic batching -------------------------------------------------------------------------
     # 4: on a 2-core x86 CPU, EfficientNet-Lite0 at 224 px costs 4.9-5.2 ms of CPU per image at batch

@@ -10,13 +10,15 @@ import numpy as np
 from PIL import Image
 
 from federation.sites import Sample
+from models.cellcrop import CellMeasures
 from models.evaluate import Metrics, compute_metrics
+from models.granule_prior import anchored_granule_reference
 from models.preprocess import preprocess_sized
 from models.size_prior import anchored_reference, apply_size_prior, relative_log_size
 from service.inference import Classifier
 
 
-def _load(sample: Sample, contract) -> tuple[np.ndarray, float]:
+def _load(sample: Sample, contract) -> tuple[np.ndarray, CellMeasures]:
     with Image.open(sample.path) as img:
         img.load()
         return preprocess_sized(img, contract)
@@ -29,17 +31,19 @@ def evaluate_classifier(
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
     site_cell_diameters: dict[str, float] | None = None,
+    site_granule_references: dict[str, float] | None = None,
 ) -> tuple[Metrics, np.ndarray, np.ndarray]:
     """Metrics over samples whose label the model knows; returns (metrics, probabilities, targets).
 
     With a size prior in the contract, each site's cells are sized against `site_cell_diameters[site]`
     (what the site's service is configured with, `wbc data site-scale`), else against that site's
     reference among the evaluated ones, measured as a deployed site would (`anchored_reference`: labels
-    unused either way)."""
+    unused either way). A granule prior likewise, against `site_granule_references[site]` or the median
+    granule density of the cells the network calls the prior's anchor (`anchored_granule_reference`)."""
     contract = classifier.contract
     index = {name: i for i, name in enumerate(contract.class_names)}
     known = [s for s in samples if s.label in index]
-    probs, targets, diameters = [], [], []
+    probs, targets, measures = [], [], []
     chunks = [known[i : i + batch_size] for i in range(0, len(known), batch_size)]
     done = 0
     with ThreadPoolExecutor(max_workers=2) as pool:  # the next chunk decodes while this one runs
@@ -48,22 +52,35 @@ def evaluate_classifier(
             loaded = [f.result() for f in pending]
             pending = [pool.submit(_load, s, contract) for s in chunks[k + 1]] if k + 1 < len(chunks) else []
             probs.append(classifier.probabilities(np.stack([a for a, _ in loaded])))
-            diameters.extend(d for _, d in loaded)
+            measures.extend(m for _, m in loaded)
             targets.extend(index[s.label] for s in chunk)
             done += len(chunk)
             if progress:
                 progress(done, len(known))
     p = np.concatenate(probs) if probs else np.zeros((0, contract.num_classes), np.float32)
+    network = p  # the anchors are the cells the network alone calls so, as a deployed site measures them
+    sites = np.asarray([s.site for s in known])
     if contract.size_prior is not None and contract.size_prior.weight > 0 and len(known):
-        d = np.asarray(diameters)
-        sites = np.asarray([s.site for s in known])
+        d = np.asarray([m.diameter for m in measures], dtype=np.float64)
         r = np.full(len(known), np.nan)
         for site in np.unique(sites):
             here = (sites == site) & np.isfinite(d)
             if here.any():
                 reference = (site_cell_diameters or {}).get(str(site)) or anchored_reference(
-                    d[here], p[here], contract.class_names, contract.size_prior.anchor)
+                    d[here], network[here], contract.class_names, contract.size_prior.anchor)
                 r[here] = relative_log_size(d[here], reference)
         p = apply_size_prior(p, r, contract.size_prior)
+    if contract.granule_prior is not None and contract.granule_prior.weight > 0 and len(known):
+        g = np.asarray([m.granules for m in measures], dtype=np.float64)
+        relative = np.full(len(known), np.nan)
+        for site in np.unique(sites):
+            here = (sites == site) & np.isfinite(g)
+            if here.any():
+                reference = (site_granule_references or {}).get(str(site))
+                if reference is None:
+                    reference = anchored_granule_reference(g[here], network[here], contract.class_names,
+                                                           contract.granule_prior.anchor)
+                relative[here] = g[here] - reference
+        p = apply_size_prior(p, relative, contract.granule_prior)
     t = np.asarray(targets, dtype=np.int64)
     return compute_metrics(contract.class_names, t, p), p, t

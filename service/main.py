@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher = DynamicBatcher(settings.max_batch_size, settings.max_queue_delay_ms / 1000.0,
                                  settings.max_queue_images, service_metrics)
         app.state.pipeline = Pipeline(batcher, settings.preprocess_workers, service_metrics, settings.max_pixels,
-                                      settings.site_cell_diameter)
+                                      settings.site_cell_diameter, settings.site_granule_reference)
         watcher = (asyncio.create_task(watch_registry(slot, service_metrics, settings.watch_seconds))
                    if settings.watch_seconds > 0 else None)
         try:

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from models.cellcrop import CellMeasures
 from models.contract import UNIDENTIFIED, ModelContract
 from models.preprocess import preprocess_sized
 from models.size_prior import apply_size_prior, relative_log_size
@@ -50,20 +51,20 @@ class _Prepared:
     array: np.ndarray
     format: str
     sop_instance_uid: str | None
-    diameter: float = float("nan")  # the located cell's diameter, pixels (NaN: no cell crop)
+    measures: CellMeasures = CellMeasures(float("nan"), float("nan"))  # the located cell's (NaN: no crop)
 
 
 def prepare_image(data: bytes, contract: ModelContract, max_pixels: int) -> _Prepared:
     """Decode + the contract's preprocessing (a worker thread: Pillow and NumPy release the GIL)."""
     decoded = decode_upload(data, max_pixels=max_pixels)
     try:
-        array, diameter = preprocess_sized(decoded.image, contract)
+        array, measures = preprocess_sized(decoded.image, contract)
     except Exception as exc:  # a mode or geometry the contract's preprocessing cannot handle
         image = decoded.image
         raise DecodeError(
             "unprocessable", f"{decoded.format} {image.mode} {image.size}: preprocessing failed: {exc}"
         ) from None
-    return _Prepared(array, decoded.format, decoded.sop_instance_uid, diameter)
+    return _Prepared(array, decoded.format, decoded.sop_instance_uid, measures)
 
 
 class Pipeline:
@@ -77,10 +78,12 @@ class Pipeline:
         metrics: ServiceMetrics,
         max_pixels: int,
         site_cell_diameter: float | None = None,
+        site_granule_reference: float | None = None,
     ):
         self.batcher = batcher
         self.site_cell_diameter = site_cell_diameter
-        self._warned_no_diameter = False
+        self.site_granule_reference = site_granule_reference
+        self._warned_no_reference: set[str] = set()
         self.executor = ThreadPoolExecutor(
             max_workers=preprocess_workers, thread_name_prefix="wbc-preprocess"
         )
@@ -115,7 +118,7 @@ class Pipeline:
         self.metrics.preprocess_seconds.observe(seconds)
         if row is None:
             [row] = await self.batcher.probabilities(model, [prepared.array])
-        prediction = self.predict(model, self.with_size(model, row, prepared.diameter))
+        prediction = self.predict(model, self.with_opinions(model, row, prepared.measures))
         return Outcome(prediction, format=prepared.format, sop_instance_uid=prepared.sop_instance_uid)
 
     def _prepare(self, data: bytes, model: LoadedModel) -> tuple[_Prepared, float, np.ndarray | None]:
@@ -130,21 +133,30 @@ class Pipeline:
         rows = await self.batcher.probabilities(model, list(batch))
         return [self.predict(model, row) for row in rows]
 
-    def with_size(self, model: LoadedModel, row: np.ndarray, diameter: float) -> np.ndarray:
-        """The network's probabilities combined with the cell's relative size, when the model carries a
-        size prior and this site's cell diameter is configured (only images have a size: tensors sent to
-        the KServe v2 endpoint get the network's answer)."""
-        prior = model.contract.size_prior
+    def with_opinions(self, model: LoadedModel, row: np.ndarray, measures: CellMeasures) -> np.ndarray:
+        """The network's probabilities combined with the cell's relative size and granule density, each
+        when the model carries its prior and this site's reference is configured (only images are
+        measured: tensors sent to the KServe v2 endpoint get the network's answer)."""
+        contract = model.contract
+        if self._usable(model, contract.size_prior, self.site_cell_diameter, "a size", "WBC_SITE_CELL_DIAMETER"):
+            r = relative_log_size([measures.diameter], self.site_cell_diameter)
+            row = apply_size_prior(row[None], r, contract.size_prior)[0]
+        if self._usable(model, contract.granule_prior, self.site_granule_reference, "a granule",
+                        "WBC_SITE_GRANULE_REFERENCE"):
+            g = np.array([measures.granules - self.site_granule_reference])
+            row = apply_size_prior(row[None], g, contract.granule_prior)[0]
+        return row
+
+    def _usable(self, model: LoadedModel, prior, reference: float | None, what: str, variable: str) -> bool:
         if prior is None or prior.weight == 0:
-            return row
-        if self.site_cell_diameter is None:
-            if not self._warned_no_diameter:  # once per process: the answer is still the network's
-                self._warned_no_diameter = True
-                log.warning("%s v%s carries a size prior but WBC_SITE_CELL_DIAMETER is not set: answering "
-                            "with the network alone (wbc data site-scale measures it)", model.name, model.version)
-            return row
-        r = relative_log_size([diameter], self.site_cell_diameter)
-        return apply_size_prior(row[None], r, prior)[0]
+            return False
+        if reference is None:
+            if variable not in self._warned_no_reference:  # once per process: the answer goes on without it
+                self._warned_no_reference.add(variable)
+                log.warning("%s v%s carries %s prior but %s is not set: answering without that opinion "
+                            "(wbc data site-scale measures it)", model.name, model.version, what, variable)
+            return False
+        return True
 
     def predict(self, model: LoadedModel, row: np.ndarray) -> Prediction:
         [prediction] = model.classifier.predictions_from(row[None])

@@ -41,11 +41,14 @@ def _key_digest(contract: ModelContract) -> str:
 class PreparedImages:
     """Prepared images of a fixed sample list, in sample order; `image(i)` is a fresh PIL image."""
 
-    def __init__(self, buffer: np.ndarray, shapes: np.ndarray, diameters: np.ndarray | None = None):
+    def __init__(self, buffer: np.ndarray, shapes: np.ndarray, diameters: np.ndarray | None = None,
+                 granules: np.ndarray | None = None):
         self.buffer = buffer
         self.shapes = shapes
         self.offsets = np.concatenate([[0], np.cumsum(shapes.prod(axis=1))])[:-1]
-        self.diameters = diameters  # located cell diameters (NaN: none found), when built with them
+        # the locator's measures (NaN: none found), when built with them: cell diameters, granule densities
+        self.diameters = diameters
+        self.granules = granules
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -55,7 +58,9 @@ class PreparedImages:
         view = PreparedImages.__new__(PreparedImages)
         view.buffer, view.shapes = self.buffer, self.shapes[np.asarray(indices, dtype=np.int64)]
         view.offsets = self.offsets[np.asarray(indices, dtype=np.int64)]
-        view.diameters = None if self.diameters is None else self.diameters[np.asarray(indices, dtype=np.int64)]
+        picked = np.asarray(indices, dtype=np.int64)
+        view.diameters = None if self.diameters is None else self.diameters[picked]
+        view.granules = None if self.granules is None else self.granules[picked]
         return view
 
     def array(self, i: int) -> np.ndarray:
@@ -85,38 +90,51 @@ class PreparedImages:
         if store is not None:
             store.mkdir(parents=True, exist_ok=True)
         known: dict[str, float | None] = {}
+        known_granules: dict[str, float | None] = {}
         sizes = store / "diameters.json" if store is not None and diameters else None
+        granule_file = store / "granules.json" if store is not None and diameters else None
         if sizes is not None and sizes.is_file():
             known = json.loads(sizes.read_text())
+        if granule_file is not None and granule_file.is_file():
+            known_granules = json.loads(granule_file.read_text())
         t0 = time.perf_counter()
-        arrays, located, computed = [], [], 0
+        arrays, located, granules, computed = [], [], [], 0
         for s in samples:
             name = _image_name(s, with_stat)
             path = store / (name + ".npy") if store else None
-            if path is not None and path.is_file() and (not diameters or name in known):
+            if path is not None and path.is_file() and (not diameters or (name in known and name in known_granules)):
                 arrays.append(np.load(path))
                 located.append(known.get(name))
+                granules.append(known_granules.get(name))
                 continue
             with Image.open(s.path) as img:
                 img.load()
-                prepared, d = prepare_sized(img, contract)
+                prepared, measures = prepare_sized(img, contract)
                 arr = np.asarray(prepared, dtype=np.uint8)
             computed += 1
             if path is not None:
                 _save(path, arr)
-            known[name] = d if np.isfinite(d) else None
+            known[name] = measures.diameter if np.isfinite(measures.diameter) else None
+            known_granules[name] = measures.granules if np.isfinite(measures.granules) else None
             arrays.append(arr)
             located.append(known[name])
-        if sizes is not None and computed:
-            tmp = sizes.with_name(sizes.name + ".tmp")
-            tmp.write_text(json.dumps(known))
-            tmp.replace(sizes)
+            granules.append(known_granules[name])
+        for file, values in ((sizes, known), (granule_file, known_granules)):
+            if file is not None and computed:
+                tmp = file.with_name(file.name + ".tmp")
+                tmp.write_text(json.dumps(values))
+                tmp.replace(file)
         shapes = np.array([a.shape for a in arrays], dtype=np.int64).reshape(-1, 3)
         buffer = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.uint8)
         if computed:
             log(f"prepared {computed} of {len(samples)} images in {time.perf_counter() - t0:.0f} s")
-        d_array = np.array([np.nan if d is None else d for d in located], dtype=np.float64) if diameters else None
-        return cls(buffer, shapes, d_array)
+        if not diameters:
+            return cls(buffer, shapes)
+        return cls(buffer, shapes, _floats(located), _floats(granules))
+
+
+def _floats(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
 def _image_name(sample: Sample, with_stat: bool) -> str:

@@ -168,6 +168,13 @@ def test_three_site_federation_registers_verified_versions(
         assert contract.size_prior is not None and contract.size_prior.cells == 24
         assert contract.size_prior.anchor is None  # no neutrophil class here: each site's all-cells median
         assert contract.size_prior.weight == 2.0 and SizePrior.model_validate(meta["size_prior"]) == contract.size_prior
+        # ... and the granule opinion from their per-class granule sums (models.granule_prior); a cell with
+        # too little cytoplasm to measure is left out of them.
+        granule_counts = [meta["sites"][s]["granules"]["granule-count"] for s in sites]
+        assert all(len(c) == 2 and sum(c) > 0 for c in granule_counts)
+        assert contract.granule_prior is not None and contract.granule_prior.cells == sum(map(sum, granule_counts))
+        assert contract.granule_prior.weight == 0.5
+        assert SizePrior.model_validate(meta["granule_prior"]) == contract.granule_prior
 
     # The first registered version became production (there was none); the rounds table says so.
     first = result.rounds[result.registered[0]["round"] - 1]

@@ -19,6 +19,7 @@ from federation.task import (
     build_contract,
     create_model_from_contract,
     predict_logits,
+    granule_statistics_of,
     seed_everything,
     size_statistics_of,
     train_local,
@@ -60,22 +61,25 @@ def test_cached_test_views_answer_what_the_full_model_answers(data_root: DataRoo
     assert len(list((tmp_path / "features").glob("test-views-*.npy"))) == 2 and stored.is_file()
 
 
-def test_prepared_cells_carry_the_located_sizes_the_fresh_path_sends(data_root: DataRoot, tmp_path: Path) -> None:
+def test_prepared_cells_carry_the_measures_the_fresh_path_sends(data_root: DataRoot, tmp_path: Path) -> None:
     samples = _cells(data_root)
     contract = build_contract("tf_efficientnet_lite0", 64)
     prepared = SiteCache(tmp_path).prepared(samples, contract)
     dataset = CellDataset(samples, contract)
-    fresh = dataset.size_statistics()
-    cached = size_statistics_of(prepared.diameters, dataset.targets, contract)
-    assert fresh is not None and cached is not None
-    np.testing.assert_allclose(cached.total, fresh.total)
-    np.testing.assert_allclose(cached.squares, fresh.squares)
-    assert cached.count.tolist() == fresh.count.tolist()
+    fresh_size, fresh_granules = dataset.opinion_statistics()
+    cached_size = size_statistics_of(prepared.diameters, dataset.targets, contract)
+    cached_granules = granule_statistics_of(prepared.granules, dataset.targets, contract)
+    for fresh, cached in ((fresh_size, cached_size), (fresh_granules, cached_granules)):
+        assert fresh is not None and cached is not None
+        np.testing.assert_allclose(cached.total, fresh.total)
+        np.testing.assert_allclose(cached.squares, fresh.squares)
+        assert cached.count.tolist() == fresh.count.tolist() and cached.count.sum() > 0
     for i in range(len(samples)):
         assert np.array_equal(prepared.array(i), np.asarray(dataset.prepared(i)))
     # Read back from disk the second time: the same cells and sizes.
     again = SiteCache(tmp_path).prepared(samples, contract)
     assert np.array_equal(again.buffer, prepared.buffer) and np.array_equal(again.diameters, prepared.diameters)
+    assert np.array_equal(again.granules, prepared.granules, equal_nan=True)
 
 
 def test_view_pool_is_clean_first_then_seeded_views_and_follows_the_files(data_root: DataRoot, tmp_path: Path) -> None:

@@ -205,6 +205,10 @@ def test_train_local_on_real_cells_then_a_validation_reply(data_root: DataRoot, 
     # every cell was prepared here, so its located size is in the site's size sums (models.size_prior)
     assert out["size"].count.tolist() == [sum(s.label == c for s in samples) for c in SHARED_CLASSES]
     assert np.isfinite(out["size"].total).all() and (out["size"].squares >= 0).all()
+    # ... and its granule density, where the locator could measure it (models.granule_prior)
+    per_class = [sum(s.label == c for s in samples) for c in SHARED_CLASSES]
+    assert all(0 <= n <= m for n, m in zip(out["granules"].count.tolist(), per_class))
+    assert out["granules"].count.sum() > 0 and np.isfinite(out["granules"].total).all()
 
     logits, targets = predict_logits(model, samples, contract)
     record = evaluation_record(logits, targets, contract)

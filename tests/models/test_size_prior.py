@@ -115,8 +115,9 @@ def test_a_cell_without_a_located_nucleus_has_no_size_and_is_left_out_of_the_sum
     from models.contract import CellCrop
 
     blank = Image.new("RGB", (120, 120), (235, 225, 230))  # an empty field: the locator's fallback frame
-    crop, diameter = crop_cell_sized(blank, CellCrop())
-    assert crop.size[0] > 0 and np.isnan(diameter) and np.isnan(cell_diameter(blank))
+    crop, measures = crop_cell_sized(blank, CellCrop())
+    assert crop.size[0] > 0 and np.isnan(measures.diameter) and np.isnan(cell_diameter(blank))
+    assert np.isnan(measures.granules)
 
     d, y = lisc
     with_missing = SizeStatistics.of(np.append(d, np.nan), np.append(y, LYMPHOCYTE), 5)

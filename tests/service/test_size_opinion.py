@@ -75,7 +75,7 @@ def test_evaluation_sizes_each_site_against_its_own_median_or_the_given_one(size
     samples = [s for site in ("tehran-lisc", "bccd") for s in data_root.select([site], ["test"])[:5]]
     loaded = [_load(s, classifier.contract) for s in samples]
     network = classifier.probabilities(np.stack([a for a, _ in loaded]))
-    d = np.array([dia for _, dia in loaded])
+    d = np.array([m.diameter for _, m in loaded])
 
     _, probs, _ = evaluate_classifier(classifier, samples, batch_size=4)
     expected = network.copy()
@@ -110,7 +110,7 @@ def test_site_scale_and_evaluation_size_against_the_cells_the_model_calls_the_an
     Registry(tmp_path / "plain", "wbc-plain").register(exported_onnx, plain, {"lineage": {"run_id": "plain"}})
     unsized = Classifier(Registry(tmp_path / "plain", "wbc-plain").resolve("latest").onnx_path)
     network = unsized.probabilities(np.stack([a for a, _ in loaded]))
-    d = np.array([dia for _, dia in loaded])
+    d = np.array([m.diameter for _, m in loaded])
     # The anchor: the class this (untrained) test network calls most often, so that the anchor path is
     # the one taken; its median differs from the all-cells median.
     anchor = PRIOR_CLASSES[int(np.bincount(network.argmax(axis=1), minlength=5).argmax())]
