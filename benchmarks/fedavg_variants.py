@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,fresh-augmentation --tails 5 --no-loso
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train pool-2,pool-4,pool-8,pool-16 --tails 5 --views-per-cell 16
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --no-loso --product-temperature
+    .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --granule-weights 0,0.5 --product-temperature
 
 FedAvg's Barcelona answer moves with the seed, with 24 training cells fewer and with more rounds, each
 time trading eosinophils against lymphocytes (docs/results.md, "The site's reference"), while the
@@ -25,8 +26,9 @@ centralised model's does not (eosinophil recall 0.91 centralised, 0.70 federated
 
 Every variant is scored as the product serves it: the shipped arm (frozen trunk, texture augmentation),
 the shipped test-time views (`--views`), the temperature fitted on the training sites' pooled val cells
-(NLL grid, the same rule for every variant) and the size opinion at weight 2 against each site's
-neutrophils (Barcelona's: the cells that variant's network calls neutrophils). The choice is made by a
+(NLL grid, the same rule for every variant), the size opinion at weight 2 and the granule opinion at the
+shipped 0.5 (`--granule-weights`) against each site's neutrophils (Barcelona's: the cells that variant's
+network calls neutrophils). The choice is made by a
 federated leave-one-site-out criterion that never sees Barcelona: FedAvg over two training sites, scored
 on the third's train + val cells (clean view, size opinion as deployed there). The shipped arm's cached
 features and views (var/benchmark) are reused.
@@ -52,6 +54,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from benchmarks.site_reference import located_diameters
+from benchmarks.granule_prior import granules
 from benchmarks.size_prior import TEMPERATURES, _nll, combine_probs, fit, size_ll
 from benchmarks.tta import fixed_view_features, shipped_arm
 from federation.averaging import mean_of
@@ -64,6 +67,7 @@ from federation.sites import DataRoot, resolve_data_root
 from federation.task import set_prepared_source
 from models.calibration import expected_calibration_error, softmax
 from models.evaluate import compute_metrics
+from models.granule_prior import anchored_granule_reference, site_median
 from models.size_prior import ANCHOR_CLASS, MIN_ANCHOR_CELLS, anchored_reference, site_reference
 from models.test_views import VIEW_SETS
 
@@ -184,6 +188,9 @@ class Bench:
     x_every: np.ndarray  # every Barcelona cell's clean-view trunk features
     views: dict[str, list[np.ndarray]]  # evaluation split -> trunk features per test-time view
     val_views: dict[str, tuple[list[np.ndarray], np.ndarray]] | None = None  # site -> its val cells' views, labels
+    granules: np.ndarray | None = None  # the locator's granule density, layout order (NaN: not measured)
+    g: np.ndarray | None = None  # ... relative to the training site's labelled neutrophils (NaN elsewhere)
+    g_every: np.ndarray | None = None  # every Barcelona cell's granule density (its reference as deployed)
 
 
 def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_per_cell: int = 0) -> Bench:
@@ -225,16 +232,35 @@ def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_p
         prepared = PreparedImages.build(samples, d.contract, cache / "prepared")
         val_views[site] = (list(fixed_view_features(trunk, samples, prepared, d.contract, VIEW_SETS[view_set],
                                                     cache / "features").values()), y[idx])
-    return Bench(arm, layout, d, classes, dia, r, d_every, x_every, views, val_views)
+    gran = granules(layout.samples, cache)  # the product's measure (models.cellcrop), cached by path
+    g = np.full(len(gran), np.nan)
+    for site in layout.train:
+        own = np.array(layout.train[site])
+        g[site_of == site] = gran[site_of == site] - site_median(gran[own], y[own] == anchor)
+    return Bench(arm, layout, d, classes, dia, r, d_every, x_every, views, val_views, gran, g,
+                 granules(every, cache))
 
 
 Scores = dict[tuple[str, str], list[float]]
 
 
-def score_held_out(b: Bench, models: list[RowModel], held: str, name: str, scores: Scores) -> None:
+def with_granules(b: Bench, p: np.ndarray, network: np.ndarray, fit_idx: list[int], idx, raw: np.ndarray,
+                  weight: float) -> np.ndarray:
+    """`p` with the granule opinion at `weight` (models.granule_prior), the Gaussians fitted on `fit_idx`,
+    the cells `idx` measured against the median of the ones `network` calls neutrophils (`raw` over the
+    same cells: a held-out or new site's reference, as `wbc data site-scale` measures it)."""
+    if not weight:
+        return p
+    prior = fit(b.g[fit_idx], b.layout.y[fit_idx], len(b.classes))
+    reference = anchored_granule_reference(raw, network, b.classes, ANCHOR_CLASS)
+    return combine_probs(p, size_ll(b.granules[idx] - reference, prior), weight)
+
+
+def score_held_out(b: Bench, models: list[RowModel], held: str, name: str, scores: Scores,
+                   granule_weight: float = 0.0) -> None:
     """The federated leave-one-site-out criterion for one variant trained without `held`: its train + val
-    cells, clean view, the size opinion as deployed there (its reference from the cells the network calls
-    neutrophils), the temperature from the other sites' val cells."""
+    cells, clean view, the size and granule opinions as deployed there (their references from the cells
+    the network calls neutrophils), the temperature from the other sites' val cells."""
     layout, d, classes, y = b.layout, b.data, b.classes, b.layout.y
     rest = [s for s in layout.train if s != held]
     fit_idx = [i for s in rest for i in layout.train[s]]
@@ -243,13 +269,15 @@ def score_held_out(b: Bench, models: list[RowModel], held: str, name: str, score
     hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
     h_idx = list(layout.train[held]) + list(layout.val[held])
     t = temperature(models, [(d.sites[s].val_x, d.sites[s].val_y) for s in rest])
-    p = probabilities(models, [hx], t)
-    r_held = np.log(b.dia[h_idx] / anchored_reference(b.dia[h_idx], p, classes, ANCHOR_CLASS))
-    p = combine_probs(p, size_ll(r_held, prior), SIZE_WEIGHT)
+    network = probabilities(models, [hx], t)
+    r_held = np.log(b.dia[h_idx] / anchored_reference(b.dia[h_idx], network, classes, ANCHOR_CLASS))
+    p = combine_probs(network, size_ll(r_held, prior), SIZE_WEIGHT)
+    p = with_granules(b, p, network, fit_idx, h_idx, b.granules[h_idx], granule_weight)
     scores.setdefault((name, "loso"), []).append(compute_metrics(classes, y[h_idx], p).balanced_accuracy)
 
 
-def score_served(b: Bench, models: list[RowModel], name: str, scores: Scores, product: bool = False) -> None:
+def score_served(b: Bench, models: list[RowModel], name: str, scores: Scores, product: bool = False,
+                 granule_weight: float = 0.0) -> None:
     """Internal and Barcelona figures of one variant trained at all three sites, as the product serves it.
     `product`: the temperature fitted and applied exactly as the deployment does (`product_temperature`,
     `product_probabilities`) instead of the benchmark's rule (fitted on the clean view, applied per view)."""
@@ -263,10 +291,14 @@ def score_served(b: Bench, models: list[RowModel], name: str, scores: Scores, pr
         t, answer = temperature(models, [(s.val_x, s.val_y) for s in b.data.sites.values()]), probabilities
     ext = layout.evaluation["external"]
     r = b.r.copy()
-    r[ext] = np.log(b.dia[ext] / anchored_reference(b.d_every, answer(models, [b.x_every], t), classes,
-                                                    ANCHOR_CLASS))
+    every = answer(models, [b.x_every], t)
+    r[ext] = np.log(b.dia[ext] / anchored_reference(b.d_every, every, classes, ANCHOR_CLASS))
     for split, idx in layout.evaluation.items():
         p = combine_probs(answer(models, b.views[split], t), size_ll(r[idx], prior), SIZE_WEIGHT)
+        if split == "external":
+            p = with_granules(b, p, every, fit_idx, idx, b.g_every, granule_weight)
+        else:  # a training site's own cells: against its labelled neutrophils, as it sent them
+            p = combine_probs(p, size_ll(b.g[idx], fit(b.g[fit_idx], y[fit_idx], len(classes))), granule_weight)
         m = compute_metrics(classes, y[idx], p)
         scores.setdefault((name, split), []).append(m.balanced_accuracy)
         if split == "external":
@@ -300,6 +332,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0, help="train this many rounds instead of the shipped recipe's 5")
     ap.add_argument("--product-temperature", action="store_true",
                     help="also score every variant with the temperature fitted and applied as the deployment does")
+    ap.add_argument("--granule-weights", default="0.5",
+                    help="the granule opinion's weights to score each variant with (the shipped 0.5; 0 = off)")
     ap.add_argument("--views-per-cell", type=int, default=0,
                     help="augmented views cached per training cell (default: the arm's 8); for pool-K with K > 8")
     args = ap.parse_args()
@@ -307,6 +341,11 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     tails = [int(k) for k in args.tails.split(",")]
     trainings = args.train.split(",")
+    granule_weights = [float(w) for w in args.granule_weights.split(",")]
+
+    def named(name: str, w: float) -> str:
+        return name if len(granule_weights) == 1 else f"{name}, granules w = {w:g}"
+
     if unknown := {t for t in trainings if not known_training(t)}:
         ap.error(f"unknown --train {sorted(unknown)}; known: {list(TRAINING)} and pool-K")
     t0 = time.time()
@@ -319,21 +358,24 @@ def main() -> None:
         for seed in seeds:
             for held, training in ((h, tr) for h in layout.train for tr in trainings):
                 model = train_variant(b, training, [s for s in layout.train if s != held], seed, args.cache)
-                for name, models in variants(model, tails, training).items():
-                    score_held_out(b, models, held, name, scores)
+                for (name, models), w in ((v, w) for v in variants(model, tails, training).items()
+                                          for w in granule_weights):
+                    score_held_out(b, models, held, named(name, w), scores, w)
             print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
                 f"{k[0]} {np.mean(v[-3:]):.3f}" for k, v in scores.items() if k[1] == "loso"), flush=True)
 
     for seed, training in ((s, tr) for s in seeds for tr in trainings):
         model = train_variant(b, training, list(layout.train), seed, args.cache)
-        for name, models in variants(model, tails, training).items():
-            score_served(b, models, name, scores)
+        for (plain, models), w in ((v, w) for v in variants(model, tails, training).items() for w in granule_weights):
+            name = named(plain, w)
+            score_served(b, models, name, scores, granule_weight=w)
             if args.product_temperature:
-                score_served(b, models, f"{name}, the product's temperature", scores, product=True)
+                score_served(b, models, f"{name}, the product's temperature", scores, product=True, granule_weight=w)
             print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: internal {scores[name, 'internal'][-1]:.3f}, "
                   f"Barcelona {scores[name, 'external'][-1]:.3f}", flush=True)
 
-    print_table(f"FedAvg, {args.views} views, size w = {SIZE_WEIGHT:g}", scores)
+    granule_note = f", granule w = {granule_weights[0]:g}" if len(granule_weights) == 1 else ""
+    print_table(f"FedAvg, {args.views} views, size w = {SIZE_WEIGHT:g}{granule_note}", scores)
     print(f"[{time.time() - t0:.0f} s]")
 
 
