@@ -6,7 +6,7 @@ What is left at Barcelona is eosinophils called neutrophils. `benchmarks/nucleus
 training sites teach a compact nucleus for eosinophils, which Barcelona's do not have. Their granules are
 the textbook cue, and one measure of them agrees at every site: the optical density of the densest 30 % of
 the cytoplasm (the cell's disc around the nucleus, nucleus and background out), relative to the nucleus's
-own mean density, on a log scale. Eosinophil > neutrophil AUC within each site: tehran-lisc 0.94,
+own mean density, on a log scale (`models.cellcrop.cell_measures`). Eosinophil > neutrophil AUC within each site: tehran-lisc 0.94,
 jiangxi-tecom 0.93, bccd 0.75, barcelona-pbc 1.00 (`--print-auc`). Being a ratio inside one cell it needs
 no white balance, magnification or stain strength to agree.
 
@@ -41,36 +41,16 @@ from federation.benchmark.prepared import PreparedImages
 from federation.benchmark.protocols import _TopTrainers
 from federation.benchmark.report import _mean_sd
 from federation.sites import DataRoot, resolve_data_root
-from models import cellcrop
 from models.calibration import expected_calibration_error, softmax
+from models.cellcrop import cell_measures
 from models.evaluate import compute_metrics
+from models.granule_prior import site_median
 from models.preprocess import to_rgb
-from models.size_prior import ANCHOR_CLASS, MIN_ANCHOR_CELLS, anchored_reference, site_reference
+from models.size_prior import ANCHOR_CLASS, anchored_reference, site_reference
 from models.test_views import VIEW_SETS
 
 SIZE_WEIGHT = 2.0
 WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
-
-
-def granule_density(image: Image.Image) -> float:
-    """log(OD of the densest 30 % of the cytoplasm / the nucleus's mean OD); NaN without a nucleus."""
-    rgb = to_rgb(image)
-    content = rgb.crop(cellcrop._content_box(rgb))
-    f = max(1, int(round(max(content.size) / cellcrop._WORK_SIDE)))
-    small = np.asarray(content.reduce(f) if f > 1 else content)
-    _, od = cellcrop._stain(small)
-    nucleus = cellcrop._nucleus_mask(small)
-    if nucleus is None:
-        return float("nan")
-    ys, xs = np.nonzero(nucleus)
-    radius = 0.6 * cellcrop._CELL_PER_NUCLEUS * cellcrop._spread(ys, xs)
-    yy, xx = np.mgrid[: small.shape[0], : small.shape[1]]
-    total = od.sum(axis=-1)
-    cytoplasm = ((yy - ys.mean()) ** 2 + (xx - xs.mean()) ** 2 <= radius**2) & ~nucleus & (total > 0.2)
-    if cytoplasm.sum() < 10:
-        return float("nan")
-    dense = total[cytoplasm]
-    return float(np.log(dense[dense >= np.percentile(dense, 70)].mean()) - np.log(total[nucleus].mean()))
 
 
 def granules(samples, cache: Path) -> np.ndarray:
@@ -79,7 +59,7 @@ def granules(samples, cache: Path) -> np.ndarray:
     missing = [s for s in samples if str(s.path) not in known]
     for s in track(missing, description="measuring granules") if missing else []:
         with Image.open(s.path) as img:
-            g = granule_density(img)
+            g = cell_measures(to_rgb(img)).granules
         known[str(s.path)] = None if not np.isfinite(g) else g
     if missing:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,13 +71,6 @@ def auc(p: np.ndarray, q: np.ndarray) -> float:
     p, q = p[np.isfinite(p)], q[np.isfinite(q)]
     diff = p[:, None] - q[None, :]
     return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
-
-
-def anchored(values: np.ndarray, picked: np.ndarray) -> float:
-    """The median of the picked cells' values (all cells' when fewer than MIN_ANCHOR_CELLS)."""
-    ok = np.isfinite(values)
-    chosen = values[ok & picked]
-    return float(np.median(chosen if len(chosen) >= MIN_ANCHOR_CELLS else values[ok]))
 
 
 def main() -> None:
@@ -128,7 +101,7 @@ def main() -> None:
         own = np.array(layout.train[site])
         own_all = np.flatnonzero(site_of == site)
         ref_d = site_reference(dia[own][np.isfinite(dia[own]) & (y[own] == neut)])
-        ref_g = anchored(gran[own], y[own] == neut) if use_anchor else 0.0
+        ref_g = site_median(gran[own], y[own] == neut) if use_anchor else 0.0
         r[own_all], g[own_all] = np.log(dia[own_all] / ref_d), gran[own_all] - ref_g
     print(f"[{time.time() - t0:.0f} s] features, sizes and granules ready", flush=True)
     for site in (*layout.train, "barcelona-pbc"):
@@ -139,11 +112,11 @@ def main() -> None:
             for k, c in enumerate(classes) if (y[own] == k).any()))
     trainers = _TopTrainers(arm, d)
 
-    def opinions(idx, prior_r, prior_g, logits, t, dia_, gran_):
+    def opinions(prior_r, prior_g, logits, t, dia_, gran_):
         """(size ll, granule ll) of a site without labels: anchored on the cells its network calls neutrophils."""
         called = softmax(logits, t).argmax(axis=1) == neut
         rr = np.log(dia_ / anchored_reference(dia_, softmax(logits, t), classes, ANCHOR_CLASS))
-        gg = gran_ - (anchored(gran_, called) if use_anchor else 0.0)
+        gg = gran_ - (site_median(gran_, called) if use_anchor else 0.0)
         return size_ll(rr, prior_r), size_ll(gg, prior_g)
 
     loso: dict[float, list[float]] = {w: [] for w in WEIGHTS}
@@ -158,7 +131,7 @@ def main() -> None:
             hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
             h_idx = list(layout.train[held]) + list(layout.val[held])
             logits = model.logits(hx)
-            ll_r, ll_g = opinions(h_idx, prior_r, prior_g, logits, t, dia[h_idx], gran[h_idx])
+            ll_r, ll_g = opinions(prior_r, prior_g, logits, t, dia[h_idx], gran[h_idx])
             p_net = softmax(logits, t)
             for w in WEIGHTS:
                 p = combine_probs(p_net, SIZE_WEIGHT * ll_r + w * ll_g, 1.0)
@@ -187,7 +160,7 @@ def main() -> None:
             t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
             called = softmax(model.logits(x_every), t).argmax(axis=1) == neut
             ref_d = site_reference(d_every[called & np.isfinite(d_every)])
-            ref_g = anchored(g_every, called) if use_anchor else 0.0
+            ref_g = site_median(g_every, called) if use_anchor else 0.0
             r[ext], g[ext] = np.log(dia[ext] / ref_d), gran[ext] - ref_g
             for name, (x, yy) in d.evaluation.items():
                 idx = layout.evaluation[name]
