@@ -1,6 +1,7 @@
 """Cytoplasm granule density as a third opinion beside the network and the cell's size.
 
-    .venv/bin/python benchmarks/granule_prior.py --seeds 0,1,2     # shipped arm's features cached: minutes
+    .venv/bin/python benchmarks/granule_prior.py --seeds 0,1,2            # 15 min cold (caches), 3 min warm
+    .venv/bin/python benchmarks/granule_prior.py --seeds 0,1,2 --single   # and each training site alone
 
 What is left at Barcelona is eosinophils called neutrophils. `benchmarks/nucleus_shape.py` showed the
 training sites teach a compact nucleus for eosinophils, which Barcelona's do not have. Their granules are
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--anchor", choices=("neutrophils", "none"), default="neutrophils")
+    ap.add_argument("--single", action="store_true",
+                    help="also each training site alone, its size and granule Gaussians from its own cells only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -156,8 +159,15 @@ def main() -> None:
     for seed in seeds:
         models = {"centralised": trainers.pooled(list(layout.train), seed),
                   "FedAvg": trainers.federated("fedavg", seed, {})}
+        if args.single:
+            models |= {f"{s} alone": trainers.pooled([s], seed) for s in layout.train}
         for row, model in models.items():
             t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+            if row.endswith(" alone"):  # a site alone has only its own cells' statistics
+                own_idx = list(layout.train[row.removesuffix(" alone")])
+                prior_r, prior_g = fit(r[own_idx], y[own_idx], n), fit(g[own_idx], y[own_idx], n)
+            else:
+                prior_r, prior_g = fit(r[fit_idx], y[fit_idx], n), fit(g[fit_idx], y[fit_idx], n)
             called = softmax(model.logits(x_every), t).argmax(axis=1) == neut
             ref_d = site_reference(d_every[called & np.isfinite(d_every)])
             ref_g = site_median(g_every, called) if use_anchor else 0.0
@@ -178,7 +188,7 @@ def main() -> None:
         print(f"[{time.time() - t0:.0f} s] seed {seed} done", flush=True)
     print(f"\n| row | granule w | internal | Barcelona | Barcelona ECE | Barcelona recall {' / '.join(c[:4] for c in classes)} |")
     print("|---|---|---|---|---|---|")
-    for row in ("centralised", "FedAvg"):
+    for row in dict.fromkeys(k[0] for k in scores):
         for w in WEIGHTS:
             print(f"| {row} | {w} | " + " | ".join(_mean_sd(scores[row, k, w]) for k in ("internal", "external", "ece"))
                   + " | " + " / ".join(f"{np.mean(scores[row, c, w]):.2f}" for c in classes) + " |")
