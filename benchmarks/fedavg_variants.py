@@ -54,7 +54,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from benchmarks.site_reference import located_diameters
-from benchmarks.granule_prior import granules
+from benchmarks.granule_prior import fit_granules, granules
 from benchmarks.size_prior import TEMPERATURES, _nll, combine_probs, fit, size_ll
 from benchmarks.tta import fixed_view_features, shipped_arm
 from federation.averaging import mean_of
@@ -191,6 +191,7 @@ class Bench:
     granules: np.ndarray | None = None  # the locator's granule density, layout order (NaN: not measured)
     g: np.ndarray | None = None  # ... relative to the training site's labelled neutrophils (NaN elsewhere)
     g_every: np.ndarray | None = None  # every Barcelona cell's granule density (its reference as deployed)
+    granule_every_class: bool = False  # a granule Gaussian per class, not the shipped eosinophil/neutrophil pair
 
 
 def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_per_cell: int = 0) -> Bench:
@@ -251,7 +252,7 @@ def with_granules(b: Bench, p: np.ndarray, network: np.ndarray, fit_idx: list[in
     same cells: a held-out or new site's reference, as `wbc data site-scale` measures it)."""
     if not weight:
         return p
-    prior = fit(b.g[fit_idx], b.layout.y[fit_idx], len(b.classes))
+    prior = fit_granules(b.g[fit_idx], b.layout.y[fit_idx], b.classes, b.granule_every_class)
     reference = anchored_granule_reference(raw, network, b.classes, ANCHOR_CLASS)
     return combine_probs(p, size_ll(b.granules[idx] - reference, prior), weight)
 
@@ -298,7 +299,8 @@ def score_served(b: Bench, models: list[RowModel], name: str, scores: Scores, pr
         if split == "external":
             p = with_granules(b, p, every, fit_idx, idx, b.g_every, granule_weight)
         else:  # a training site's own cells: against its labelled neutrophils, as it sent them
-            p = combine_probs(p, size_ll(b.g[idx], fit(b.g[fit_idx], y[fit_idx], len(classes))), granule_weight)
+            prior_g = fit_granules(b.g[fit_idx], y[fit_idx], classes, b.granule_every_class)
+            p = combine_probs(p, size_ll(b.g[idx], prior_g), granule_weight)
         m = compute_metrics(classes, y[idx], p)
         scores.setdefault((name, split), []).append(m.balanced_accuracy)
         if split == "external":
@@ -334,6 +336,8 @@ def main() -> None:
                     help="also score every variant with the temperature fitted and applied as the deployment does")
     ap.add_argument("--granule-weights", default="0.5",
                     help="the granule opinion's weights to score each variant with (the shipped 0.5; 0 = off)")
+    ap.add_argument("--granule-every-class", action="store_true",
+                    help="a granule Gaussian for every class (the first version) instead of the shipped pair")
     ap.add_argument("--views-per-cell", type=int, default=0,
                     help="augmented views cached per training cell (default: the arm's 8); for pool-K with K > 8")
     args = ap.parse_args()
@@ -349,7 +353,8 @@ def main() -> None:
     if unknown := {t for t in trainings if not known_training(t)}:
         ap.error(f"unknown --train {sorted(unknown)}; known: {list(TRAINING)} and pool-K")
     t0 = time.time()
-    b = prepare(args.cache, args.views, args.rounds, args.views_per_cell)
+    b = replace(prepare(args.cache, args.views, args.rounds, args.views_per_cell),
+                granule_every_class=args.granule_every_class)
     layout = b.layout
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
 

@@ -45,9 +45,10 @@ from federation.sites import DataRoot, resolve_data_root
 from models.calibration import expected_calibration_error, softmax
 from models.cellcrop import cell_measures
 from models.evaluate import compute_metrics
-from models.granule_prior import site_median
+from models.contract import SizePrior
+from models.granule_prior import fit_granule_prior, site_median
 from models.preprocess import to_rgb
-from models.size_prior import ANCHOR_CLASS, anchored_reference, site_reference
+from models.size_prior import ANCHOR_CLASS, SizeStatistics, anchored_reference, fit_prior, site_reference
 from models.test_views import VIEW_SETS
 
 SIZE_WEIGHT = 2.0
@@ -68,6 +69,14 @@ def granules(samples, cache: Path) -> np.ndarray:
     return np.array([np.nan if known[str(s.path)] is None else known[str(s.path)] for s in samples])
 
 
+def fit_granules(g: np.ndarray, y: np.ndarray, classes: list[str], every_class: bool = False) -> SizePrior:
+    """The product's granule Gaussians (`models.granule_prior.fit_granule_prior`: eosinophils and
+    neutrophils their own, the rest the all-cells one) from these cells; `every_class`: one per class."""
+    ok = np.isfinite(g)
+    stats = SizeStatistics.of_relative(g[ok], y[ok], len(classes))
+    return fit_prior([stats], 1.0) if every_class else fit_granule_prior([stats], 1.0, classes, None)
+
+
 def auc(p: np.ndarray, q: np.ndarray) -> float:
     p, q = p[np.isfinite(p)], q[np.isfinite(q)]
     diff = p[:, None] - q[None, :]
@@ -80,6 +89,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--anchor", choices=("neutrophils", "none"), default="neutrophils")
+    ap.add_argument("--every-class", action="store_true",
+                    help="a granule Gaussian for every class (the first version) instead of the shipped "
+                         "eosinophil and neutrophil ones")
     ap.add_argument("--single", action="store_true",
                     help="also each training site alone, its size and granule Gaussians from its own cells only")
     args = ap.parse_args()
@@ -129,7 +141,7 @@ def main() -> None:
             model = trainers.pooled(rest, seed)
             t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
             fit_idx = [i for s in rest for i in layout.train[s]]
-            prior_r, prior_g = fit(r[fit_idx], y[fit_idx], n), fit(g[fit_idx], y[fit_idx], n)
+            prior_r, prior_g = fit(r[fit_idx], y[fit_idx], n), fit_granules(g[fit_idx], y[fit_idx], classes, args.every_class)
             h = d.sites[held]
             hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
             h_idx = list(layout.train[held]) + list(layout.val[held])
@@ -152,7 +164,7 @@ def main() -> None:
                                           args.cache / "features")
     print(f"[{time.time() - t0:.0f} s] test views ready", flush=True)
     fit_idx = [i for s in layout.train for i in layout.train[s]]
-    prior_r, prior_g = fit(r[fit_idx], y[fit_idx], n), fit(g[fit_idx], y[fit_idx], n)
+    prior_r, prior_g = fit(r[fit_idx], y[fit_idx], n), fit_granules(g[fit_idx], y[fit_idx], classes, args.every_class)
     print("granule prior: " + ", ".join(f"{c} {m:+.2f} ± {s:.2f}" for c, m, s in zip(classes, prior_g.mean, prior_g.sd)))
     scores: dict[tuple, list[float]] = {}
     ext = layout.evaluation["external"]
@@ -165,9 +177,9 @@ def main() -> None:
             t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
             if row.endswith(" alone"):  # a site alone has only its own cells' statistics
                 own_idx = list(layout.train[row.removesuffix(" alone")])
-                prior_r, prior_g = fit(r[own_idx], y[own_idx], n), fit(g[own_idx], y[own_idx], n)
+                prior_r, prior_g = fit(r[own_idx], y[own_idx], n), fit_granules(g[own_idx], y[own_idx], classes, args.every_class)
             else:
-                prior_r, prior_g = fit(r[fit_idx], y[fit_idx], n), fit(g[fit_idx], y[fit_idx], n)
+                prior_r, prior_g = fit(r[fit_idx], y[fit_idx], n), fit_granules(g[fit_idx], y[fit_idx], classes, args.every_class)
             called = softmax(model.logits(x_every), t).argmax(axis=1) == neut
             ref_d = site_reference(d_every[called & np.isfinite(d_every)])
             ref_g = site_median(g_every, called) if use_anchor else 0.0

@@ -255,6 +255,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
     from federation.rounds import Accepted, ReportingGrid, RoundBook, write_json_atomic
     from federation.task import create_model_from_contract, seed_everything
     from models.calibration import calibrate_sites, without_summaries
+    from models.granule_prior import fit_granule_prior
     from models.size_prior import SizeStatistics, anchor_of, fit_prior
     from models.zoo import weight_source
 
@@ -341,8 +342,8 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
         if settings.granule_weight > 0:
             stats = [SizeStatistics.from_record(site.get("granules") or {}, "granule")
                      for site in metadata.get("sites", {}).values()]
-            granule_prior = fit_prior([s for s in stats if s is not None], settings.granule_weight,
-                                      anchor=anchor_of(version_contract.class_names))
+            granule_prior = fit_granule_prior([s for s in stats if s is not None], settings.granule_weight,
+                                              version_contract.class_names, anchor_of(version_contract.class_names))
         if granule_prior is not None:
             version_contract = version_contract.with_updates(granule_prior=granule_prior.model_dump())
         metadata["granule_prior"] = granule_prior.model_dump() if granule_prior else None

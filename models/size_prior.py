@@ -118,9 +118,12 @@ class SizeStatistics:
         return SizeStatistics(self.count + other.count, self.total + other.total, self.squares + other.squares)
 
 
-def fit_prior(stats: Iterable[SizeStatistics], weight: float, anchor: str | None = None) -> SizePrior | None:
+def fit_prior(stats: Iterable[SizeStatistics], weight: float, anchor: str | None = None,
+              opinion_classes: Sequence[int] | None = None) -> SizePrior | None:
     """Pool the sites' statistics into per-class Gaussians; None when no site sent any. `anchor`: the
-    class the sites sized against (`anchor_of`), recorded so that deployed sites measure the same way."""
+    class the sites sized against (`anchor_of`), recorded so that deployed sites measure the same way.
+    `opinion_classes`: only these classes get their own Gaussian, every other one the all-cells Gaussian
+    (no opinion between them)."""
     pooled = None
     for s in stats:
         pooled = s if pooled is None else pooled + s
@@ -130,8 +133,8 @@ def fit_prior(stats: Iterable[SizeStatistics], weight: float, anchor: str | None
     mean_all = pooled.total.sum() / n_all
     sd_all = max(float(np.sqrt(max(pooled.squares.sum() / n_all - mean_all**2, 0.0))), MIN_SD)
     means, sds = [], []
-    for n, t, q in zip(pooled.count, pooled.total, pooled.squares):
-        if n >= MIN_CELLS:
+    for k, (n, t, q) in enumerate(zip(pooled.count, pooled.total, pooled.squares)):
+        if n >= MIN_CELLS and (opinion_classes is None or k in opinion_classes):
             m = t / n
             means.append(float(m))
             sds.append(max(float(np.sqrt(max(q / n - m * m, 0.0))), MIN_SD))

@@ -12,7 +12,7 @@ from PIL import Image
 from federation.sites import DataRoot
 from models.cellcrop import cell_measures
 from models.contract import SHARED_CLASSES
-from models.granule_prior import anchored_granule_reference, granule_statistics, site_median
+from models.granule_prior import anchored_granule_reference, fit_granule_prior, granule_statistics, site_median
 from models.size_prior import MIN_ANCHOR_CELLS, apply_size_prior, fit_prior
 
 EOSINOPHIL, NEUTROPHIL = SHARED_CLASSES.index("eosinophil"), SHARED_CLASSES.index("neutrophil")
@@ -80,3 +80,19 @@ def test_the_opinion_moves_a_dense_cell_away_from_neutrophil() -> None:
     out = apply_size_prior(p, np.array([0.7, np.nan]), prior)  # a dense cell; an unmeasured one
     assert out[0, EOSINOPHIL] > out[0, NEUTROPHIL] and abs(out[0].sum() - 1.0) < 1e-5
     np.testing.assert_allclose(out[1], p[1], rtol=1e-6)  # no measure: the network's answer
+
+
+def test_only_eosinophils_and_neutrophils_get_a_granule_gaussian_of_their_own() -> None:
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(5), 30)
+    g = rng.normal(0.0, 0.1, len(y)) + 0.3 * (y != NEUTROPHIL)  # every other class 0.3 denser
+    stats = granule_statistics(g, y, 5, anchor=NEUTROPHIL)
+    prior = fit_granule_prior([stats], 0.5, SHARED_CLASSES, "neutrophil")
+    every = fit_prior([stats], 0.5)
+    for k in (EOSINOPHIL, NEUTROPHIL):
+        assert prior.mean[k] == every.mean[k] and prior.sd[k] == every.sd[k]
+    relative = g - np.median(g[y == NEUTROPHIL])
+    others = [k for k in range(5) if k not in (EOSINOPHIL, NEUTROPHIL)]
+    for k in others:  # the all-cells Gaussian: no opinion between basophils, lymphocytes and monocytes
+        assert prior.mean[k] == pytest.approx(relative.mean()) and prior.sd[k] == pytest.approx(relative.std())
+    assert len({prior.mean[k] for k in others}) == 1 and prior.weight == 0.5 and prior.anchor == "neutrophil"
