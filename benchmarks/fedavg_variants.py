@@ -7,7 +7,7 @@
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped,fresh-augmentation --tails 5 --no-loso
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train pool-2,pool-4,pool-8,pool-16 --tails 5 --views-per-cell 16
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --no-loso --product-temperature
-    .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --granule-weights 0,0.5 --product-temperature
+    .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --granule-weights 0,0.5,1 --product-temperature
 
 FedAvg's Barcelona answer moves with the seed, with 24 training cells fewer and with more rounds, each
 time trading eosinophils against lymphocytes (docs/results.md, "The site's reference"), while the
@@ -27,7 +27,7 @@ centralised model's does not (eosinophil recall 0.91 centralised, 0.70 federated
 Every variant is scored as the product serves it: the shipped arm (frozen trunk, texture augmentation),
 the shipped test-time views (`--views`), the temperature fitted on the training sites' pooled val cells
 (NLL grid, the same rule for every variant), the size opinion at weight 2 and the granule opinion at the
-shipped 0.5 (`--granule-weights`) against each site's neutrophils (Barcelona's: the cells that variant's
+shipped 1 (`--granule-weights`) against each site's neutrophils (Barcelona's: the cells that variant's
 network calls neutrophils). The choice is made by a
 federated leave-one-site-out criterion that never sees Barcelona: FedAvg over two training sites, scored
 on the third's train + val cells (clean view, size opinion as deployed there). The shipped arm's cached
@@ -334,8 +334,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0, help="train this many rounds instead of the shipped recipe's 5")
     ap.add_argument("--product-temperature", action="store_true",
                     help="also score every variant with the temperature fitted and applied as the deployment does")
-    ap.add_argument("--granule-weights", default="0.5",
-                    help="the granule opinion's weights to score each variant with (the shipped 0.5; 0 = off)")
+    ap.add_argument("--granule-weights", default="1",
+                    help="the granule opinion's weights to score each variant with (the shipped 1; 0 = off)")
     ap.add_argument("--granule-every-class", action="store_true",
                     help="a granule Gaussian for every class (the first version) instead of the shipped pair")
     ap.add_argument("--views-per-cell", type=int, default=0,

@@ -173,7 +173,7 @@ def test_three_site_federation_registers_verified_versions(
         granule_counts = [meta["sites"][s]["granules"]["granule-count"] for s in sites]
         assert all(len(c) == 2 and sum(c) > 0 for c in granule_counts)
         assert contract.granule_prior is not None and contract.granule_prior.cells == sum(map(sum, granule_counts))
-        assert contract.granule_prior.weight == 0.5
+        assert contract.granule_prior.weight == 1.0
         assert SizePrior.model_validate(meta["granule_prior"]) == contract.granule_prior
 
     # The first registered version became production (there was none); the rounds table says so.
