@@ -8,13 +8,15 @@ training sites teach a compact nucleus for eosinophils, which Barcelona's do not
 the textbook cue, and one measure of them agrees at every site: the optical density of the densest 30 % of
 the cytoplasm (the cell's disc around the nucleus, nucleus and background out), relative to the nucleus's
 own mean density, on a log scale (`models.cellcrop.cell_measures`). Eosinophil > neutrophil AUC within each site: tehran-lisc 0.94,
-jiangxi-tecom 0.93, bccd 0.75, barcelona-pbc 1.00 (`--print-auc`). Being a ratio inside one cell it needs
+jiangxi-tecom 0.93, bccd 0.75, barcelona-pbc 1.00 (printed first). Being a ratio inside one cell it needs
 no white balance, magnification or stain strength to agree.
 
 It enters like the size opinion (`models.size_prior`: per-class Gaussians from per-class count, sum and
 sum of squares the sites send), with the same anchor choice measured both ways: raw, or relative to the
 site's neutrophils (a training site's labelled ones, a held-out or new site's the ones its network calls
 so). Size stays at the shipped w = 2; the granule weight is chosen by the leave-one-site-out criterion.
+As shipped, only eosinophils and neutrophils get a Gaussian of their own (`models.granule_prior`);
+`--every-class` gives every class one (the first version).
 """
 
 from __future__ import annotations
