@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from benchmarks.tta import fixed_view_features, shipped_arm
-from federation.benchmark.features import render_view
-from federation.benchmark.handlers import top_logits
-from federation.benchmark.prepared import PreparedImages
+from federation.features import render_view
+from federation.top_training import top_logits
+from federation.prepared import PreparedImages
 from federation.benchmark.protocols import _TopTrainers
 from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import fresh_split

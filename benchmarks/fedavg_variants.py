@@ -60,7 +60,7 @@ from benchmarks.tta import fixed_view_features, shipped_arm
 from federation.averaging import mean_of
 from federation.benchmark.full import train_full_federated
 from federation.benchmark.handlers import SiteFeatures
-from federation.benchmark.prepared import PreparedImages, cached_source
+from federation.prepared import PreparedImages, cached_source
 from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import RowModel, fresh_split, train_federated
 from federation.sites import DataRoot, resolve_data_root

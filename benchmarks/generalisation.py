@@ -28,8 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from federation.augment import AugmentConfig
-from federation.benchmark.features import trunk_features
-from federation.benchmark.prepared import PreparedImages
+from federation.features import trunk_features
+from federation.prepared import PreparedImages
 from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, DataRoot, resolve_data_root
 from federation.task import build_contract
 from federation.trunk import split_model
@@ -83,7 +83,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     variant = ""
     if args.lowpass:
-        import federation.benchmark.features as fb
+        import federation.features as fb
         from models.preprocess import finish as _finish
 
         def lowpassed(image, contract):

@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from federation.benchmark.prepared import PreparedImages  # noqa: E402
+from federation.prepared import PreparedImages  # noqa: E402
 from federation.benchmark.protocols import in_domain_layout, paper_layout  # noqa: E402
 from federation.sites import DataRoot, resolve_data_root  # noqa: E402
 from federation.task import build_contract  # noqa: E402

@@ -40,7 +40,7 @@ from rich.progress import track
 from benchmarks.site_reference import located_diameters
 from benchmarks.size_prior import combine_probs, fit, size_ll
 from benchmarks.tta import fixed_view_features, shipped_arm
-from federation.benchmark.prepared import PreparedImages
+from federation.prepared import PreparedImages
 from federation.benchmark.protocols import _TopTrainers
 from federation.benchmark.report import _mean_sd
 from federation.sites import DataRoot, resolve_data_root

@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.site_reference import located_diameters
 from benchmarks.tta import fixed_view_features, shipped_arm
-from federation.benchmark.prepared import PreparedImages
+from federation.prepared import PreparedImages
 from federation.benchmark.protocols import ArmData, _TopTrainers
 from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import train_pooled

@@ -32,9 +32,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from federation.benchmark.features import trunk_features
-from federation.benchmark.handlers import SiteFeatures, train_top
-from federation.benchmark.prepared import PreparedImages
+from federation.features import trunk_features
+from federation.benchmark.handlers import SiteFeatures
+from federation.top_training import train_top
+from federation.prepared import PreparedImages
 from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import train_federated, train_pooled
 from federation.sites import EXTERNAL_SITE

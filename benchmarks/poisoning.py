@@ -216,7 +216,8 @@ def run(strategy: str, attack: str, args, source: DataRoot, external: list[Sampl
 def run_features(strategy: str, attack: str, args, arm_data, dp_noise: float = 0.0) -> dict:
     """One federated run over cached frozen-trunk features (see the module docstring)."""
     from federation.benchmark import handlers
-    from federation.benchmark.handlers import SiteFeatures, top_logits
+    from federation.benchmark.handlers import SiteFeatures
+    from federation.top_training import top_logits
     from federation.benchmark.local_grid import LocalGrid
     from federation.benchmark.runs import Recipe, fresh_split
     from federation.privacy import clip_when_asked

@@ -36,8 +36,8 @@ import torch
 
 from benchmarks.tta import fixed_view_features, shipped_arm
 from federation.augment import AugmentConfig, CellAugment
-from federation.benchmark.features import cache_key, render_view
-from federation.benchmark.prepared import PreparedImages
+from federation.features import cache_key, render_view
+from federation.prepared import PreparedImages
 from federation.benchmark.protocols import _TopTrainers
 from models.calibration import CalibrationSummary, pool, softmax
 from models.evaluate import compute_metrics

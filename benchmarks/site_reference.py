@@ -116,7 +116,7 @@ def main() -> None:
 
     # The network on every Barcelona image (all 8 types): what a deployed site's cells would get.
     from benchmarks.tta import fixed_view_features
-    from federation.benchmark.prepared import PreparedImages
+    from federation.prepared import PreparedImages
     from models.test_views import VIEW_SETS
 
     prepared = PreparedImages.build(every, data.contract, args.cache / "prepared")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import federation.benchmark.prepared as prepared_module
+import federation.prepared as prepared_module
 from federation.augment import AugmentConfig
 from federation.benchmark.presets import LITE0
 from federation.benchmark.protocols import _TopTrainers, arm_features, leave_one_site_out, paper_layout

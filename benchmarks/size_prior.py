@@ -156,7 +156,7 @@ def main() -> None:
         every = data_root.select(["barcelona-pbc"], ["train", "val", "test"])
         d_every = located_diameters(every, args.cache)
         from benchmarks.tta import fixed_view_features
-        from federation.benchmark.prepared import PreparedImages
+        from federation.prepared import PreparedImages
         from models.test_views import VIEW_SETS
 
         x_every = next(iter(fixed_view_features(
@@ -203,7 +203,7 @@ def main() -> None:
     views = None
     if args.views != "none":  # the trunk outputs of each fixed view, cached beside the training views
         from benchmarks.tta import fixed_view_features
-        from federation.benchmark.prepared import PreparedImages
+        from federation.prepared import PreparedImages
         from models.test_views import VIEW_SETS
 
         views = {}

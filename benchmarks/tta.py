@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from federation.augment import AugmentConfig
-from federation.benchmark.features import cache_key, render_view, trunk_features
-from federation.benchmark.prepared import PreparedImages
+from federation.features import cache_key, render_view, trunk_features
+from federation.prepared import PreparedImages
 from federation.benchmark.presets import LITE0
 from federation.benchmark.protocols import _TopTrainers, arm_features, paper_layout
 from federation.benchmark.report import _mean_sd

@@ -43,7 +43,8 @@ import torch
 
 from benchmarks.fedavg_variants import (Scores, averaged, prepare, print_table, probabilities, score_held_out,
                                          score_served, temperature)
-from federation.benchmark.handlers import SiteFeatures, top_logits
+from federation.benchmark.handlers import SiteFeatures
+from federation.top_training import top_logits
 from federation.benchmark.presets import LITE0, LITE0_LONG
 from federation.benchmark.protocols import arm_features, in_domain_layout
 from federation.benchmark.report import _mean_sd

@@ -187,10 +187,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _train_on_view_pool(model, samples, contract, config, cache, top, augment, views, seed, progress):
     """The benchmark's recipe at a real site: the top trained on the cached trunk outputs of a finite
     pool of views of each cell (the clean one + `views` seeded augmentations, the same all run), one drawn
-    per cell and epoch (`federation.benchmark.handlers.train_top`); the trunk runs once per view and run."""
+    per cell and epoch (`federation.top_training.train_top`); the trunk runs once per view and run."""
     import numpy as np
 
-    from federation.benchmark.handlers import train_top
+    from federation.top_training import train_top
     from federation.task import granule_statistics_of, size_statistics_of
     from federation.trunk import split_model
 

@@ -5,10 +5,10 @@ averages identical copies of it), so what it computes for a cell never changes b
 runs every message in a fresh process, so without a disk cache each round located every cell again and
 ran the trunk on every view of it. Here, once per site and run:
 
-- prepared cells (the contract's `prepare`: cell crop, colour normalisation) and located diameters
-  (`federation.benchmark.prepared.PreparedImages`, keyed by each file's path, size and mtime);
+- prepared cells (the contract's `prepare`: cell crop, colour normalisation) and the locator's measures
+  (`federation.prepared.PreparedImages`, keyed by each file's path, size and mtime);
 - the trunk's outputs for a finite pool of views of every training cell: the clean cell and `views`
-  augmented ones, seeded per cell and view (`federation.benchmark.features.trunk_features`, exactly the
+  augmented ones, seeded per cell and view (`federation.features.trunk_features`, exactly the
   benchmark's recipe); each epoch draws one of them per cell (`view_batches`), so the clean cell comes
   one step in 1 + views;
 - the trunk's outputs for the contract's test-time views of every validation cell (`models.test_views`):
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from federation.augment import AugmentConfig
-from federation.benchmark.features import render_view, trunk_features
-from federation.benchmark.handlers import top_logits
-from federation.benchmark.prepared import PreparedImages
+from federation.features import render_view, trunk_features
+from federation.top_training import top_logits
+from federation.prepared import PreparedImages
 from federation.sites import Sample
 from federation.trunk import Split
 from models.contract import ModelContract

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from federation.augment import AugmentConfig
-from federation.benchmark.features import trunk_features
+from federation.features import trunk_features
 from federation.benchmark.handlers import SiteFeatures
 from federation.benchmark.partition import describe, dirichlet_partition
-from federation.benchmark.prepared import PreparedImages, cached_source
+from federation.prepared import PreparedImages, cached_source
 from federation.benchmark.runs import Recipe, RowModel, fresh_split, train_federated, train_pooled
 from federation.sites import DEFAULT_TRAINING_SITES, EXTERNAL_SITE, DataRoot, Sample
 from federation.style import amplitude, mean_amplitude

@@ -21,7 +21,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from federation.benchmark import handlers
-from federation.benchmark.handlers import SiteFeatures, site_split, top_logits, train_top
+from federation.benchmark.handlers import SiteFeatures, site_split
+from federation.top_training import top_logits, train_top
 from federation.benchmark.local_grid import LocalGrid
 from federation.strategies import SiteReply, make_strategy
 from federation.task import TrainConfig, create_model_from_contract, seed_everything

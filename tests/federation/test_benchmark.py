@@ -10,10 +10,10 @@ import torch
 from flwr.supercore.task_identity import TaskIdentity
 
 from federation.augment import AugmentConfig
-from federation.benchmark.features import trunk_features
+from federation.features import trunk_features
 from federation.benchmark.handlers import SiteFeatures
 from federation.benchmark.partition import describe, dirichlet_partition
-from federation.benchmark.prepared import PreparedImages
+from federation.prepared import PreparedImages
 from federation.benchmark.runs import Recipe, train_federated, train_pooled
 from federation.sites import DataRoot, Sample
 from federation.task import build_contract

@@ -114,7 +114,7 @@ def test_view_pool_is_clean_first_then_seeded_views_and_follows_the_files(data_r
 
 def test_training_on_the_pool_learns_like_fresh_augmentation(data_root: DataRoot, tmp_path: Path) -> None:
     """The pool path (what a SuperNode with a cache runs) and the fresh path both fit these cells."""
-    from federation.benchmark.handlers import train_top
+    from federation.top_training import train_top
 
     samples = _cells(data_root, per_class=4)
     contract = build_contract("tf_efficientnet_lite0", 64)

@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from federation.augment import AugmentConfig, CellAugment, named_augmentation
-from federation.benchmark.features import _augment_key
+from federation.features import _augment_key
 from federation.sites import DataRoot
 from federation.task import (
     TrainConfig,

@@ -4,8 +4,8 @@ View 0 of an image is the contract's exact preprocessing (`finish(prepare(image)
 computes); views 1..K are augmented (`federation.augment.CellAugment`, seeded per image and view, so a
 cache rebuild gives the same bytes). Only the frozen trunk runs here; the trainable top sees these
 tensors as its input, so training on them is exactly training the top of the full model on those views
-(the trunk is in eval mode, its BatchNorm statistics fixed). Stored as float16 under
-`var/benchmark/features/`, keyed by everything that changes the bytes.
+(the trunk is in eval mode, its BatchNorm statistics fixed). Stored as float16 under a cache folder
+(`var/benchmark/features/`, a site cache's `features/`), keyed by everything that changes the bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from federation.augment import AugmentConfig, CellAugment
-from federation.benchmark.prepared import PreparedImages, preparation_key
+from federation.prepared import PreparedImages, preparation_key
 from federation.sites import Sample
 from federation.trunk import Split
 from models.contract import ModelContract

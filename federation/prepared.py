@@ -1,9 +1,11 @@
 """The contract's deterministic `prepare` step (RGB → cell crop → colour normalisation), cached on disk.
 
-Locating the cell costs ~15-25 ms per image here; every benchmark row and every augmented view starts
-from the same prepared image, so it is computed once per (data set, contract preprocessing) and kept under
-`var/benchmark/prepared/<key>/`, one file per image; in memory they are one flat uint8 buffer plus shapes. Images keep their prepared size (no extra
-resize), so `finish(prepared)` is exactly what the service computes.
+Locating the cell costs ~15-25 ms per image here; every benchmark row, every augmented view and every
+round of a SuperNode with a site cache starts from the same prepared image, so it is computed once per
+(data set, contract preprocessing) and kept under a cache folder (`var/benchmark/prepared/<key>/`, a
+site cache's `prepared/<key>/`), one file per image, with the locator's measures beside them; in memory
+they are one flat uint8 buffer plus shapes. Images keep their prepared size (no extra resize), so
+`finish(prepared)` is exactly what the service computes.
 """
 
 from __future__ import annotations
