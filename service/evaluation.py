@@ -62,25 +62,28 @@ def evaluate_classifier(
     sites = np.asarray([s.site for s in known])
     if contract.size_prior is not None and contract.size_prior.weight > 0 and len(known):
         d = np.asarray([m.diameter for m in measures], dtype=np.float64)
-        r = np.full(len(known), np.nan)
-        for site in np.unique(sites):
-            here = (sites == site) & np.isfinite(d)
-            if here.any():
-                reference = (site_cell_diameters or {}).get(str(site)) or anchored_reference(
-                    d[here], network[here], contract.class_names, contract.size_prior.anchor)
-                r[here] = relative_log_size(d[here], reference)
+        r = _relative_per_site(d, sites, site_cell_diameters, relative_log_size, lambda here: anchored_reference(
+            d[here], network[here], contract.class_names, contract.size_prior.anchor))
         p = apply_size_prior(p, r, contract.size_prior)
     if contract.granule_prior is not None and contract.granule_prior.weight > 0 and len(known):
         g = np.asarray([m.granules for m in measures], dtype=np.float64)
-        relative = np.full(len(known), np.nan)
-        for site in np.unique(sites):
-            here = (sites == site) & np.isfinite(g)
-            if here.any():
-                reference = (site_granule_references or {}).get(str(site))
-                if reference is None:
-                    reference = anchored_granule_reference(g[here], network[here], contract.class_names,
-                                                           contract.granule_prior.anchor)
-                relative[here] = g[here] - reference
+        relative = _relative_per_site(g, sites, site_granule_references, np.subtract,
+                                      lambda here: anchored_granule_reference(
+                                          g[here], network[here], contract.class_names, contract.granule_prior.anchor))
         p = apply_size_prior(p, relative, contract.granule_prior)
     t = np.asarray(targets, dtype=np.int64)
     return compute_metrics(contract.class_names, t, p), p, t
+
+
+def _relative_per_site(values: np.ndarray, sites: np.ndarray, given: dict[str, float] | None,
+                       relate: Callable[[np.ndarray, float], np.ndarray],
+                       measure: Callable[[np.ndarray], float]) -> np.ndarray:
+    """Each site's measured values against its reference: the one given for it, else `measure(cells)`
+    (the cells a boolean mask over `values`); NaN where a cell was not measured."""
+    out = np.full(len(values), np.nan)
+    for site in np.unique(sites):
+        here = (sites == site) & np.isfinite(values)
+        if here.any():
+            reference = (given or {}).get(str(site))
+            out[here] = relate(values[here], measure(here) if reference is None else reference)
+    return out
