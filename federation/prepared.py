@@ -58,9 +58,8 @@ class PreparedImages:
     def subset(self, indices: Sequence[int]) -> PreparedImages:
         """The same images, a selection of them, without copying pixels."""
         view = PreparedImages.__new__(PreparedImages)
-        view.buffer, view.shapes = self.buffer, self.shapes[np.asarray(indices, dtype=np.int64)]
-        view.offsets = self.offsets[np.asarray(indices, dtype=np.int64)]
         picked = np.asarray(indices, dtype=np.int64)
+        view.buffer, view.shapes, view.offsets = self.buffer, self.shapes[picked], self.offsets[picked]
         view.diameters = None if self.diameters is None else self.diameters[picked]
         view.granules = None if self.granules is None else self.granules[picked]
         return view
@@ -85,8 +84,8 @@ class PreparedImages:
         with_stat: bool = False,
     ) -> PreparedImages:
         """Prepared images of `samples`; each image is cached once per preparation key (any later sample
-        list that holds it reuses it). `diameters`: also the located cell diameters (kept beside the
-        images in `diameters.json`); `with_stat`: a file is known by its path, size and mtime (a site's
+        list that holds it reuses it). `diameters`: also the locator's measures, cell diameters and granule
+        densities (kept beside the images in `diameters.json` and `granules.json`); `with_stat`: a file is known by its path, size and mtime (a site's
         own folder, where an image may be replaced), not by its path alone (the fixed public data)."""
         store = cache_dir / _key_digest(contract) if cache_dir is not None else None
         if store is not None:
