@@ -22,7 +22,6 @@ As shipped, only eosinophils and neutrophils get a Gaussian of their own (`model
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,10 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from PIL import Image
-from rich.progress import track
 
-from benchmarks.site_reference import located_diameters
+from benchmarks.site_reference import cached_measure, located_diameters
 from benchmarks.size_prior import combine_probs, fit, size_ll
 from benchmarks.tta import fixed_view_features, shipped_arm
 from federation.prepared import PreparedImages
@@ -49,7 +46,6 @@ from models.cellcrop import cell_measures
 from models.evaluate import compute_metrics
 from models.contract import SizePrior
 from models.granule_prior import fit_granule_prior, site_median
-from models.preprocess import to_rgb
 from models.size_prior import ANCHOR_CLASS, SizeStatistics, anchored_reference, fit_prior, site_reference
 from models.test_views import VIEW_SETS
 
@@ -58,17 +54,9 @@ WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 def granules(samples, cache: Path) -> np.ndarray:
-    path = cache / "granule-density.json"
-    known = json.loads(path.read_text()) if path.is_file() else {}
-    missing = [s for s in samples if str(s.path) not in known]
-    for s in track(missing, description="measuring granules") if missing else []:
-        with Image.open(s.path) as img:
-            g = cell_measures(to_rgb(img)).granules
-        known[str(s.path)] = None if not np.isfinite(g) else g
-    if missing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(known))
-    return np.array([np.nan if known[str(s.path)] is None else known[str(s.path)] for s in samples])
+    """The product's granule densities (`models.cellcrop.cell_measures`; NaN: not measured), cached by path."""
+    return cached_measure(samples, cache / "granule-density.json", lambda rgb: cell_measures(rgb).granules,
+                          "measuring granules")
 
 
 def fit_granules(g: np.ndarray, y: np.ndarray, classes: list[str], every_class: bool = False) -> SizePrior:

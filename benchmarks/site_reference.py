@@ -55,13 +55,17 @@ OFFSETS = np.round(np.arange(-0.30, 0.301, 0.05), 2)
 
 def located_diameters(samples, cache: Path) -> np.ndarray:
     """The product's diameters (NaN where no nucleus was found), cached by path."""
-    path = cache / "located-diameters.json"
+    return cached_measure(samples, cache / "located-diameters.json", cell_diameter, "locating cells")
+
+
+def cached_measure(samples, path: Path, measure, description: str) -> np.ndarray:
+    """`measure(RGB image)` of every sample (NaN: not measured), cached by image path in the JSON `path`."""
     known = json.loads(path.read_text()) if path.is_file() else {}
     missing = [s for s in samples if str(s.path) not in known]
-    for s in track(missing, description="locating cells") if missing else []:
+    for s in track(missing, description=description) if missing else []:
         with Image.open(s.path) as img:
-            d = cell_diameter(to_rgb(img))
-        known[str(s.path)] = None if not np.isfinite(d) else d
+            value = measure(to_rgb(img))
+        known[str(s.path)] = None if not np.isfinite(value) else value
     if missing:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(known))
