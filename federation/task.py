@@ -219,6 +219,10 @@ class TrainConfig:
     # The federation's class counts (pooled over the sites): class weights from them instead of from this
     # site's cells, so that the sites' losses add up to the pooled, centralised one. None = this site's.
     class_counts: tuple[float, ...] | None = None
+    # The classifier stays at its (seeded, shared) initialisation and only the layers below it train
+    # (FedBABU, Oh et al. 2022): with label skew each site's classifier is what drifts toward its own
+    # classes; fixed, every site pulls its cells toward the same class directions. False = trained.
+    frozen_classifier: bool = False
     proximal_mu: float = 0.0
     seed: int = 0
 
@@ -236,6 +240,7 @@ def fit(
     config: TrainConfig,
     *,
     global_params: Sequence[torch.Tensor] | None = None,
+    gradient_correction: Sequence[torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, float]:
     """The one optimisation loop (sites, centralised and single-site baselines, benchmark tops).
@@ -275,6 +280,10 @@ def fit(
                 loss = loss + 0.5 * config.proximal_mu * prox
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if gradient_correction is not None:  # SCAFFOLD's control variates: global minus this site's
+                for p, c in zip(params, gradient_correction):
+                    if p.grad is not None:
+                        p.grad += c
             optimizer.step()
             scheduler.step()
             step += 1

@@ -44,19 +44,25 @@ def train_top(
     config: TrainConfig,
     *,
     global_params: list[torch.Tensor] | None = None,
+    gradient_correction: list[torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, float]:
     seed_everything(config.seed)
     steps, batches = view_batches(x, y, config.batch_size, config.seed)
+    params = split.trainable_parameters()
+    if config.frozen_classifier:
+        fixed = {id(p) for p in split.model.get_classifier().parameters()}
+        params = [p for p in params if id(p) not in fixed]
     return fit(
         split.top,
-        split.trainable_parameters(),
+        params,
         batches,
         steps,
         y.tolist(),
         num_classes,
         config,
         global_params=global_params,
+        gradient_correction=gradient_correction,
         progress=progress,
     )
 

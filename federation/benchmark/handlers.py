@@ -86,6 +86,7 @@ def train(msg: Message, context: Context) -> Message:
         logit_adjustment=float(config.get("logit-adjustment", defaults.logit_adjustment)),
         frozen_bn_stats=bool(config.get("frozen-bn-stats", defaults.frozen_bn_stats)),
         average_tail=float(config.get("average-tail", defaults.average_tail)),
+        frozen_classifier=bool(config.get("frozen-classifier", defaults.frozen_classifier)),
         class_counts=tuple(config["class-counts"]) if "class-counts" in config else None,  # type: ignore[arg-type]
         proximal_mu=mu,
         seed=site_seed(int(config["seed"]), server_round, data.site),

@@ -50,6 +50,7 @@ class Recipe:
     frozen_bn_stats: bool = False
     average_tail: float = 0.0
     pooled_class_weights: bool = False  # federated rows: every site weighs classes by the pooled counts
+    frozen_classifier: bool = False
 
     def train_config(self, epochs: int, seed: int, proximal_mu: float = 0.0) -> TrainConfig:
         return TrainConfig(
@@ -63,6 +64,7 @@ class Recipe:
             logit_adjustment=self.logit_adjustment,
             frozen_bn_stats=self.frozen_bn_stats,
             average_tail=self.average_tail,
+            frozen_classifier=self.frozen_classifier,
             proximal_mu=proximal_mu,
             seed=seed,
         )
@@ -78,6 +80,7 @@ class Recipe:
             "logit-adjustment": self.logit_adjustment,
             "frozen-bn-stats": self.frozen_bn_stats,
             "average-tail": self.average_tail,
+            "frozen-classifier": self.frozen_classifier,
         }
 
 

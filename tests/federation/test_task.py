@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import replace
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 from torch import nn
+from torch.nn import functional as F
 
 from federation.augment import AugmentConfig, CellAugment, named_augmentation
 from federation.features import _augment_key
@@ -179,6 +181,53 @@ def test_weight_averaging_ends_at_the_mean_of_the_last_iterates(tail: float) -> 
     torch.testing.assert_close(model.weight.detach(), expected)
     assert not torch.equal(iterates[-1], torch.stack(iterates[10:]).mean(0))  # the two answers differ
     assert (model(x).argmax(1) == y).float().mean() > 0.9
+
+
+def test_gradient_correction_turns_a_sites_first_step_to_the_federations_gradient() -> None:
+    # SCAFFOLD's control variates (benchmarks/client_drift.py): site A's loss plus (mean gradient - A's
+    # gradient) at the start descends the two sites' mean loss, not A's own.
+    torch.manual_seed(0)
+    xa, xb = torch.randn(32, 6), torch.randn(32, 6) + 1.5
+    ya, yb = (xa[:, 0] > 0).long(), (xb[:, 1] > 1.5).long()
+    start = nn.Linear(6, 2)
+    grads = []
+    for x, y in ((xa, ya), (xb, yb)):
+        start.zero_grad()
+        F.cross_entropy(start(x), y).backward()
+        grads.append([p.grad.clone() for p in start.parameters()])
+    mean = [(a + b) / 2 for a, b in zip(*grads)]
+    config = TrainConfig(epochs=1, lr=1e-3, weight_decay=0.0, label_smoothing=0.0, class_balanced=False)
+    steps = {}
+    for name, correction in (("own", None), ("corrected", [m - a for m, a in zip(mean, grads[0])])):
+        model = copy.deepcopy(start)
+        fit(model, list(model.parameters()), lambda _e: [(xa, ya)], 1, ya.tolist(), 2, config,
+            gradient_correction=correction)
+        steps[name] = [p.detach() - q.detach() for p, q in zip(model.parameters(), start.parameters())]
+    # Adam's first step moves every weight by lr against the sign of the gradient it was given
+    for step, target in ((steps["corrected"], mean), (steps["own"], grads[0])):
+        for s, g in zip(step, target):
+            assert torch.equal(torch.sign(s), -torch.sign(g))
+    assert any(not torch.equal(torch.sign(a), torch.sign(b)) for a, b in zip(mean, grads[0]))  # they differ
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_frozen_classifier_stays_where_it_started_while_the_stage_trains(frozen: bool) -> None:
+    from federation.top_training import train_top
+    from federation.trunk import split_model
+    from models.zoo import create_model
+
+    torch.manual_seed(0)
+    split = split_model(create_model("tf_efficientnet_lite0", 3, pretrained=False, img_size=64), "stage")
+    split.freeze_trunk()
+    nn.init.normal_(split.model.get_classifier().weight, std=0.1)
+    before = {k: v.clone() for k, v in split.top_state().items()}
+    x = np.random.default_rng(0).normal(size=(12, 2, 192, 2, 2)).astype(np.float32)  # 2 views per cell
+    train_top(split, x, np.arange(12) % 3, 3, TrainConfig(epochs=2, batch_size=4, frozen_classifier=frozen))
+    after = split.top_state()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    classifier = {k for k in before if k.startswith("classifier.")}
+    assert classifier and changed - classifier  # the stage below it trained either way
+    assert (changed & classifier == set()) is frozen
 
 
 class _TinyNet(nn.Module):
