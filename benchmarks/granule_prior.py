@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/granule_prior.py --seeds 0,1,2            # 15 min cold (caches), 3 min warm
     .venv/bin/python benchmarks/granule_prior.py --seeds 0,1,2 --single   # and each training site alone
+    .venv/bin/python benchmarks/granule_prior.py --seeds 0,1,2 --single --colour-weights 0,0.5,1,2
 
 What is left at Barcelona is eosinophils called neutrophils. `benchmarks/nucleus_shape.py` showed the
 training sites teach a compact nucleus for eosinophils, which Barcelona's do not have. Their granules are
@@ -17,6 +18,12 @@ site's neutrophils (a training site's labelled ones, a held-out or new site's th
 so). Size stays at the shipped w = 2; the granule weight is chosen by the leave-one-site-out criterion.
 As shipped, only eosinophils and neutrophils get a Gaussian of their own (`models.granule_prior`);
 `--every-class` gives every class one (the first version).
+
+`--colour-weights 0,0.5,1,2` adds a fourth opinion on top of the shipped granule one, for what is left at
+Barcelona (monocytes called basophils and eosinophils): the cytoplasm's hue, log(red / green optical
+density) over the nucleus's, against the site's neutrophils (monocytes and lymphocytes are blue-grey,
+basophils and eosinophils are not; within-site AUC monocyte > basophil 0.88-0.98). Only lymphocytes and
+monocytes get their own Gaussian (`--colour-classes`). Not in the product: the criterion turned it down.
 """
 
 from __future__ import annotations
@@ -59,6 +66,40 @@ def granules(samples, cache: Path) -> np.ndarray:
                           "measuring granules")
 
 
+def cytoplasm_blue(rgb) -> float:
+    """log(OD red / OD green) of the cytoplasm minus the nucleus's (NaN: not measured). A research measure
+    on the locator's own analysis (`models.cellcrop` internals), not a product one."""
+    from models import cellcrop as cc
+
+    box = cc._content_box(rgb)
+    content = rgb.crop(box) if box != (0, 0, rgb.width, rgb.height) else rgb
+    factor = max(1, int(round(max(content.size) / cc._WORK_SIDE)))
+    score, density = cc._stain(np.asarray(content.reduce(factor) if factor > 1 else content))
+    nucleus = cc._nucleus_from(score, density)
+    if nucleus is None:
+        return float("nan")
+    ys, xs = np.nonzero(nucleus)
+    reach = cc._CYTOPLASM_REACH * cc._CELL_PER_NUCLEUS * cc._spread(ys, xs)
+    total = density.sum(axis=-1)
+    yy, xx = np.mgrid[: total.shape[0], : total.shape[1]]
+    near = (yy - ys.mean()) ** 2 + (xx - xs.mean()) ** 2 <= reach**2
+    cytoplasm = near & ~nucleus & (total > cc._MIN_CYTOPLASM_DENSITY)
+    if cytoplasm.sum() < cc._MIN_CYTOPLASM_PIXELS:
+        return float("nan")
+    c, n = density[cytoplasm].mean(axis=0), density[nucleus].mean(axis=0)
+    return float(np.log(c[0] / c[1]) - np.log(n[0] / n[1]))
+
+
+def blues(samples, cache: Path) -> np.ndarray:
+    return cached_measure(samples, cache / "cytoplasm-blue.json", cytoplasm_blue, "measuring cytoplasm hue")
+
+
+def fit_colour(b: np.ndarray, y: np.ndarray, classes: list[str], own: list[str]) -> SizePrior:
+    ok = np.isfinite(b)
+    stats = SizeStatistics.of_relative(b[ok], y[ok], len(classes))
+    return fit_prior([stats], 1.0, opinion_classes=[k for k, c in enumerate(classes) if c in own])
+
+
 def fit_granules(g: np.ndarray, y: np.ndarray, classes: list[str], every_class: bool = False) -> SizePrior:
     """The product's granule Gaussians (`models.granule_prior.fit_granule_prior`: eosinophils and
     neutrophils their own, the rest the all-cells one) from these cells; `every_class`: one per class."""
@@ -82,9 +123,20 @@ def main() -> None:
     ap.add_argument("--every-class", action="store_true",
                     help="a granule Gaussian for every class (the first version) instead of the shipped "
                          "eosinophil and neutrophil ones")
+    ap.add_argument("--colour-weights", default="",
+                    help="also the cytoplasm-hue opinion at these weights, the granule one at the shipped 1")
+    ap.add_argument("--colour-classes", default="lymphocyte,monocyte")
     ap.add_argument("--single", action="store_true",
                     help="also each training site alone, its size and granule Gaussians from its own cells only")
     args = ap.parse_args()
+    colour = [float(w) for w in args.colour_weights.split(",")] if args.colour_weights else []
+    colour_classes = args.colour_classes.split(",")
+    # the grid scored: granule weights alone, or (granule 1, colour w) when --colour-weights is given
+    grid = [(w, 0.0) for w in WEIGHTS] if not colour else [(1.0, w) for w in colour]
+
+    def _w(weights: tuple[float, float]) -> str:  # a grid point as printed
+        return f"{weights[0]} / {weights[1]}" if colour else f"{weights[0]}"
+
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
@@ -95,19 +147,22 @@ def main() -> None:
     site_of = np.array([s.site for s in layout.samples])
     dia = located_diameters(layout.samples, args.cache)
     gran = granules(layout.samples, args.cache)
+    blue = blues(layout.samples, args.cache) if colour else np.zeros(len(layout.samples))
     every = data_root.select(["barcelona-pbc"], ["train", "val", "test"])
     d_every, g_every = located_diameters(every, args.cache), granules(every, args.cache)
+    b_every = blues(every, args.cache) if colour else np.zeros(len(every))
     x_every = next(iter(fixed_view_features(
         trunk, every, PreparedImages.build(every, d.contract, args.cache / "prepared"), d.contract,
         VIEW_SETS["none"], args.cache / "features").values()))
     use_anchor = args.anchor == "neutrophils"
-    r, g = np.full(len(y), np.nan), np.full(len(y), np.nan)
+    r, g, bl = np.full(len(y), np.nan), np.full(len(y), np.nan), np.full(len(y), np.nan)
     for site in layout.train:  # training sites: their labelled neutrophils
         own = np.array(layout.train[site])
         own_all = np.flatnonzero(site_of == site)
         ref_d = site_reference(dia[own][np.isfinite(dia[own]) & (y[own] == neut)])
         ref_g = site_median(gran[own], y[own] == neut) if use_anchor else 0.0
         r[own_all], g[own_all] = np.log(dia[own_all] / ref_d), gran[own_all] - ref_g
+        bl[own_all] = blue[own_all] - site_median(blue[own], y[own] == neut)
     print(f"[{time.time() - t0:.0f} s] features, sizes and granules ready", flush=True)
     for site in (*layout.train, "barcelona-pbc"):
         own = np.flatnonzero(site_of == site)
@@ -115,36 +170,51 @@ def main() -> None:
         print(f"{site}: eosinophil > neutrophil AUC {auc(e, nn):.2f}; median per class " + ", ".join(
             f"{c} {np.nanmedian(g[own][y[own] == k]) if site != 'barcelona-pbc' else np.nanmedian(gran[own][y[own] == k]):+.2f}"
             for k, c in enumerate(classes) if (y[own] == k).any()))
+        if colour:  # the hue against the site's labelled neutrophils, every site alike
+            b = blue[own] - site_median(blue[own], y[own] == neut)
+            of = {c: b[y[own] == k] for k, c in enumerate(classes)}
+            print(f"  cytoplasm hue: AUC monocyte > basophil {auc(of['monocyte'], of['basophil']):.2f}, monocyte > "
+                  f"eosinophil {auc(of['monocyte'], of['eosinophil']):.2f}, lymphocyte > basophil "
+                  f"{auc(of['lymphocyte'], of['basophil']):.2f}; median per class "
+                  + ", ".join(f"{c} {np.nanmedian(v):+.2f}" for c, v in of.items() if len(v)))
     trainers = _TopTrainers(arm, d)
 
-    def opinions(prior_r, prior_g, logits, t, dia_, gran_):
-        """(size ll, granule ll) of a site without labels: anchored on the cells its network calls neutrophils."""
+    def opinions(priors, logits, t, dia_, gran_, blue_):
+        """(size ll, granule ll, colour ll) of a site without labels: anchored on the cells its network calls
+        neutrophils."""
+        prior_r, prior_g, prior_b = priors
         called = softmax(logits, t).argmax(axis=1) == neut
         rr = np.log(dia_ / anchored_reference(dia_, softmax(logits, t), classes, ANCHOR_CLASS))
         gg = gran_ - (site_median(gran_, called) if use_anchor else 0.0)
-        return size_ll(rr, prior_r), size_ll(gg, prior_g)
+        bb = blue_ - site_median(blue_, called)
+        return size_ll(rr, prior_r), size_ll(gg, prior_g), size_ll(bb, prior_b)
 
-    loso: dict[float, list[float]] = {w: [] for w in WEIGHTS}
+    def fit_all(idx):
+        """The size, granule and colour Gaussians from these labelled cells."""
+        return (fit(r[idx], y[idx], n), fit_granules(g[idx], y[idx], classes, args.every_class),
+                fit_colour(bl[idx], y[idx], classes, colour_classes))
+
+    loso: dict[tuple[float, float], list[float]] = {w: [] for w in grid}
     for seed in seeds:
         for held in layout.train:
             rest = [s for s in layout.train if s != held]
             model = trainers.pooled(rest, seed)
             t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
             fit_idx = [i for s in rest for i in layout.train[s]]
-            prior_r, prior_g = fit(r[fit_idx], y[fit_idx], n), fit_granules(g[fit_idx], y[fit_idx], classes, args.every_class)
+            priors = fit_all(fit_idx)
             h = d.sites[held]
             hx = np.concatenate([np.asarray(h.train_x[:, 0]), np.asarray(h.val_x)])
             h_idx = list(layout.train[held]) + list(layout.val[held])
             logits = model.logits(hx)
-            ll_r, ll_g = opinions(prior_r, prior_g, logits, t, dia[h_idx], gran[h_idx])
+            ll_r, ll_g, ll_b = opinions(priors, logits, t, dia[h_idx], gran[h_idx], blue[h_idx])
             p_net = softmax(logits, t)
-            for w in WEIGHTS:
-                p = combine_probs(p_net, SIZE_WEIGHT * ll_r + w * ll_g, 1.0)
-                loso[w].append(compute_metrics(classes, y[h_idx], p).balanced_accuracy)
+            for w, wc in grid:
+                p = combine_probs(p_net, SIZE_WEIGHT * ll_r + w * ll_g + wc * ll_b, 1.0)
+                loso[w, wc].append(compute_metrics(classes, y[h_idx], p).balanced_accuracy)
         print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
-            f"w={w}: {np.mean(v[-3:]):.3f}" for w, v in loso.items()), flush=True)
-    print("LOSO (size w = 2, granule w below), mean over seeds and held-out sites: "
-          + ", ".join(f"w={w}: {np.mean(v):.3f}" for w, v in loso.items()))
+            f"w={_w(w)}: {np.mean(v[-3:]):.3f}" for w, v in loso.items()), flush=True)
+    print(f"LOSO (size w = 2, granule w{' / colour w' if colour else ''} below), mean over seeds and held-out sites: "
+          + ", ".join(f"w={_w(w)}: {np.mean(v):.3f}" for w, v in loso.items()))
 
     views = {}
     for name, idx in layout.evaluation.items():
@@ -154,7 +224,9 @@ def main() -> None:
                                           args.cache / "features")
     print(f"[{time.time() - t0:.0f} s] test views ready", flush=True)
     fit_idx = [i for s in layout.train for i in layout.train[s]]
-    prior_r, prior_g = fit(r[fit_idx], y[fit_idx], n), fit_granules(g[fit_idx], y[fit_idx], classes, args.every_class)
+    prior_r, prior_g, prior_b = fit_all(fit_idx)
+    if colour:
+        print("colour prior: " + ", ".join(f"{c} {m:+.2f} ± {s:.2f}" for c, m, s in zip(classes, prior_b.mean, prior_b.sd)))
     print("granule prior: " + ", ".join(f"{c} {m:+.2f} ± {s:.2f}" for c, m, s in zip(classes, prior_g.mean, prior_g.sd)))
     scores: dict[tuple, list[float]] = {}
     ext = layout.evaluation["external"]
@@ -166,21 +238,21 @@ def main() -> None:
         for row, model in models.items():
             t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
             if row.endswith(" alone"):  # a site alone has only its own cells' statistics
-                own_idx = list(layout.train[row.removesuffix(" alone")])
-                prior_r, prior_g = fit(r[own_idx], y[own_idx], n), fit_granules(g[own_idx], y[own_idx], classes, args.every_class)
+                prior_r, prior_g, prior_b = fit_all(list(layout.train[row.removesuffix(" alone")]))
             else:
-                prior_r, prior_g = fit(r[fit_idx], y[fit_idx], n), fit_granules(g[fit_idx], y[fit_idx], classes, args.every_class)
+                prior_r, prior_g, prior_b = fit_all(fit_idx)
             called = softmax(model.logits(x_every), t).argmax(axis=1) == neut
             ref_d = site_reference(d_every[called & np.isfinite(d_every)])
             ref_g = site_median(g_every, called) if use_anchor else 0.0
             r[ext], g[ext] = np.log(dia[ext] / ref_d), gran[ext] - ref_g
+            bl[ext] = blue[ext] - site_median(b_every, called)
             for name, (x, yy) in d.evaluation.items():
                 idx = layout.evaluation[name]
                 mean = np.mean([softmax(model.logits(f)) for f in views[name].values()], axis=0)
                 p_net = softmax(np.log(np.clip(mean, 1e-12, None)), t)
-                ll_r, ll_g = size_ll(r[idx], prior_r), size_ll(g[idx], prior_g)
-                for w in WEIGHTS:
-                    p = combine_probs(p_net, SIZE_WEIGHT * ll_r + w * ll_g, 1.0)
+                ll_r, ll_g, ll_b = size_ll(r[idx], prior_r), size_ll(g[idx], prior_g), size_ll(bl[idx], prior_b)
+                for w in grid:
+                    p = combine_probs(p_net, SIZE_WEIGHT * ll_r + w[0] * ll_g + w[1] * ll_b, 1.0)
                     m = compute_metrics(classes, yy, p)
                     scores.setdefault((row, name, w), []).append(m.balanced_accuracy)
                     if name == "external":
@@ -188,11 +260,11 @@ def main() -> None:
                         for c in classes:
                             scores.setdefault((row, c, w), []).append(float(m.recall[classes.index(c)]))
         print(f"[{time.time() - t0:.0f} s] seed {seed} done", flush=True)
-    print(f"\n| row | granule w | internal | Barcelona | Barcelona ECE | Barcelona recall {' / '.join(c[:4] for c in classes)} |")
+    print(f"\n| row | granule w{' / colour w' if colour else ''} | internal | Barcelona | Barcelona ECE | Barcelona recall {' / '.join(c[:4] for c in classes)} |")
     print("|---|---|---|---|---|---|")
     for row in dict.fromkeys(k[0] for k in scores):
-        for w in WEIGHTS:
-            print(f"| {row} | {w} | " + " | ".join(_mean_sd(scores[row, k, w]) for k in ("internal", "external", "ece"))
+        for w in grid:
+            print(f"| {row} | {_w(w)} | " + " | ".join(_mean_sd(scores[row, k, w]) for k in ("internal", "external", "ece"))
                   + " | " + " / ".join(f"{np.mean(scores[row, c, w]):.2f}" for c in classes) + " |")
     print(f"[{time.time() - t0:.0f} s]")
 
