@@ -221,7 +221,9 @@ class TrainConfig:
     class_counts: tuple[float, ...] | None = None
     # The classifier stays at its (seeded, shared) initialisation and only the layers below it train
     # (FedBABU, Oh et al. 2022): with label skew each site's classifier is what drifts toward its own
-    # classes; fixed, every site pulls its cells toward the same class directions. False = trained.
+    # classes; fixed, every site pulls its cells toward the same class directions. False = trained. The
+    # start must not be degenerate (this model's new head starts at zero: every class alike), so the
+    # benchmark sets a simplex ETF first (`benchmarks/client_drift.py`); not in the shipped recipe.
     frozen_classifier: bool = False
     proximal_mu: float = 0.0
     seed: int = 0
