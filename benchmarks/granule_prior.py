@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--colour-weights", default="",
                     help="also the cytoplasm-hue opinion at these weights, the granule one at the shipped 1")
     ap.add_argument("--colour-classes", default="lymphocyte,monocyte")
+    ap.add_argument("--colour-scaled", action="store_true",
+                    help="the hue also divided by the site's own spread (all its cells, no label)")
     ap.add_argument("--single", action="store_true",
                     help="also each training site alone, its size and granule Gaussians from its own cells only")
     args = ap.parse_args()
@@ -133,6 +135,12 @@ def main() -> None:
     colour_classes = args.colour_classes.split(",")
     # the grid scored: granule weights alone, or (granule 1, colour w) when --colour-weights is given
     grid = [(w, 0.0) for w in WEIGHTS] if not colour else [(1.0, w) for w in colour]
+
+    def scale(values: np.ndarray) -> float:
+        """1, or with --colour-scaled the site's hue spread (median absolute deviation, all its cells)."""
+        if not args.colour_scaled:
+            return 1.0
+        return float(np.nanmedian(np.abs(values - np.nanmedian(values)))) or 1.0
 
     def _w(weights: tuple[float, float]) -> str:  # a grid point as printed
         return f"{weights[0]} / {weights[1]}" if colour else f"{weights[0]}"
@@ -162,7 +170,7 @@ def main() -> None:
         ref_d = site_reference(dia[own][np.isfinite(dia[own]) & (y[own] == neut)])
         ref_g = site_median(gran[own], y[own] == neut) if use_anchor else 0.0
         r[own_all], g[own_all] = np.log(dia[own_all] / ref_d), gran[own_all] - ref_g
-        bl[own_all] = blue[own_all] - site_median(blue[own], y[own] == neut)
+        bl[own_all] = (blue[own_all] - site_median(blue[own], y[own] == neut)) / scale(blue[own])
     print(f"[{time.time() - t0:.0f} s] features, sizes and granules ready", flush=True)
     for site in (*layout.train, "barcelona-pbc"):
         own = np.flatnonzero(site_of == site)
@@ -186,7 +194,7 @@ def main() -> None:
         called = softmax(logits, t).argmax(axis=1) == neut
         rr = np.log(dia_ / anchored_reference(dia_, softmax(logits, t), classes, ANCHOR_CLASS))
         gg = gran_ - (site_median(gran_, called) if use_anchor else 0.0)
-        bb = blue_ - site_median(blue_, called)
+        bb = (blue_ - site_median(blue_, called)) / scale(blue_)
         return size_ll(rr, prior_r), size_ll(gg, prior_g), size_ll(bb, prior_b)
 
     def fit_all(idx):
@@ -245,7 +253,7 @@ def main() -> None:
             ref_d = site_reference(d_every[called & np.isfinite(d_every)])
             ref_g = site_median(g_every, called) if use_anchor else 0.0
             r[ext], g[ext] = np.log(dia[ext] / ref_d), gran[ext] - ref_g
-            bl[ext] = blue[ext] - site_median(b_every, called)
+            bl[ext] = (blue[ext] - site_median(b_every, called)) / scale(b_every)
             for name, (x, yy) in d.evaluation.items():
                 idx = layout.evaluation[name]
                 mean = np.mean([softmax(model.logits(f)) for f in views[name].values()], axis=0)
