@@ -106,6 +106,7 @@ def train(msg: Message, context: Context) -> Message:
     if pool > 0 and top != "full" and cache is not None and not augment.style_p:
         result = _train_on_view_pool(model, samples, contract, train_config, cache, top, augment, pool,
                                      int(config["seed"]), _progress(site, server_round))
+        _prune(site, cache, t0)
     else:
         if pool > 0:
             _log(site, f"view-pool {pool} needs train-top stage or head, node config {CACHE_KEY} and no "
@@ -162,10 +163,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     from federation.site_cache import SiteCache
     from federation.task import evaluation_record, predict_logits
 
+    started = time.time()
     site, config, contract, samples, model = _setup(msg, context)
     top, cache = str(config.get("train-top", "full")), SiteCache.of(context.node_config)
     if top != "full" and cache is not None:  # the frozen trunk's outputs of every test view, cached
         logits, targets = _cached_logits(model, samples, contract, cache, top)
+        _prune(site, cache, started)
     else:
         logits, targets = predict_logits(model, samples, contract, batch_size=int(config.get("batch-size", 64)))
     # Metrics, confusion matrix and the calibration summary (models.calibration): counts only, no cells.
@@ -218,6 +221,18 @@ def _cached_logits(model, samples, contract, cache, top):
     feats = cache.test_view_features(split, samples, prepared, contract)
     index = {c: i for i, c in enumerate(contract.class_names)}
     return view_averaged_logits(split, feats, contract), np.array([index[s.label] for s in samples], np.int64)
+
+
+def _prune(site: str, cache, started: float) -> None:
+    """Keep the site cache within its budget; what this message used stays (1 s: file time granularity)."""
+    pruned = cache.prune(started - 1.0)
+    if pruned.removed_files:
+        _log(site, f"site cache: removed {pruned.removed_files} entries unused for longest "
+                   f"({pruned.removed_bytes / 2**20:.0f} MB), {pruned.kept_bytes / 2**20:.0f} MB kept")
+    if pruned.over_budget:
+        _log(site, f"site cache: this round's entries alone take {pruned.kept_bytes / 2**20:.0f} MB, over its "
+                   f"budget ({cache.budget_bytes / 2**20:.0f} MB, node config cache-max-mb); they stay: raise "
+                   "the budget (and the volume's size) to match")
 
 
 def _finite(value: float | None) -> float:

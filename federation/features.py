@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from federation.augment import AugmentConfig, CellAugment
+from federation.disk_cache import mark_used
 from federation.prepared import PreparedImages, preparation_key
 from federation.sites import Sample
 from federation.trunk import Split
@@ -126,6 +127,7 @@ def trunk_features(
             cache_dir / f"{contract.architecture}-{split.top_name}-{contract.input_size}-v{views}-{key}.npy"
         )
         if path.is_file():
+            mark_used(path)
             return np.load(path, mmap_mode="r")
     aug = CellAugment(contract.input_size, augment, styles) if views else None
     jobs = [(i, v) for i in range(len(samples)) for v in range(1 + views)]
@@ -181,4 +183,6 @@ def _clean_features(
             f"{contract.architecture}/{split.top_name} {contract.input_size}px: {len(todo)} clean views "
             f"in {time.perf_counter() - t0:.0f} s ({len(samples) - len(todo)} cached)"
         )
+    for i in set(range(len(files))) - set(todo):
+        mark_used(files[i])
     return np.stack([np.load(f) for f in files])[:, None]

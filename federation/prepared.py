@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from federation.disk_cache import mark_used
 from federation.sites import Sample
 from models.contract import ModelContract
 from models.preprocess import prepare_sized
@@ -96,14 +97,17 @@ class PreparedImages:
         granule_file = store / "granules.json" if store is not None and diameters else None
         if sizes is not None and sizes.is_file():
             known = json.loads(sizes.read_text())
+            mark_used(sizes)
         if granule_file is not None and granule_file.is_file():
             known_granules = json.loads(granule_file.read_text())
+            mark_used(granule_file)
         t0 = time.perf_counter()
         arrays, located, granules, computed = [], [], [], 0
         for s in samples:
             name = _image_name(s, with_stat)
             path = store / (name + ".npy") if store else None
             if path is not None and path.is_file() and (not diameters or (name in known and name in known_granules)):
+                mark_used(path)
                 arrays.append(np.load(path))
                 located.append(known.get(name))
                 granules.append(known_granules.get(name))

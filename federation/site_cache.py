@@ -15,7 +15,9 @@ ran the trunk on every view of it. Here, once per site and run:
   an evaluation is then the top alone, log-mean-softmax over the views as the exported graph computes it.
 
 Every entry is keyed by a digest of the trunk's own weights, the contract's preprocessing, the augmentation
-and the seed, so a change in any of them misses the cache instead of reusing stale features.
+and the seed, so a change in any of them misses the cache instead of reusing stale features. The entries
+such a change leaves behind are removed, least recently used first, once the folder is over its budget
+(node config `cache-max-mb`, `federation.disk_cache`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from federation.augment import AugmentConfig
+from federation.disk_cache import Pruned, mark_used, prune
 from federation.features import render_view, trunk_features
 from federation.top_training import top_logits
 from federation.prepared import PreparedImages
@@ -39,6 +42,8 @@ from models.contract import ModelContract
 from models.test_views import VIEW_SETS, apply_view
 
 CACHE_KEY = "cache-dir"  # node config entry: an absolute folder of this site's own
+BUDGET_KEY = "cache-max-mb"  # node config entry: what the folder may hold after each message
+DEFAULT_BUDGET_MB = 6144  # under the SuperNode's 8 GiB emptyDir (k8s/supernode), room for one round's writes
 
 
 def trunk_digest(split: Split) -> str:
@@ -64,6 +69,7 @@ def files_digest(samples: Sequence[Sample]) -> str:
 @dataclass(frozen=True)
 class SiteCache:
     root: Path
+    budget_bytes: int = DEFAULT_BUDGET_MB << 20
 
     @classmethod
     def of(cls, node_config: Mapping[str, Any]) -> SiteCache | None:
@@ -73,7 +79,19 @@ class SiteCache:
         root = Path(raw)
         if not root.is_absolute():
             raise ValueError(f"node config {CACHE_KEY}={raw!r} must be an absolute path")
-        return cls(root)
+        budget = node_config.get(BUDGET_KEY, DEFAULT_BUDGET_MB)
+        try:
+            megabytes = float(budget)
+        except (TypeError, ValueError):
+            megabytes = -1.0
+        if not megabytes > 0:
+            raise ValueError(f"node config {BUDGET_KEY}={budget!r} must be a positive number of megabytes")
+        return cls(root, int(megabytes * (1 << 20)))
+
+    def prune(self, keep_since: float) -> Pruned:
+        """Drop the entries unused for longest until the folder fits its budget (`federation.disk_cache`);
+        what was used since `keep_since` (this message's start) stays."""
+        return prune(self.root, self.budget_bytes, keep_since)
 
     def prepared(self, samples: Sequence[Sample], contract: ModelContract) -> PreparedImages:
         return PreparedImages.build(samples, contract, self.root / "prepared", log=lambda _s: None,
@@ -104,6 +122,7 @@ class SiteCache:
         ).hexdigest()[:20]
         path = self.root / "features" / f"test-views-{split.top_name}-{key}.npy"
         if path.is_file():
+            mark_used(path)
             return np.load(path)
         parts = []
         for start in range(0, len(samples), 32):

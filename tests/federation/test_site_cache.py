@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import shutil
 from pathlib import Path
 
@@ -130,3 +131,55 @@ def test_training_on_the_pool_learns_like_fresh_augmentation(data_root: DataRoot
     assert pooled["steps"] == fresh["steps"] and pooled["num_examples"] == fresh["num_examples"]
     for result in (pooled, fresh):
         assert result["train_accuracy"] > 1.5 / contract.num_classes, result
+
+
+def _pool_files(cache: SiteCache) -> list[Path]:
+    return sorted((cache.root / "features").glob("*-v2-*.npy"))
+
+
+def test_an_over_budget_cache_drops_what_went_unused_longest_and_keeps_what_the_round_read(
+    data_root: DataRoot, tmp_path: Path
+) -> None:
+    """A hospital that replaced its images, or an older recipe, leaves a view pool behind: the budget removes
+    it, not the pool this round read, and a removed entry is computed again, the same, when next needed."""
+    samples = _cells(data_root, per_class=1)
+    contract = build_contract("tf_efficientnet_lite0", 64)
+    split = _split(contract)
+    cache = SiteCache(tmp_path)
+    prepared = cache.prepared(samples, contract)
+    old_recipe = cache.view_pool(split, samples, prepared, contract, AugmentConfig.texture(), 2, seed=1)
+    (stale,) = _pool_files(cache)
+    current = cache.view_pool(split, samples, prepared, contract, AugmentConfig.texture(), 2, seed=0)
+    (fresh,) = set(_pool_files(cache)) - {stale}
+    everything = [p for p in tmp_path.rglob("*") if p.is_file()]
+    for path in everything:  # all written a day ago ...
+        os.utime(path, (time.time() - 86400, time.time() - 86400))
+    round_start = time.time() - 1.0
+    cache.prepared(samples, contract)  # ... then this round reads its cells and its own pool
+    cache.view_pool(split, samples, prepared, contract, AugmentConfig.texture(), 2, seed=0)
+    total = sum(p.stat().st_size for p in everything)
+
+    stale_bytes = stale.stat().st_size
+
+    budget = SiteCache(tmp_path, budget_bytes=total - 1)
+    pruned = budget.prune(round_start)
+    assert not stale.exists() and fresh.is_file(), "the pool unused for longest goes first"
+    assert (pruned.removed_files, pruned.removed_bytes) == (1, stale_bytes)
+    assert pruned.kept_bytes == total - stale_bytes <= budget.budget_bytes and not pruned.over_budget
+    assert all(p.is_file() for p in everything if p != stale), "one removal was enough"
+    again = budget.view_pool(split, samples, prepared, contract, AugmentConfig.texture(), 2, seed=1)
+    assert np.array_equal(again, old_recipe) and not np.array_equal(again, current)
+
+    # A budget below what this round read removes everything else, never the round's own, and says so.
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    tight = SiteCache(tmp_path, budget_bytes=1).prune(round_start)
+    assert tight.removed_files == 1 and not stale.exists() and tight.over_budget
+    assert fresh.is_file() and all(p.is_file() for p in everything if p != stale), "what the round read stays"
+
+
+def test_the_cache_budget_comes_from_the_node_config(tmp_path: Path) -> None:
+    assert SiteCache.of({"cache-dir": str(tmp_path), "cache-max-mb": 512}).budget_bytes == 512 << 20
+    assert SiteCache.of({"cache-dir": str(tmp_path)}).budget_bytes == 6144 << 20
+    for bad in (0, -5, "lots"):
+        with pytest.raises(ValueError, match="cache-max-mb"):
+            SiteCache.of({"cache-dir": str(tmp_path), "cache-max-mb": bad})

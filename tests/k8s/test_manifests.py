@@ -295,4 +295,11 @@ def test_supernode_node_config_reaches_the_clientapp(rendered: dict[str, list[di
     # The site cache is a writable volume of its own (the root filesystem is read-only).
     cache_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == node_config["cache-dir"])
     assert not cache_mount.get("readOnly") and container["securityContext"]["readOnlyRootFilesystem"] is True
+    # Its budget leaves room under the volume's size limit (a pod over an emptyDir's limit is evicted).
+    from federation.site_cache import SiteCache
+
+    volume = next(v for v in spec["volumes"] if v["name"] == cache_mount["name"])
+    limit = volume["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi"), limit
+    assert SiteCache.of(node_config).budget_bytes <= 0.8 * int(limit.removesuffix("Gi")) * 2**30
     assert {v["name"]: v.get("value") for v in container["env"]}["FLWR_TELEMETRY_ENABLED"] == "0"
