@@ -8,6 +8,7 @@
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train pool-2,pool-4,pool-8,pool-16 --tails 5 --views-per-cell 16
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --no-loso --product-temperature
     .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --granule-weights 0,0.5,1 --product-temperature
+    .venv/bin/python benchmarks/fedavg_variants.py --seeds 0,1,2 --train shipped --tails 5 --colour-weights 0,0.5,1,2 --product-temperature
 
 FedAvg's Barcelona answer moves with the seed, with 24 training cells fewer and with more rounds, each
 time trading eosinophils against lymphocytes (docs/results.md, "The site's reference"), while the
@@ -54,7 +55,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from benchmarks.site_reference import located_diameters
-from benchmarks.granule_prior import fit_granules, granules
+from benchmarks.granule_prior import blues, fit_colour, fit_granules, granules
 from benchmarks.size_prior import TEMPERATURES, _nll, combine_probs, fit, size_ll
 from benchmarks.tta import fixed_view_features, shipped_arm
 from federation.averaging import mean_of
@@ -63,7 +64,7 @@ from federation.benchmark.handlers import SiteFeatures
 from federation.prepared import PreparedImages, cached_source
 from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import RowModel, fresh_split, train_federated
-from federation.sites import DataRoot, resolve_data_root
+from federation.sites import EXTERNAL_SITE, DataRoot, resolve_data_root
 from federation.task import set_prepared_source
 from models.calibration import expected_calibration_error, softmax
 from models.evaluate import compute_metrics
@@ -192,14 +193,20 @@ class Bench:
     g: np.ndarray | None = None  # ... relative to the training site's labelled neutrophils (NaN elsewhere)
     g_every: np.ndarray | None = None  # every Barcelona cell's granule density (its reference as deployed)
     granule_every_class: bool = False  # a granule Gaussian per class, not the shipped eosinophil/neutrophil pair
+    blue: np.ndarray | None = None  # research: the cytoplasm's hue (`granule_prior.cytoplasm_blue`), layout order
+    bl: np.ndarray | None = None  # ... against the training site's labelled neutrophils, over the site's spread
+    b_every: np.ndarray | None = None  # every Barcelona cell's hue (its reference and spread as deployed)
+    colour_classes: tuple[str, ...] = ()  # the classes with a hue Gaussian of their own
 
 
-def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_per_cell: int = 0) -> Bench:
+def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_per_cell: int = 0,
+            colour_classes: tuple[str, ...] = (), external_site: str = EXTERNAL_SITE) -> Bench:
     """Features, test-time views and sizes (cached under `cache`): a training site's sizes relative to its
     labelled neutrophils; a held-out or new site's relative to the cells the scored network calls
     neutrophils (what `wbc data site-scale` measures), computed per variant by the caller.
-    `views_per_cell`: cache this many augmented views per training cell instead of the arm's 8."""
-    arm, layout, d, trunk = shipped_arm(cache, views_per_cell)
+    `views_per_cell`: cache this many augmented views per training cell instead of the arm's 8.
+    `external_site`: protocol 3, that site held out (its every cell, all classes, for its references)."""
+    arm, layout, d, trunk = shipped_arm(cache, views_per_cell, external_site)
     if rounds:  # the longer preset (`wbc federate --rounds 20`)
         arm = replace(arm, recipe=replace(arm.recipe, rounds=rounds))
     classes = list(d.contract.class_names)
@@ -216,7 +223,7 @@ def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_p
     r = np.full(len(dia), np.nan)
     for site, value in ref.items():
         r[site_of == site] = np.log(dia[site_of == site] / value)
-    every = DataRoot(resolve_data_root(None)).select(["barcelona-pbc"], ["train", "val", "test"])
+    every = DataRoot(resolve_data_root(None)).select([external_site], ["train", "val", "test"])
     d_every = located_diameters(every, cache)
     x_every = next(iter(fixed_view_features(
         trunk, every, PreparedImages.build(every, d.contract, cache / "prepared"), d.contract,
@@ -238,8 +245,20 @@ def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_p
     for site in layout.train:
         own = np.array(layout.train[site])
         g[site_of == site] = gran[site_of == site] - site_median(gran[own], y[own] == anchor)
+    blue = bl = b_every = None
+    if colour_classes:  # the research hue, as `benchmarks/granule_prior.py --colour-scaled` scores it
+        blue, b_every, bl = blues(layout.samples, cache), blues(every, cache), np.full(len(gran), np.nan)
+        for site in layout.train:
+            own = np.array(layout.train[site])
+            here = site_of == site
+            bl[here] = (blue[here] - site_median(blue[own], y[own] == anchor)) / hue_spread(blue[own])
     return Bench(arm, layout, d, classes, dia, r, d_every, x_every, views, val_views, gran, g,
-                 granules(every, cache))
+                 granules(every, cache), blue=blue, bl=bl, b_every=b_every, colour_classes=colour_classes)
+
+
+def hue_spread(values: np.ndarray) -> float:
+    """A site's hue spread: the median absolute deviation of all its cells (no label)."""
+    return float(np.nanmedian(np.abs(values - np.nanmedian(values)))) or 1.0
 
 
 Scores = dict[tuple[str, str], list[float]]
@@ -257,8 +276,21 @@ def with_granules(b: Bench, p: np.ndarray, network: np.ndarray, fit_idx: list[in
     return combine_probs(p, size_ll(b.granules[idx] - reference, prior), weight)
 
 
+def with_colour(b: Bench, p: np.ndarray, network: np.ndarray, fit_idx: list[int], idx, raw: np.ndarray,
+                weight: float) -> np.ndarray:
+    """`p` with the research hue opinion at `weight`: the cells `idx` against the median of the ones `network`
+    calls neutrophils among `raw` (their site's cells, unlabelled), over that site's spread."""
+    if not weight:
+        return p
+    assert b.blue is not None and b.bl is not None
+    prior = fit_colour(b.bl[fit_idx], b.layout.y[fit_idx], b.classes, list(b.colour_classes))
+    called = network.argmax(axis=1) == b.classes.index(ANCHOR_CLASS)
+    hue = (b.blue[idx] - site_median(raw, called)) / hue_spread(raw)
+    return combine_probs(p, size_ll(hue, prior), weight)
+
+
 def score_held_out(b: Bench, models: list[RowModel], held: str, name: str, scores: Scores,
-                   granule_weight: float = 0.0) -> None:
+                   granule_weight: float = 0.0, colour_weight: float = 0.0) -> None:
     """The federated leave-one-site-out criterion for one variant trained without `held`: its train + val
     cells, clean view, the size and granule opinions as deployed there (their references from the cells
     the network calls neutrophils), the temperature from the other sites' val cells."""
@@ -274,22 +306,27 @@ def score_held_out(b: Bench, models: list[RowModel], held: str, name: str, score
     r_held = np.log(b.dia[h_idx] / anchored_reference(b.dia[h_idx], network, classes, ANCHOR_CLASS))
     p = combine_probs(network, size_ll(r_held, prior), SIZE_WEIGHT)
     p = with_granules(b, p, network, fit_idx, h_idx, b.granules[h_idx], granule_weight)
+    if colour_weight:
+        p = with_colour(b, p, network, fit_idx, h_idx, b.blue[h_idx], colour_weight)
     scores.setdefault((name, "loso"), []).append(compute_metrics(classes, y[h_idx], p).balanced_accuracy)
 
 
 def score_served(b: Bench, models: list[RowModel], name: str, scores: Scores, product: bool = False,
-                 granule_weight: float = 0.0) -> None:
+                 granule_weight: float = 0.0, colour_weight: float = 0.0, sites: list[str] | None = None) -> None:
     """Internal and Barcelona figures of one variant trained at all three sites, as the product serves it.
     `product`: the temperature fitted and applied exactly as the deployment does (`product_temperature`,
-    `product_probabilities`) instead of the benchmark's rule (fitted on the clean view, applied per view)."""
+    `product_probabilities`) instead of the benchmark's rule (fitted on the clean view, applied per view).
+    `sites`: the model was trained at these only (a single-site row): its opinions' Gaussians and its
+    temperature come from their cells alone."""
     layout, classes, y = b.layout, b.classes, b.layout.y
-    fit_idx = [i for s in layout.train for i in layout.train[s]]
+    sites = sites or list(layout.train)
+    fit_idx = [i for s in sites for i in layout.train[s]]
     prior = fit(b.r[fit_idx], y[fit_idx], len(classes))
     if product:
         assert b.val_views is not None
-        t, answer = product_temperature(models, b.val_views), product_probabilities
+        t, answer = product_temperature(models, {s: b.val_views[s] for s in sites}), product_probabilities
     else:
-        t, answer = temperature(models, [(s.val_x, s.val_y) for s in b.data.sites.values()]), probabilities
+        t, answer = temperature(models, [(b.data.sites[s].val_x, b.data.sites[s].val_y) for s in sites]), probabilities
     ext = layout.evaluation["external"]
     r = b.r.copy()
     every = answer(models, [b.x_every], t)
@@ -298,9 +335,14 @@ def score_served(b: Bench, models: list[RowModel], name: str, scores: Scores, pr
         p = combine_probs(answer(models, b.views[split], t), size_ll(r[idx], prior), SIZE_WEIGHT)
         if split == "external":
             p = with_granules(b, p, every, fit_idx, idx, b.g_every, granule_weight)
+            if colour_weight:
+                p = with_colour(b, p, every, fit_idx, idx, b.b_every, colour_weight)
         else:  # a training site's own cells: against its labelled neutrophils, as it sent them
             prior_g = fit_granules(b.g[fit_idx], y[fit_idx], classes, b.granule_every_class)
             p = combine_probs(p, size_ll(b.g[idx], prior_g), granule_weight)
+            if colour_weight:
+                prior_b = fit_colour(b.bl[fit_idx], y[fit_idx], classes, list(b.colour_classes))
+                p = combine_probs(p, size_ll(b.bl[idx], prior_b), colour_weight)
         m = compute_metrics(classes, y[idx], p)
         scores.setdefault((name, split), []).append(m.balanced_accuracy)
         if split == "external":
@@ -338,6 +380,11 @@ def main() -> None:
                     help="the granule opinion's weights to score each variant with (the shipped 1; 0 = off)")
     ap.add_argument("--granule-every-class", action="store_true",
                     help="a granule Gaussian for every class (the first version) instead of the shipped pair")
+    ap.add_argument("--colour-weights", default="",
+                    help="research: also the cytoplasm-hue opinion, site-scaled, at these weights "
+                         "(benchmarks/granule_prior.py --colour-scaled), beside each granule weight")
+    ap.add_argument("--colour-classes", default="basophil,monocyte",
+                    help="the classes with a hue Gaussian of their own (the rest share the all-cells one)")
     ap.add_argument("--views-per-cell", type=int, default=0,
                     help="augmented views cached per training cell (default: the arm's 8); for pool-K with K > 8")
     args = ap.parse_args()
@@ -346,14 +393,20 @@ def main() -> None:
     tails = [int(k) for k in args.tails.split(",")]
     trainings = args.train.split(",")
     granule_weights = [float(w) for w in args.granule_weights.split(",")]
+    colour_weights = [float(w) for w in args.colour_weights.split(",")] if args.colour_weights else []
+    # the opinion weights every variant is scored with: (granule w, hue w)
+    opinion_weights = [(g, c) for g in granule_weights for c in (colour_weights or [0.0])]
 
-    def named(name: str, w: float) -> str:
-        return name if len(granule_weights) == 1 else f"{name}, granules w = {w:g}"
+    def named(name: str, w: tuple[float, float]) -> str:
+        parts = [f"granules w = {w[0]:g}"] if len(granule_weights) > 1 else []
+        parts += [f"hue w = {w[1]:g}"] if colour_weights else []
+        return ", ".join([name, *parts])
 
     if unknown := {t for t in trainings if not known_training(t)}:
         ap.error(f"unknown --train {sorted(unknown)}; known: {list(TRAINING)} and pool-K")
     t0 = time.time()
-    b = replace(prepare(args.cache, args.views, args.rounds, args.views_per_cell),
+    colour_classes = tuple(args.colour_classes.split(",")) if colour_weights else ()
+    b = replace(prepare(args.cache, args.views, args.rounds, args.views_per_cell, colour_classes),
                 granule_every_class=args.granule_every_class)
     layout = b.layout
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
@@ -364,18 +417,19 @@ def main() -> None:
             for held, training in ((h, tr) for h in layout.train for tr in trainings):
                 model = train_variant(b, training, [s for s in layout.train if s != held], seed, args.cache)
                 for (name, models), w in ((v, w) for v in variants(model, tails, training).items()
-                                          for w in granule_weights):
-                    score_held_out(b, models, held, named(name, w), scores, w)
+                                          for w in opinion_weights):
+                    score_held_out(b, models, held, named(name, w), scores, *w)
             print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
                 f"{k[0]} {np.mean(v[-3:]):.3f}" for k, v in scores.items() if k[1] == "loso"), flush=True)
 
     for seed, training in ((s, tr) for s in seeds for tr in trainings):
         model = train_variant(b, training, list(layout.train), seed, args.cache)
-        for (plain, models), w in ((v, w) for v in variants(model, tails, training).items() for w in granule_weights):
+        for (plain, models), w in ((v, w) for v in variants(model, tails, training).items() for w in opinion_weights):
             name = named(plain, w)
-            score_served(b, models, name, scores, granule_weight=w)
+            score_served(b, models, name, scores, granule_weight=w[0], colour_weight=w[1])
             if args.product_temperature:
-                score_served(b, models, f"{name}, the product's temperature", scores, product=True, granule_weight=w)
+                score_served(b, models, f"{name}, the product's temperature", scores, product=True,
+                             granule_weight=w[0], colour_weight=w[1])
             print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: internal {scores[name, 'internal'][-1]:.3f}, "
                   f"Barcelona {scores[name, 'external'][-1]:.3f}", flush=True)
 

@@ -37,7 +37,7 @@ from federation.benchmark.presets import LITE0
 from federation.benchmark.protocols import _TopTrainers, arm_features, paper_layout
 from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import fresh_split
-from federation.sites import DataRoot, resolve_data_root
+from federation.sites import EXTERNAL_SITE, DataRoot, resolve_data_root
 from models.calibration import softmax
 from models.evaluate import compute_metrics
 from models.test_views import VIEW_SETS, ZOOM, View, apply_view
@@ -106,13 +106,14 @@ def main() -> None:
     print(f"[{time.time() - t0:.0f} s]")
 
 
-def shipped_arm(cache: Path, views_per_cell: int = 0):
+def shipped_arm(cache: Path, views_per_cell: int = 0, external_site: str = EXTERNAL_SITE):
     """The shipped recipe's arm (texture augmentation), the paper layout, its cached features and trunk;
-    `views_per_cell` > 0 caches that many augmented views per training cell instead of the arm's 8."""
+    `views_per_cell` > 0 caches that many augmented views per training cell instead of the arm's 8;
+    `external_site`: protocol 3's layout with that site held out (`paper_layout`)."""
     arm = replace(LITE0, name="augmentation: texture", augment=AugmentConfig.texture())
     if views_per_cell:
         arm = replace(arm, views=views_per_cell)
-    layout = paper_layout(DataRoot(resolve_data_root(None)))
+    layout = paper_layout(DataRoot(resolve_data_root(None)), external_site=external_site)
     data = arm_features(arm, layout, cache)
     return arm, layout, data, fresh_split(data.contract, arm.top, seed=0)
 

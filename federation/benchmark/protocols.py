@@ -108,9 +108,18 @@ class Layout:
         return np.array([index[s.label] for s in self.samples], dtype=np.int64)
 
 
-def paper_layout(data: DataRoot, external_per_class: int = 0) -> Layout:
-    """`external_per_class` > 0: a seeded subsample of Barcelona per class (research runs only)."""
-    external = data.select([EXTERNAL_SITE], classes=SHARED_CLASSES)
+PROTOCOL_SITES = (*DEFAULT_TRAINING_SITES, EXTERNAL_SITE)  # the four sites of protocol 3, each held out in turn
+
+
+def paper_layout(data: DataRoot, external_per_class: int = 0, external_site: str = EXTERNAL_SITE) -> Layout:
+    """Protocol 1: the three training sites' train / val splits, their test splits as the internal set and
+    every cell of Barcelona (five classes) as the external one. `external_site`: protocol 3 (leave one site
+    out), the other three of the four sites train. `external_per_class` > 0: a seeded subsample of the
+    external site per class (research runs only)."""
+    if external_site not in PROTOCOL_SITES:
+        raise ValueError(f"external site {external_site!r} is not one of {PROTOCOL_SITES}")
+    training = tuple(s for s in PROTOCOL_SITES if s != external_site)
+    external = data.select([external_site], classes=SHARED_CLASSES)
     if external_per_class:
         rng = np.random.default_rng(0)
         keep: set[int] = set()
@@ -118,18 +127,18 @@ def paper_layout(data: DataRoot, external_per_class: int = 0) -> Layout:
             idx = [i for i, s in enumerate(external) if s.label == c]
             keep |= set(rng.choice(idx, min(len(idx), external_per_class), replace=False).tolist())
         external = [s for i, s in enumerate(external) if i in keep]
-    samples = data.select(DEFAULT_TRAINING_SITES, classes=SHARED_CLASSES) + external
+    samples = data.select(training, classes=SHARED_CLASSES) + external
     where = lambda site, split: [
         i for i, s in enumerate(samples) if s.site == site and (split is None or s.split == split)
     ]
     return Layout(
         samples,
         SHARED_CLASSES,
-        train={site: where(site, "train") for site in DEFAULT_TRAINING_SITES},
-        val={site: where(site, "val") for site in DEFAULT_TRAINING_SITES},
+        train={site: where(site, "train") for site in training},
+        val={site: where(site, "val") for site in training},
         evaluation={
-            "internal": [i for site in DEFAULT_TRAINING_SITES for i in where(site, "test")],
-            "external": where(EXTERNAL_SITE, None),
+            "internal": [i for site in training for i in where(site, "test")],
+            "external": where(external_site, None),
         },
     )
 

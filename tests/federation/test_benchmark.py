@@ -13,6 +13,7 @@ from federation.augment import AugmentConfig
 from federation.features import trunk_features
 from federation.benchmark.handlers import SiteFeatures
 from federation.benchmark.partition import describe, dirichlet_partition
+from federation.benchmark.protocols import PROTOCOL_SITES, paper_layout
 from federation.prepared import PreparedImages
 from federation.benchmark.runs import Recipe, train_federated, train_pooled
 from federation.sites import DataRoot, Sample
@@ -85,6 +86,30 @@ def test_views_are_exact_then_seeded_and_cached(data_root: DataRoot, tmp_path: P
 
 def _samples(counts: dict[str, int]) -> list[Sample]:
     return [Sample(Path(f"/x/{c}{i}.jpg"), "s", c, "train", "") for c, n in counts.items() for i in range(n)]
+
+
+@pytest.mark.parametrize("held", ["barcelona-pbc", "tehran-lisc", "jiangxi-tecom", "bccd"])
+def test_leave_one_site_out_layout_never_trains_on_the_held_out_site(data_root: DataRoot, held: str) -> None:
+    """Protocol 3: each of the four sites in turn is the external set, the other three train; Barcelona held
+    out is protocol 1's layout."""
+    layout = paper_layout(data_root, external_site=held)
+    sites = {s.site for s in layout.samples}
+    assert sites == set(PROTOCOL_SITES) and held not in layout.train and held not in layout.val
+    assert set(layout.train) == set(layout.val) == sites - {held}
+    placed = [i for part in (layout.train, layout.val, layout.evaluation) for idx in part.values() for i in idx]
+    assert len(placed) == len(set(placed)) == len(layout.samples), "every cell in exactly one set"
+    for name, split in (("train", layout.train), ("val", layout.val)):
+        assert all(layout.samples[i].site == site and layout.samples[i].split == name
+                   for site, idx in split.items() for i in idx)
+    assert {(layout.samples[i].site, layout.samples[i].split) for i in layout.evaluation["internal"]} == {
+        (site, "test") for site in sites - {held}}
+    external = [layout.samples[i] for i in layout.evaluation["external"]]
+    assert [s.path for s in external] == [s.path for s in data_root.select([held], classes=SHARED_CLASSES)]
+    assert {s.label for s in layout.samples} == set(SHARED_CLASSES)
+    if held == "barcelona-pbc":
+        assert paper_layout(data_root) == layout
+    with pytest.raises(ValueError, match="not one of"):
+        paper_layout(data_root, external_site="elsewhere")
 
 
 def test_dirichlet_partition_is_seeded_complete_and_skewed() -> None:
