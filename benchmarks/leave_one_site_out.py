@@ -3,6 +3,7 @@ the other three train; the served model as shipped against centralised and each 
 
     .venv/bin/python benchmarks/leave_one_site_out.py --seeds 0,1,2          # ~30 min cold, caches in var/benchmark
     .venv/bin/python benchmarks/leave_one_site_out.py --seeds 0 --held bccd
+    .venv/bin/python benchmarks/leave_one_site_out.py --plot var/benchmark/leave-one-site-out.json   # the plot again
 
 Barcelona held out is protocol 1 (docs/results.md, "Granules"); the other three rows ask whether what was
 built for Barcelona travels to any new hospital, including one whose cells look nothing like it (the three
@@ -64,6 +65,34 @@ def held_out_rows(held: str, seeds: list[int], cache: Path, t0: float) -> tuple[
     return scores, training
 
 
+def plot(results: dict[str, dict], path: Path) -> Path:
+    """Per held-out site: FedAvg (served), centralised and each training site alone, mean and sd over seeds
+    (the sample sd, as the tables print it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.6), sharey=True, squeeze=False)
+    for ax, (held, result) in zip(axes[0], results.items()):
+        rows = result["rows"]
+        names = list(rows)
+        means = [float(np.mean(rows[n]["external"])) for n in names]
+        sds = [float(np.std(rows[n]["external"], ddof=1)) if len(rows[n]["external"]) > 1 else 0.0 for n in names]
+        colours = ["tab:blue" if n == "FedAvg" else "tab:gray" if n == "centralised" else "tab:orange" for n in names]
+        ax.bar(range(len(names)), means, yerr=sds, color=colours, capsize=3)
+        ax.set_xticks(range(len(names)), [n.removesuffix(" alone") for n in names], rotation=40, ha="right", fontsize=8)
+        ax.set_title(f"{held} held out", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("balanced accuracy at the held-out site")
+    fig.suptitle("Leave one site out: FedAvg (served, blue), centralised (gray), one site alone (orange)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -71,7 +100,11 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / "var" / "benchmark")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "var" / "benchmark" / "leave-one-site-out.json")
+    ap.add_argument("--plot", type=Path, help="only draw the plot of this earlier run's JSON (beside it, .png)")
     args = ap.parse_args()
+    if args.plot:
+        print(plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png")))
+        return
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
@@ -105,7 +138,7 @@ def main() -> None:
               f"{best.removesuffix(' alone')} {_mean_sd(scores[best, 'external'])} | {margin:+.3f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    print(f"[{time.time() - t0:.0f} s] {args.out}")
+    print(f"[{time.time() - t0:.0f} s] {args.out}, {plot(results, args.out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":
