@@ -23,6 +23,7 @@ such a change leaves behind are removed, least recently used first, once the fol
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ class SiteCache:
             megabytes = float(budget)
         except (TypeError, ValueError):
             megabytes = -1.0
-        if not megabytes > 0:
+        if not (megabytes > 0 and math.isfinite(megabytes)):
             raise ValueError(f"node config {BUDGET_KEY}={budget!r} must be a positive number of megabytes")
         return cls(root, int(megabytes * (1 << 20)))
 

@@ -180,6 +180,6 @@ def test_an_over_budget_cache_drops_what_went_unused_longest_and_keeps_what_the_
 def test_the_cache_budget_comes_from_the_node_config(tmp_path: Path) -> None:
     assert SiteCache.of({"cache-dir": str(tmp_path), "cache-max-mb": 512}).budget_bytes == 512 << 20
     assert SiteCache.of({"cache-dir": str(tmp_path)}).budget_bytes == 6144 << 20
-    for bad in (0, -5, "lots"):
+    for bad in (0, -5, "lots", "inf", "nan"):
         with pytest.raises(ValueError, match="cache-max-mb"):
             SiteCache.of({"cache-dir": str(tmp_path), "cache-max-mb": bad})
