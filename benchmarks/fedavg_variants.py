@@ -55,7 +55,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from benchmarks.site_reference import located_diameters
-from benchmarks.granule_prior import blues, fit_colour, fit_granules, granules
+from benchmarks.granule_prior import blues, fit_colour, fit_granules, granules, hue_spread
 from benchmarks.size_prior import TEMPERATURES, _nll, combine_probs, fit, size_ll
 from benchmarks.tta import fixed_view_features, shipped_arm
 from federation.averaging import mean_of
@@ -254,11 +254,6 @@ def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_p
             bl[here] = (blue[here] - site_median(blue[own], y[own] == anchor)) / hue_spread(blue[own])
     return Bench(arm, layout, d, classes, dia, r, d_every, x_every, views, val_views, gran, g,
                  granules(every, cache), blue=blue, bl=bl, b_every=b_every, colour_classes=colour_classes)
-
-
-def hue_spread(values: np.ndarray) -> float:
-    """A site's hue spread: the median absolute deviation of all its cells (no label)."""
-    return float(np.nanmedian(np.abs(values - np.nanmedian(values)))) or 1.0
 
 
 Scores = dict[tuple[str, str], list[float]]

@@ -94,6 +94,11 @@ def blues(samples, cache: Path) -> np.ndarray:
     return cached_measure(samples, cache / "cytoplasm-blue.json", cytoplasm_blue, "measuring cytoplasm hue")
 
 
+def hue_spread(values: np.ndarray) -> float:
+    """A site's hue spread: the median absolute deviation of all its cells (no label)."""
+    return float(np.nanmedian(np.abs(values - np.nanmedian(values)))) or 1.0
+
+
 def fit_colour(b: np.ndarray, y: np.ndarray, classes: list[str], own: list[str]) -> SizePrior:
     ok = np.isfinite(b)
     stats = SizeStatistics.of_relative(b[ok], y[ok], len(classes))
@@ -138,9 +143,7 @@ def main() -> None:
 
     def scale(values: np.ndarray) -> float:
         """1, or with --colour-scaled the site's hue spread (median absolute deviation, all its cells)."""
-        if not args.colour_scaled:
-            return 1.0
-        return float(np.nanmedian(np.abs(values - np.nanmedian(values)))) or 1.0
+        return hue_spread(values) if args.colour_scaled else 1.0
 
     def _w(weights: tuple[float, float]) -> str:  # a grid point as printed
         return f"{weights[0]} / {weights[1]}" if colour else f"{weights[0]}"
