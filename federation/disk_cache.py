@@ -17,7 +17,29 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-TMP_MARK = ".tmp"  # a file being written (`*.tmp.npy`, `*.json.tmp`): its writer renames it when done
+import numpy as np
+
+TMP_MARK = ".tmp"  # a file being written (`*.<pid>.tmp.npy`, `*.<pid>.tmp`): its writer renames it when done
+
+
+def _tmp_for(path: Path, suffix: str) -> Path:
+    # One writer's own name: two processes filling the same cache (two benchmarks, a benchmark beside a
+    # SuperNode) may compute the same entry at once, and a shared name let one rename the other's file away.
+    return path.with_name(f"{path.name}.{os.getpid()}{TMP_MARK}{suffix}")
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """Write a cache entry whole or not at all: into the writer's own temporary file, then renamed."""
+    tmp = _tmp_for(path, ".npy")  # np.save appends .npy to a name without it
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+def save_text(path: Path, text: str) -> None:
+    """`save_array` for a text entry (the prepared cells' measures)."""
+    tmp = _tmp_for(path, "")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def mark_used(path: Path) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from federation.augment import AugmentConfig, CellAugment
-from federation.disk_cache import mark_used
+from federation.disk_cache import mark_used, save_array
 from federation.prepared import PreparedImages, preparation_key
 from federation.sites import Sample
 from federation.trunk import Split
@@ -148,9 +148,7 @@ def trunk_features(
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(path)
+        save_array(path, out)
     return out
 
 
@@ -175,9 +173,7 @@ def _clean_features(
         chunk = todo[start : start + batch_size]
         x = torch.from_numpy(np.stack([render_view(prepared, i, 0, contract, None, 0) for i in chunk]))
         for i, f in zip(chunk, split.trunk_features(x).numpy().astype(np.float16)):
-            tmp = files[i].with_name(files[i].name + ".tmp.npy")
-            np.save(tmp, f)
-            tmp.replace(files[i])
+            save_array(files[i], f)
     if todo:
         log(
             f"{contract.architecture}/{split.top_name} {contract.input_size}px: {len(todo)} clean views "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from federation.disk_cache import mark_used
+from federation.disk_cache import mark_used, save_array, save_text
 from federation.sites import Sample
 from models.contract import ModelContract
 from models.preprocess import prepare_sized
@@ -118,7 +118,7 @@ class PreparedImages:
                 arr = np.asarray(prepared, dtype=np.uint8)
             computed += 1
             if path is not None:
-                _save(path, arr)
+                save_array(path, arr)
             known[name] = measures.diameter if np.isfinite(measures.diameter) else None
             known_granules[name] = measures.granules if np.isfinite(measures.granules) else None
             arrays.append(arr)
@@ -126,9 +126,7 @@ class PreparedImages:
             granules.append(known_granules[name])
         for file, values in ((sizes, known), (granule_file, known_granules)):
             if file is not None and computed:
-                tmp = file.with_name(file.name + ".tmp")
-                tmp.write_text(json.dumps(values))
-                tmp.replace(file)
+                save_text(file, json.dumps(values))
         shapes = np.array([a.shape for a in arrays], dtype=np.int64).reshape(-1, 3)
         buffer = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.uint8)
         if computed:
@@ -159,7 +157,3 @@ def cached_source(cache_dir: Path) -> Callable[[Sample, ModelContract], Image.Im
     return source
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)

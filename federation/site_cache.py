@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from federation.augment import AugmentConfig
-from federation.disk_cache import Pruned, mark_used, prune
+from federation.disk_cache import Pruned, mark_used, prune, save_array
 from federation.features import render_view, trunk_features
 from federation.top_training import top_logits
 from federation.prepared import PreparedImages
@@ -132,9 +132,7 @@ class SiteCache:
             parts.append(np.stack([split.trunk_features(apply_view(x, v)).numpy() for v in views], axis=1))
         out = np.concatenate(parts).astype(np.float32)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(path)
+        save_array(path, out)
         return out
 
 

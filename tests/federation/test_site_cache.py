@@ -183,3 +183,28 @@ def test_the_cache_budget_comes_from_the_node_config(tmp_path: Path) -> None:
     for bad in (0, -5, "lots", "inf", "nan"):
         with pytest.raises(ValueError, match="cache-max-mb"):
             SiteCache.of({"cache-dir": str(tmp_path), "cache-max-mb": bad})
+
+
+def _write_entry_repeatedly(path: str, value: int, times: int) -> None:
+    from federation.disk_cache import save_array
+
+    for _ in range(times):
+        save_array(Path(path), np.full(4096, value, np.float32))
+
+
+def test_two_processes_writing_the_same_cache_entry_both_finish_and_leave_one_whole_file(tmp_path: Path) -> None:
+    # Two benchmarks (or a benchmark beside a SuperNode) sharing a cache compute the same entry at once;
+    # with one temporary name for both, one writer's rename took the other's file away (FileNotFoundError).
+    import multiprocessing
+
+    entry = tmp_path / "entry.npy"
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_write_entry_repeatedly, args=(str(entry), v, 400)) for v in (1, 2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(120)
+    assert [w.exitcode for w in writers] == [0, 0]
+    stored = np.load(entry)
+    assert stored.shape == (4096,) and len(set(stored.tolist())) == 1  # one writer's array, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.npy"]  # no temporary left behind
