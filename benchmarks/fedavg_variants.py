@@ -136,14 +136,14 @@ def training_sites(training: str, sites: dict[str, SiteFeatures]) -> dict[str, S
     return {name: replace(s, train_x=s.train_x[:, 1:]) for name, s in sites.items()}
 
 
-def variants(model: RowModel, tails: list[int], training: str) -> dict[str, list[RowModel]]:
+def variants(model: RowModel, tails: list[int], training: str, ensembles: bool = True) -> dict[str, list[RowModel]]:
     """name -> the models whose mean softmax answers (one model unless it is an ensemble)."""
     states = model.round_states
     out = {f"{training}, last round": [model]}
     for k in tails:
         if 1 < k <= len(states):
             out[f"{training}, weights averaged over the last {k} rounds"] = [averaged(model, states[-k:])]
-    for k in tails:
+    for k in tails if ensembles else ():
         if 1 < k <= len(states):
             out[f"{training}, answers averaged over the last {k} rounds"] = [averaged(model, [s]) for s in states[-k:]]
     return out
@@ -200,13 +200,14 @@ class Bench:
 
 
 def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_per_cell: int = 0,
-            colour_classes: tuple[str, ...] = (), external_site: str = EXTERNAL_SITE) -> Bench:
+            colour_classes: tuple[str, ...] = (), external_site: str = EXTERNAL_SITE, input_size: int = 0) -> Bench:
     """Features, test-time views and sizes (cached under `cache`): a training site's sizes relative to its
     labelled neutrophils; a held-out or new site's relative to the cells the scored network calls
     neutrophils (what `wbc data site-scale` measures), computed per variant by the caller.
     `views_per_cell`: cache this many augmented views per training cell instead of the arm's 8.
-    `external_site`: protocol 3, that site held out (its every cell, all classes, for its references)."""
-    arm, layout, d, trunk = shipped_arm(cache, views_per_cell, external_site)
+    `external_site`: protocol 3, that site held out (its every cell, all classes, for its references).
+    `input_size` > 0: the network's input at that size instead of the shipped 128 px (new features)."""
+    arm, layout, d, trunk = shipped_arm(cache, views_per_cell, external_site, input_size)
     if rounds:  # the longer preset (`wbc federate --rounds 20`)
         arm = replace(arm, recipe=replace(arm.recipe, rounds=rounds))
     classes = list(d.contract.class_names)
@@ -382,6 +383,10 @@ def main() -> None:
                     help="the classes with a hue Gaussian of their own (the rest share the all-cells one)")
     ap.add_argument("--views-per-cell", type=int, default=0,
                     help="augmented views cached per training cell (default: the arm's 8); for pool-K with K > 8")
+    ap.add_argument("--no-ensembles", action="store_true",
+                    help="skip the answers-averaged rows (k graphs served; the slowest to score)")
+    ap.add_argument("--input-size", type=int, default=0,
+                    help="the network's input, pixels a side (default: the shipped 128); new cached features")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -401,7 +406,8 @@ def main() -> None:
         ap.error(f"unknown --train {sorted(unknown)}; known: {list(TRAINING)} and pool-K")
     t0 = time.time()
     colour_classes = tuple(args.colour_classes.split(",")) if colour_weights else ()
-    b = replace(prepare(args.cache, args.views, args.rounds, args.views_per_cell, colour_classes),
+    b = replace(prepare(args.cache, args.views, args.rounds, args.views_per_cell, colour_classes,
+                        input_size=args.input_size),
                 granule_every_class=args.granule_every_class)
     layout = b.layout
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
@@ -411,7 +417,7 @@ def main() -> None:
         for seed in seeds:
             for held, training in ((h, tr) for h in layout.train for tr in trainings):
                 model = train_variant(b, training, [s for s in layout.train if s != held], seed, args.cache)
-                for (name, models), w in ((v, w) for v in variants(model, tails, training).items()
+                for (name, models), w in ((v, w) for v in variants(model, tails, training, not args.no_ensembles).items()
                                           for w in opinion_weights):
                     score_held_out(b, models, held, named(name, w), scores, *w)
             print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
@@ -419,7 +425,7 @@ def main() -> None:
 
     for seed, training in ((s, tr) for s in seeds for tr in trainings):
         model = train_variant(b, training, list(layout.train), seed, args.cache)
-        for (plain, models), w in ((v, w) for v in variants(model, tails, training).items() for w in opinion_weights):
+        for (plain, models), w in ((v, w) for v in variants(model, tails, training, not args.no_ensembles).items() for w in opinion_weights):
             name = named(plain, w)
             score_served(b, models, name, scores, granule_weight=w[0], colour_weight=w[1])
             if args.product_temperature:

@@ -114,6 +114,8 @@ def in_domain(args, seeds: list[int]) -> None:
     arm = LITE0_LONG if args.rounds == 20 else LITE0
     if args.rounds and args.rounds != 20:
         arm = replace(arm, recipe=replace(arm.recipe, rounds=args.rounds))
+    if args.input_size:
+        arm = replace(arm, name=f"{arm.name}, {args.input_size} px", input_size=args.input_size)
     t0 = time.time()
     d = arm_features(arm, layout, args.cache)
     n = d.contract.num_classes
@@ -150,13 +152,15 @@ def main() -> None:
     ap.add_argument("--no-loso", action="store_true", help="skip the federated leave-one-site-out criterion")
     ap.add_argument("--rounds", type=int, default=0, help="train this many rounds instead of the shipped recipe's 5")
     ap.add_argument("--protocol", default="paper", choices=("paper", "in-domain"))
+    ap.add_argument("--input-size", type=int, default=0,
+                    help="the network's input, pixels a side (default: the shipped 128); new cached features")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.protocol == "in-domain":
         return in_domain(args, seeds)
     t0 = time.time()
-    b = prepare(args.cache, "turns-zooms", args.rounds)
+    b = prepare(args.cache, "turns-zooms", args.rounds, input_size=args.input_size)
     d, layout, n = b.data, b.layout, len(b.classes)
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
 
