@@ -155,5 +155,3 @@ def cached_source(cache_dir: Path) -> Callable[[Sample, ModelContract], Image.Im
         return PreparedImages.build([sample], contract, cache_dir, log=lambda _s: None).image(0)
 
     return source
-
-
