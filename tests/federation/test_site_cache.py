@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 import shutil
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from federation.augment import AugmentConfig
+from federation.disk_cache import save_array
 from federation.site_cache import SiteCache, view_averaged_logits
 from federation.sites import DataRoot, Sample
 from federation.task import (
@@ -186,8 +188,6 @@ def test_the_cache_budget_comes_from_the_node_config(tmp_path: Path) -> None:
 
 
 def _write_entry_repeatedly(path: str, value: int, times: int) -> None:
-    from federation.disk_cache import save_array
-
     for _ in range(times):
         save_array(Path(path), np.full(4096, value, np.float32))
 
@@ -195,8 +195,6 @@ def _write_entry_repeatedly(path: str, value: int, times: int) -> None:
 def test_two_processes_writing_the_same_cache_entry_both_finish_and_leave_one_whole_file(tmp_path: Path) -> None:
     # Two benchmarks (or a benchmark beside a SuperNode) sharing a cache compute the same entry at once;
     # with one temporary name for both, one writer's rename took the other's file away (FileNotFoundError).
-    import multiprocessing
-
     entry = tmp_path / "entry.npy"
     ctx = multiprocessing.get_context("fork")
     writers = [ctx.Process(target=_write_entry_repeatedly, args=(str(entry), v, 400)) for v in (1, 2)]
