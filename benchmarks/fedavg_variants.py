@@ -66,6 +66,7 @@ from federation.benchmark.report import _mean_sd
 from federation.benchmark.runs import RowModel, fresh_split, train_federated
 from federation.sites import EXTERNAL_SITE, DataRoot, resolve_data_root
 from federation.task import set_prepared_source
+from federation.trunk import TOPS
 from models.calibration import expected_calibration_error, softmax
 from models.evaluate import compute_metrics
 from models.granule_prior import anchored_granule_reference, site_median
@@ -200,14 +201,15 @@ class Bench:
 
 
 def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_per_cell: int = 0,
-            colour_classes: tuple[str, ...] = (), external_site: str = EXTERNAL_SITE, input_size: int = 0) -> Bench:
+            colour_classes: tuple[str, ...] = (), external_site: str = EXTERNAL_SITE, input_size: int = 0,
+            top: str = "") -> Bench:
     """Features, test-time views and sizes (cached under `cache`): a training site's sizes relative to its
     labelled neutrophils; a held-out or new site's relative to the cells the scored network calls
     neutrophils (what `wbc data site-scale` measures), computed per variant by the caller.
     `views_per_cell`: cache this many augmented views per training cell instead of the arm's 8.
     `external_site`: protocol 3, that site held out (its every cell, all classes, for its references).
     `input_size` > 0: the network's input at that size instead of the shipped 128 px (new features)."""
-    arm, layout, d, trunk = shipped_arm(cache, views_per_cell, external_site, input_size)
+    arm, layout, d, trunk = shipped_arm(cache, views_per_cell, external_site, input_size, top)
     if rounds:  # the longer preset (`wbc federate --rounds 20`)
         arm = replace(arm, recipe=replace(arm.recipe, rounds=rounds))
     classes = list(d.contract.class_names)
@@ -387,6 +389,8 @@ def main() -> None:
                     help="skip the answers-averaged rows (k graphs served; the slowest to score)")
     ap.add_argument("--input-size", type=int, default=0,
                     help="the network's input, pixels a side (default: the shipped 128); new cached features")
+    ap.add_argument("--top", default="", choices=("", *TOPS),
+                    help="what the sites train (federation.trunk; default: the shipped 'stage'); new cached features")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -407,7 +411,7 @@ def main() -> None:
     t0 = time.time()
     colour_classes = tuple(args.colour_classes.split(",")) if colour_weights else ()
     b = replace(prepare(args.cache, args.views, args.rounds, args.views_per_cell, colour_classes,
-                        input_size=args.input_size),
+                        input_size=args.input_size, top=args.top),
                 granule_every_class=args.granule_every_class)
     layout = b.layout
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)

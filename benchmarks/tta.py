@@ -106,14 +106,18 @@ def main() -> None:
     print(f"[{time.time() - t0:.0f} s]")
 
 
-def shipped_arm(cache: Path, views_per_cell: int = 0, external_site: str = EXTERNAL_SITE, input_size: int = 0):
+def shipped_arm(cache: Path, views_per_cell: int = 0, external_site: str = EXTERNAL_SITE, input_size: int = 0,
+                top: str = ""):
     """The shipped recipe's arm (texture augmentation), the paper layout, its cached features and trunk;
     `views_per_cell` > 0 caches that many augmented views per training cell instead of the arm's 8;
     `external_site`: protocol 3's layout with that site held out (`paper_layout`);
-    `input_size` > 0: the network's input at that many pixels a side instead of the shipped 128."""
+    `input_size` > 0: the network's input at that many pixels a side instead of the shipped 128;
+    `top`: what the sites train (`federation.trunk`) instead of the shipped "stage"."""
     arm = replace(LITE0, name="augmentation: texture", augment=AugmentConfig.texture())
     if input_size:
         arm = replace(arm, input_size=input_size)
+    if top:
+        arm = replace(arm, top=top)
     if views_per_cell:
         arm = replace(arm, views=views_per_cell)
     layout = paper_layout(DataRoot(resolve_data_root(None)), external_site=external_site)

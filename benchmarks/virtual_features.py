@@ -52,6 +52,7 @@ from federation.benchmark.runs import RowModel, train_federated, train_pooled
 from federation.losses import class_weights
 from federation.recalibration import ClassStatistics, pooled_gaussians, retrain_classifier, sample_virtual
 from federation.sites import DataRoot, resolve_data_root
+from federation.trunk import TOPS
 from models.calibration import expected_calibration_error
 from models.evaluate import compute_metrics
 
@@ -116,6 +117,8 @@ def in_domain(args, seeds: list[int]) -> None:
         arm = replace(arm, recipe=replace(arm.recipe, rounds=args.rounds))
     if args.input_size:
         arm = replace(arm, name=f"{arm.name}, {args.input_size} px", input_size=args.input_size)
+    if args.top:
+        arm = replace(arm, name=f"{arm.name}, top {args.top}", top=args.top)
     t0 = time.time()
     d = arm_features(arm, layout, args.cache)
     n = d.contract.num_classes
@@ -154,13 +157,15 @@ def main() -> None:
     ap.add_argument("--protocol", default="paper", choices=("paper", "in-domain"))
     ap.add_argument("--input-size", type=int, default=0,
                     help="the network's input, pixels a side (default: the shipped 128); new cached features")
+    ap.add_argument("--top", default="", choices=("", *TOPS),
+                    help="what the sites train (federation.trunk; default: the shipped 'stage'); new cached features")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.protocol == "in-domain":
         return in_domain(args, seeds)
     t0 = time.time()
-    b = prepare(args.cache, "turns-zooms", args.rounds, input_size=args.input_size)
+    b = prepare(args.cache, "turns-zooms", args.rounds, input_size=args.input_size, top=args.top)
     d, layout, n = b.data, b.layout, len(b.classes)
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
 

@@ -9,6 +9,8 @@ exported and served like any other. Which part is the top:
   "head"   the classifier only (a linear probe on pooled features)
   "stage"  the last block group + the classifier: EfficientNet-Lite's last MBConv stage, conv_head and
            its BatchNorm; a ViT's last transformer block and final norm; a ResNet's layer4
+  "two-stages"  the last two block groups + the classifier (EfficientNet-Lite's last two MBConv stages, a
+           ViT's last two blocks, a ResNet's layer3 + layer4): between "stage" and "full", and still cacheable
   "full"   nothing is frozen (no cache possible; the benchmark's full fine-tuning rows)
 """
 
@@ -20,8 +22,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-TOPS = ("head", "stage", "full")
-Top = Literal["head", "stage", "full"]
+TOPS = ("head", "stage", "two-stages", "full")
+Top = Literal["head", "stage", "two-stages", "full"]
+# How many of the last block groups each top trains (the rest of the trunk is frozen and cached).
+TRAINED_GROUPS = {"head": 0, "stage": 1, "two-stages": 2}
 
 
 class _EfficientNetTop(nn.Module):
@@ -32,9 +36,10 @@ class _EfficientNetTop(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if self.top == "stage":
-            x = m.bn2(m.conv_head(m.blocks[-1](x)))
-            x = m.forward_head(x, pre_logits=True)
+        if self.top != "head":
+            for block in m.blocks[-TRAINED_GROUPS[self.top]:]:
+                x = block(x)
+            x = m.forward_head(m.bn2(m.conv_head(x)), pre_logits=True)
         return m.classifier(x)
 
 
@@ -46,8 +51,10 @@ class _VitTop(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if self.top == "stage":
-            x = m.forward_head(m.norm(m.blocks[-1](x)), pre_logits=True)
+        if self.top != "head":
+            for block in m.blocks[-TRAINED_GROUPS[self.top]:]:
+                x = block(x)
+            x = m.forward_head(m.norm(x), pre_logits=True)
         return m.head(x)
 
 
@@ -59,7 +66,9 @@ class _ResNetTop(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if self.top == "stage":
+        if self.top == "two-stages":
+            x = m.layer3(x)
+        if self.top != "head":
             x = m.forward_head(m.layer4(x), pre_logits=True)
         return m.fc(x)
 
@@ -88,17 +97,21 @@ class Split:
         """State-dict keys of the full model that belong to the top (what sites train and exchange)."""
         if self.top_name == "full":
             return list(self.model.state_dict())
-        family, last = self.family, None
-        if family in ("efficientnet", "vit"):
-            last = f"blocks.{len(self.model.blocks) - 1}."
-        prefixes = {
-            ("efficientnet", "head"): ("classifier.",),
-            ("efficientnet", "stage"): (last, "conv_head.", "bn2.", "classifier."),
-            ("vit", "head"): ("head.", "fc_norm."),
-            ("vit", "stage"): (last, "norm.", "fc_norm.", "head."),
-            ("resnet", "head"): ("fc.",),
-            ("resnet", "stage"): ("layer4.", "fc."),
-        }[(family, self.top_name)]
+        family, groups = self.family, TRAINED_GROUPS[self.top_name]
+        trained: tuple[str, ...] = ()
+        if family in ("efficientnet", "vit") and groups:
+            n = len(self.model.blocks)
+            trained = tuple(f"blocks.{i}." for i in range(n - groups, n))
+        if family == "resnet":
+            trained = ("layer3.", "layer4.")[2 - groups:] if groups else ()
+        prefixes = trained + {
+            ("efficientnet", False): ("classifier.",),
+            ("efficientnet", True): ("conv_head.", "bn2.", "classifier."),
+            ("vit", False): ("head.", "fc_norm."),
+            ("vit", True): ("norm.", "fc_norm.", "head."),
+            ("resnet", False): ("fc.",),
+            ("resnet", True): ("fc.",),
+        }[(family, groups > 0)]
         return [k for k in self.model.state_dict() if k.startswith(prefixes)]
 
     def freeze_trunk(self) -> None:
@@ -135,20 +148,20 @@ class Split:
                 if self.top_name == "head":
                     return m.forward_head(m.forward_features(x), pre_logits=True)
                 x = m.bn1(m.conv_stem(x))
-                for block in m.blocks[:-1]:
+                for block in m.blocks[: -TRAINED_GROUPS[self.top_name]]:
                     x = block(x)
                 return x
             if family == "vit":
                 if self.top_name == "head":
                     return m.forward_head(m.forward_features(x), pre_logits=True)
                 x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-                for block in m.blocks[:-1]:
+                for block in m.blocks[: -TRAINED_GROUPS[self.top_name]]:
                     x = block(x)
                 return x
             if self.top_name == "head":
                 return m.forward_head(m.forward_features(x), pre_logits=True)
-            x = m.maxpool(m.act1(m.bn1(m.conv1(x))))
-            return m.layer3(m.layer2(m.layer1(x)))
+            x = m.layer2(m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(x))))))
+            return x if self.top_name == "two-stages" else m.layer3(x)
         finally:
             m.train(was_training)
 

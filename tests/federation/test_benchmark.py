@@ -28,7 +28,7 @@ from models.zoo import create_model
     "architecture, size",
     [("tf_efficientnet_lite0", 64), ("vit_small_patch14_dinov2", 28), ("resnet34", 64)],
 )
-@pytest.mark.parametrize("top", ["head", "stage"])
+@pytest.mark.parametrize("top", ["head", "stage", "two-stages"])
 def test_top_of_trunk_is_the_whole_model(architecture: str, size: int, top: str) -> None:
     torch.manual_seed(0)
     model = create_model(architecture, 5, pretrained=False, img_size=size).eval()
@@ -44,6 +44,15 @@ def test_top_of_trunk_is_the_whole_model(architecture: str, size: int, top: str)
     split.freeze_trunk()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and trainable <= set(keys)
+
+
+@pytest.mark.parametrize("architecture", ["tf_efficientnet_lite0", "vit_small_patch14_dinov2", "resnet34"])
+def test_each_wider_top_trains_what_the_narrower_one_does_and_one_block_group_more(architecture: str) -> None:
+    model = create_model(architecture, 5, pretrained=False, img_size=28 if "vit" in architecture else 64)
+    head, stage, two = (set(split_model(model, top).top_state_keys()) for top in ("head", "stage", "two-stages"))
+    assert head < stage < two
+    groups = {k.split(".")[0] + "." + k.split(".")[1] if k.startswith("blocks.") else k.split(".")[0] for k in two - stage}
+    assert len(groups) == 1, groups  # exactly one more block group (or ResNet layer)
 
 
 def test_views_are_exact_then_seeded_and_cached(data_root: DataRoot, tmp_path: Path) -> None:
