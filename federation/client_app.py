@@ -109,8 +109,8 @@ def train(msg: Message, context: Context) -> Message:
         _prune(site, cache, t0)
     else:
         if pool > 0:
-            _log(site, f"view-pool {pool} needs train-top stage or head, node config {CACHE_KEY} and no "
-                       "style augmentation: training on fresh augmentation instead")
+            _log(site, f"view-pool {pool} needs a frozen trunk (train-top head, stage or two-stages), node "
+                       f"config {CACHE_KEY} and no style augmentation: training on fresh augmentation instead")
         result = train_local(
             model,
             samples,

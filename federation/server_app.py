@@ -51,8 +51,8 @@ class RunSettings:
     # as the benchmark's recipe draws it from its 8 augmented views + the clean one; without it Barcelona
     # loses ~0.03 (docs/results.md, "The clean cell in training").
     clean_view_p: float = 0.111
-    # With a frozen trunk (train-top stage or head) and a site cache (node config cache-dir), each site
-    # trains on the cached trunk outputs of a fixed pool of views per cell: the clean one + this many
+    # With a frozen trunk (train-top head, stage or two-stages) and a site cache (node config cache-dir),
+    # each site trains on the cached trunk outputs of a fixed pool of views per cell: the clean one + this many
     # seeded augmentations, one drawn per cell and epoch (the clean one 1 time in 1 + view-pool, so
     # clean-view-p is then unused): the benchmark's recipe, and the trunk runs once per view and run
     # (federation.site_cache; docs/results.md, "A finite pool of views"). 0 = fresh augmentation every step.
@@ -138,8 +138,10 @@ class RunSettings:
             named_augmentation(self.augment)
         except ValueError as exc:
             problems.append(str(exc))
-        if self.train_top not in ("full", "stage", "head"):
-            problems.append(f"train-top {self.train_top!r} is not one of full, stage, head")
+        from federation.trunk import TOPS
+
+        if self.train_top not in TOPS:
+            problems.append(f"train-top {self.train_top!r} is not one of {', '.join(TOPS)}")
         if self.detail != 0 and not 8 <= self.detail <= 1024:
             problems.append(f"detail must be 0 (off) or 8-1024 pixels, not {self.detail}")
         from typing import get_args
