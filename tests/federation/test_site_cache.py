@@ -35,18 +35,20 @@ def _cells(data_root: DataRoot, per_class: int = 2) -> list[Sample]:
     return [s for c in SHARED_CLASSES for s in data_root.select(["jiangxi-tecom"], ["train"], [c])[:per_class]]
 
 
-def _split(contract, seed: int = 0):
+def _split(contract, seed: int = 0, top: str = "stage"):
     seed_everything(seed)
-    split = split_model(create_model_from_contract(contract, pretrained=False), "stage")
+    split = split_model(create_model_from_contract(contract, pretrained=False), top)
     split.freeze_trunk()
     return split
 
 
-@pytest.mark.parametrize("views", ["turns-zooms", "none"])
-def test_cached_test_views_answer_what_the_full_model_answers(data_root: DataRoot, tmp_path: Path, views: str) -> None:
+@pytest.mark.parametrize("views, top", [("turns-zooms", "stage"), ("none", "stage"), ("turns-zooms", "two-stages")])
+def test_cached_test_views_answer_what_the_full_model_answers(
+    data_root: DataRoot, tmp_path: Path, views: str, top: str
+) -> None:
     samples = _cells(data_root)
     contract = build_contract("tf_efficientnet_lite0", 64, test_views=views)
-    split = _split(contract)
+    split = _split(contract, top=top)
     cache = SiteCache(tmp_path)
     prepared = cache.prepared(samples, contract)
     feats = cache.test_view_features(split, samples, prepared, contract)
@@ -57,7 +59,7 @@ def test_cached_test_views_answer_what_the_full_model_answers(data_root: DataRoo
     (stored,) = (tmp_path / "features").glob("test-views-*.npy")
     again = cache.test_view_features(split, samples, prepared, contract)
     assert np.array_equal(again, feats) and len(list((tmp_path / "features").glob("test-views-*.npy"))) == 1
-    other = _split(contract, seed=1)
+    other = _split(contract, seed=1, top=top)
     with torch.no_grad():
         other.model.conv_stem.weight.mul_(1.01)
     cache.test_view_features(other, samples, prepared, contract)
