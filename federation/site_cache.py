@@ -1,9 +1,9 @@
 """A site's own disk cache of what its frozen trunk computes (node config `cache-dir`); nothing leaves the site.
 
 With `train-top` "head", "stage" or "two-stages" the trunk is frozen and the same in every message of a
-run (the server averages identical copies of it), so what it computes for a cell never changes between rounds. A SuperNode
-runs every message in a fresh process, so without a disk cache each round located every cell again and
-ran the trunk on every view of it. Here, once per site and run:
+run (the server averages identical copies of it), so what it computes for a cell never changes between
+rounds. A SuperNode runs every message in a fresh process, so without a disk cache each round located
+every cell again and ran the trunk on every view of it. Here, once per site and run:
 
 - prepared cells (the contract's `prepare`: cell crop, colour normalisation) and the locator's measures
   (`federation.prepared.PreparedImages`, keyed by each file's path, size and mtime);
