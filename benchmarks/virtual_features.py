@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/virtual_features.py --seeds 0,1,2
     .venv/bin/python benchmarks/virtual_features.py --seeds 0,1,2 --rounds 20 --no-loso
     .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --seeds 0,1,2 [--rounds 20]
+    .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --top two-stages --rounds 20 --views turns-zooms
 
 FedAvg's sites see very different class mixes (`bccd` has 3 basophils, `jiangxi-tecom` 1, `tehran-lisc`
 most of them), so each site's last layer drifts toward its own classes and the average is a compromise:
@@ -41,20 +42,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from benchmarks.fedavg_variants import (Scores, averaged, prepare, print_table, probabilities, score_held_out,
-                                         score_served, temperature)
+from benchmarks.fedavg_variants import (Scores, averaged, prepare, print_table, probabilities, product_probabilities,
+                                         score_held_out, score_served, temperature)
+from benchmarks.tta import fixed_view_features
 from federation.benchmark.handlers import SiteFeatures
 from federation.top_training import top_logits
 from federation.benchmark.presets import LITE0, LITE0_LONG
 from federation.benchmark.protocols import arm_features, in_domain_layout
 from federation.benchmark.report import _mean_sd
-from federation.benchmark.runs import RowModel, train_federated, train_pooled
+from federation.benchmark.runs import RowModel, fresh_split, train_federated, train_pooled
 from federation.losses import class_weights
+from federation.prepared import PreparedImages
 from federation.recalibration import ClassStatistics, pooled_gaussians, retrain_classifier, sample_virtual
 from federation.sites import DataRoot, resolve_data_root
 from federation.trunk import TOPS
 from models.calibration import expected_calibration_error
 from models.evaluate import compute_metrics
+from models.test_views import VIEW_SETS
 
 
 def penultimate(model: RowModel, x: np.ndarray) -> np.ndarray:
@@ -107,6 +111,15 @@ def variants(model: RowModel, sites: dict[str, SiteFeatures], n_classes: int, se
     return {"served (mean of the last 5 rounds)": served} | recalibrated(served, sites, n_classes, seed)
 
 
+def test_view_features(arm, layout, d, views: str, cache: Path) -> list[np.ndarray]:
+    """The test split's trunk outputs for each of the contract's test-time views (`models.test_views`), the
+    views the exported graph averages when a contract carries them."""
+    samples = [layout.samples[i] for i in layout.evaluation["test"]]
+    prepared = PreparedImages.build(samples, d.contract, cache / "prepared")
+    trunk = fresh_split(d.contract, arm.top, seed=0)  # the frozen pretrained trunk: seed-free
+    return list(fixed_view_features(trunk, samples, prepared, d.contract, VIEW_SETS[views], cache / "features").values())
+
+
 def in_domain(args, seeds: list[int]) -> None:
     """Protocol 2 (one domain, Dirichlet(0.5) label skew over 4 sites, 8 classes): the skew CCVR was made
     for, without the domain shift. Scored as `wbc benchmark in-domain` scores (test split, clean view,
@@ -125,12 +138,14 @@ def in_domain(args, seeds: list[int]) -> None:
     classes = list(d.contract.class_names)
     val = [(s.val_x, s.val_y) for s in d.sites.values()]
     tx, ty = d.evaluation["test"]
-    print(f"[{time.time() - t0:.0f} s] in-domain features ready ({arm.name})", flush=True)
+    views = test_view_features(arm, layout, d, args.views, args.cache) if args.views else []
+    print(f"[{time.time() - t0:.0f} s] in-domain features ready ({arm.name}"
+          f"{f', {len(views)} test views' if views else ''})", flush=True)
     scores: dict[str, list[float]] = {}
     for seed in seeds:
         rows = {"centralised": train_pooled(d.contract, arm.top, np.concatenate([s.train_x for s in d.sites.values()]),
                                             np.concatenate([s.train_y for s in d.sites.values()]), val, arm.recipe, seed)}
-        for strategy in ("fedavg", "fedmedian"):
+        for strategy in args.strategies.split(","):
             model = train_federated(strategy, d.contract, arm.top, d.sites, arm.recipe, seed, keep_rounds=True)
             rows[strategy] = model
             for name, m in recalibrated(model, d.sites, n, seed).items():
@@ -140,10 +155,22 @@ def in_domain(args, seeds: list[int]) -> None:
             p = probabilities([m], [tx], t)
             scores.setdefault(name, []).append(compute_metrics(classes, ty, p).balanced_accuracy)
             scores.setdefault(name + " ECE", []).append(expected_calibration_error(p, ty))
-            print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: test {scores[name][-1]:.3f}", flush=True)
-    print(f"\n| in-domain ({arm.name}) | test bal. acc. | test ECE (fitted T) |\n|---|---|---|")
-    for name in (k for k in scores if not k.endswith(" ECE")):
-        print(f"| {name} | {_mean_sd(scores[name])} | {_mean_sd(scores[name + ' ECE'])} |")
+            line = f"test {scores[name][-1]:.3f}"
+            if views:  # as the exported graph answers: the views' mean softmax, then the clean view's T
+                p = product_probabilities([m], views, t)
+                scores.setdefault(name + " views", []).append(compute_metrics(classes, ty, p).balanced_accuracy)
+                scores.setdefault(name + " views ECE", []).append(expected_calibration_error(p, ty))
+                line += f", with the test views {scores[name + ' views'][-1]:.3f}"
+            print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: {line}", flush=True)
+    header = f"| in-domain ({arm.name}) | test bal. acc. | test ECE (fitted T) |"
+    if views:
+        header += f" with the {args.views} test views | ECE |"
+    print("\n" + header + "\n" + "|---" * header.count(" | ") + "|---|")
+    for name in (k for k in scores if not k.endswith((" ECE", " views"))):
+        cells = [_mean_sd(scores[name]), _mean_sd(scores[name + " ECE"])]
+        if views:
+            cells += [_mean_sd(scores[name + " views"]), _mean_sd(scores[name + " views ECE"])]
+        print(f"| {name} | {' | '.join(cells)} |")
     print(f"[{time.time() - t0:.0f} s]")
 
 
@@ -157,6 +184,9 @@ def main() -> None:
     ap.add_argument("--protocol", default="paper", choices=("paper", "in-domain"))
     ap.add_argument("--input-size", type=int, default=0,
                     help="the network's input, pixels a side (default: the shipped 128); new cached features")
+    ap.add_argument("--views", default="", choices=("", *VIEW_SETS),
+                    help="in-domain: also score every row with these test-time views (the shipped: turns-zooms)")
+    ap.add_argument("--strategies", default="fedavg,fedmedian", help="in-domain: the federated rows")
     ap.add_argument("--top", default="", choices=("", *TOPS),
                     help="what the sites train (federation.trunk; default: the shipped 'stage'); new cached features")
     args = ap.parse_args()
