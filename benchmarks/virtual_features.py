@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/virtual_features.py --seeds 0,1,2 --rounds 20 --no-loso
     .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --seeds 0,1,2 [--rounds 20]
     .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --top two-stages --rounds 20 --views turns-zooms
+    .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --arch tf_efficientnet_lite2 --top two-stages --rounds 20
 
 FedAvg's sites see very different class mixes (`bccd` has 3 basophils, `jiangxi-tecom` 1, `tehran-lisc`
 most of them), so each site's last layer drifts toward its own classes and the average is a compromise:
@@ -128,6 +129,8 @@ def in_domain(args, seeds: list[int]) -> None:
     arm = LITE0_LONG if args.rounds == 20 else LITE0
     if args.rounds and args.rounds != 20:
         arm = replace(arm, recipe=replace(arm.recipe, rounds=args.rounds))
+    if args.arch:
+        arm = replace(arm, name=arm.name.replace("EfficientNet-Lite0", args.arch), architecture=args.arch)
     if args.input_size:
         arm = replace(arm, name=f"{arm.name}, {args.input_size} px", input_size=args.input_size)
     if args.top:
@@ -187,6 +190,8 @@ def main() -> None:
     ap.add_argument("--views", default="", choices=("", *VIEW_SETS),
                     help="in-domain: also score every row with these test-time views (the shipped: turns-zooms)")
     ap.add_argument("--strategies", default="fedavg,fedmedian", help="in-domain: the federated rows")
+    ap.add_argument("--arch", default="", choices=("", "tf_efficientnet_lite1", "tf_efficientnet_lite2"),
+                    help="in-domain: a larger EfficientNet-Lite (offline weights) instead of Lite0; new cached features")
     ap.add_argument("--top", default="", choices=("", *TOPS),
                     help="what the sites train (federation.trunk; default: the shipped 'stage'); new cached features")
     args = ap.parse_args()
