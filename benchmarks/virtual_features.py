@@ -197,6 +197,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.arch and args.protocol != "in-domain":  # protocol 1's arm is the shipped Lite0 (fedavg_variants.prepare)
+        ap.error("--arch applies to --protocol in-domain only")
     if args.protocol == "in-domain":
         return in_domain(args, seeds)
     t0 = time.time()
