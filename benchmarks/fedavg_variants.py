@@ -202,14 +202,15 @@ class Bench:
 
 def prepare(cache: Path, view_set: str = "turns-zooms", rounds: int = 0, views_per_cell: int = 0,
             colour_classes: tuple[str, ...] = (), external_site: str = EXTERNAL_SITE, input_size: int = 0,
-            top: str = "") -> Bench:
+            top: str = "", arch: str = "") -> Bench:
     """Features, test-time views and sizes (cached under `cache`): a training site's sizes relative to its
     labelled neutrophils; a held-out or new site's relative to the cells the scored network calls
     neutrophils (what `wbc data site-scale` measures), computed per variant by the caller.
     `views_per_cell`: cache this many augmented views per training cell instead of the arm's 8.
     `external_site`: protocol 3, that site held out (its every cell, all classes, for its references).
-    `input_size` > 0: the network's input at that size instead of the shipped 128 px (new features)."""
-    arm, layout, d, trunk = shipped_arm(cache, views_per_cell, external_site, input_size, top)
+    `input_size` > 0: the network's input at that size instead of the shipped 128 px (new features);
+    `arch`: a larger EfficientNet-Lite instead of Lite0 (new features)."""
+    arm, layout, d, trunk = shipped_arm(cache, views_per_cell, external_site, input_size, top, arch)
     if rounds:  # the longer preset (`wbc federate --rounds 20`)
         arm = replace(arm, recipe=replace(arm.recipe, rounds=rounds))
     classes = list(d.contract.class_names)

@@ -107,13 +107,16 @@ def main() -> None:
 
 
 def shipped_arm(cache: Path, views_per_cell: int = 0, external_site: str = EXTERNAL_SITE, input_size: int = 0,
-                top: str = ""):
+                top: str = "", arch: str = ""):
     """The shipped recipe's arm (texture augmentation), the paper layout, its cached features and trunk;
     `views_per_cell` > 0 caches that many augmented views per training cell instead of the arm's 8;
     `external_site`: protocol 3's layout with that site held out (`paper_layout`);
     `input_size` > 0: the network's input at that many pixels a side instead of the shipped 128;
-    `top`: what the sites train (`federation.trunk`) instead of the shipped "stage"."""
+    `top`: what the sites train (`federation.trunk`) instead of the shipped "stage";
+    `arch`: another timm backbone with offline weights (a larger EfficientNet-Lite) instead of Lite0."""
     arm = replace(LITE0, name="augmentation: texture", augment=AugmentConfig.texture())
+    if arch:
+        arm = replace(arm, name=f"{arm.name}, {arch}", architecture=arch)
     if input_size:
         arm = replace(arm, input_size=input_size)
     if top:

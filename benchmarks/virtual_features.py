@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --seeds 0,1,2 [--rounds 20]
     .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --top two-stages --rounds 20 --views turns-zooms
     .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --arch tf_efficientnet_lite2 --top two-stages --rounds 20
+    .venv/bin/python benchmarks/virtual_features.py --arch tf_efficientnet_lite2 --seeds 0,1,2 --no-loso
 
 FedAvg's sites see very different class mixes (`bccd` has 3 basophils, `jiangxi-tecom` 1, `tehran-lisc`
 most of them), so each site's last layer drifts toward its own classes and the average is a compromise:
@@ -19,7 +20,8 @@ retrains the classifier (the last linear layer) on them (`federation/recalibrati
 - virtual, centralised loss: virtual cells in the pooled class proportions, weighed by the sites' own
   loss rule (inverse frequency capped at 3x) applied to the pooled counts: the centralised loss;
 - real pooled, centralised loss: the same on the pooled real penultimate features (what the virtual
-  rows approximate; not federated).
+  rows approximate; not federated);
+- centralised (pooled sites; not federated): the ceiling the federated rows are measured against.
 
 Scored as `benchmarks/fedavg_variants.py` scores every variant (shipped arm, test-time views, NLL-grid
 temperature on the sites' val cells, size opinion at w = 2), with its federated leave-one-site-out
@@ -148,7 +150,7 @@ def in_domain(args, seeds: list[int]) -> None:
     for seed in seeds:
         rows = {"centralised": train_pooled(d.contract, arm.top, np.concatenate([s.train_x for s in d.sites.values()]),
                                             np.concatenate([s.train_y for s in d.sites.values()]), val, arm.recipe, seed)}
-        for strategy in args.strategies.split(","):
+        for strategy in (args.strategies or "fedavg,fedmedian").split(","):
             model = train_federated(strategy, d.contract, arm.top, d.sites, arm.recipe, seed, keep_rounds=True)
             rows[strategy] = model
             for name, m in recalibrated(model, d.sites, n, seed).items():
@@ -189,20 +191,23 @@ def main() -> None:
                     help="the network's input, pixels a side (default: the shipped 128); new cached features")
     ap.add_argument("--views", default="", choices=("", *VIEW_SETS),
                     help="in-domain: also score every row with these test-time views (the shipped: turns-zooms)")
-    ap.add_argument("--strategies", default="fedavg,fedmedian", help="in-domain: the federated rows")
+    ap.add_argument("--strategies", default="", help="in-domain: the federated rows (default: fedavg,fedmedian)")
     ap.add_argument("--arch", default="", choices=("", "tf_efficientnet_lite1", "tf_efficientnet_lite2"),
-                    help="in-domain: a larger EfficientNet-Lite (offline weights) instead of Lite0; new cached features")
+                    help="a larger EfficientNet-Lite (offline weights) instead of Lite0; new cached features")
     ap.add_argument("--top", default="", choices=("", *TOPS),
                     help="what the sites train (federation.trunk; default: the shipped 'stage'); new cached features")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.arch and args.protocol != "in-domain":  # protocol 1's arm is the shipped Lite0 (fedavg_variants.prepare)
-        ap.error("--arch applies to --protocol in-domain only")
+    only = {"in-domain": {"--views": args.views, "--strategies": args.strategies}, "paper": {"--no-loso": args.no_loso}}
+    for protocol, options in only.items():  # an option the other protocol would silently ignore is an error
+        misplaced = [flag for flag, value in options.items() if value and args.protocol != protocol]
+        if misplaced:
+            ap.error(f"{', '.join(misplaced)} applies to --protocol {protocol} only")
     if args.protocol == "in-domain":
         return in_domain(args, seeds)
     t0 = time.time()
-    b = prepare(args.cache, "turns-zooms", args.rounds, input_size=args.input_size, top=args.top)
+    b = prepare(args.cache, "turns-zooms", args.rounds, input_size=args.input_size, top=args.top, arch=args.arch)
     d, layout, n = b.data, b.layout, len(b.classes)
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
 
@@ -219,12 +224,15 @@ def main() -> None:
 
     for seed in seeds:
         model = train_federated("fedavg", d.contract, b.arm.top, d.sites, b.arm.recipe, seed, keep_rounds=True)
-        for name, m in variants(model, d.sites, n, seed).items():
+        pooled = train_pooled(d.contract, b.arm.top, np.concatenate([s.train_x for s in d.sites.values()]),
+                              np.concatenate([s.train_y for s in d.sites.values()]),
+                              [(s.val_x, s.val_y) for s in d.sites.values()], b.arm.recipe, seed)
+        for name, m in (variants(model, d.sites, n, seed) | {"centralised (pooled sites; not federated)": pooled}).items():
             score_served(b, [m], name, scores)
             print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: internal {scores[name, 'internal'][-1]:.3f}, "
                   f"Barcelona {scores[name, 'external'][-1]:.3f}", flush=True)
 
-    print_table("FedAvg (shipped arm, views, size w = 2)", scores)
+    print_table(f"FedAvg ({b.arm.name}, views, size w = 2)", scores)
     print(f"[{time.time() - t0:.0f} s]")
 
 
