@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --top two-stages --rounds 20 --views turns-zooms
     .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --arch tf_efficientnet_lite2 --top two-stages --rounds 20
     .venv/bin/python benchmarks/virtual_features.py --arch tf_efficientnet_lite2 --seeds 0,1,2 --no-loso
+    .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --top two-stages --rounds 20 --logit-adjustment 1
 
 FedAvg's sites see very different class mixes (`bccd` has 3 basophils, `jiangxi-tecom` 1, `tehran-lisc`
 most of them), so each site's last layer drifts toward its own classes and the average is a compromise:
@@ -137,6 +138,9 @@ def in_domain(args, seeds: list[int]) -> None:
         arm = replace(arm, name=f"{arm.name}, {args.input_size} px", input_size=args.input_size)
     if args.top:
         arm = replace(arm, name=f"{arm.name}, top {args.top}", top=args.top)
+    local = arm.recipe  # the sites' recipe; with --logit-adjustment, FedLC's local loss instead of class weights
+    if args.logit_adjustment:
+        local = replace(arm.recipe, logit_adjustment=args.logit_adjustment, class_balanced=False)
     t0 = time.time()
     d = arm_features(arm, layout, args.cache)
     n = d.contract.num_classes
@@ -151,10 +155,11 @@ def in_domain(args, seeds: list[int]) -> None:
         rows = {"centralised": train_pooled(d.contract, arm.top, np.concatenate([s.train_x for s in d.sites.values()]),
                                             np.concatenate([s.train_y for s in d.sites.values()]), val, arm.recipe, seed)}
         for strategy in (args.strategies or "fedavg,fedmedian").split(","):
-            model = train_federated(strategy, d.contract, arm.top, d.sites, arm.recipe, seed, keep_rounds=True)
-            rows[strategy] = model
+            model = train_federated(strategy, d.contract, arm.top, d.sites, local, seed, keep_rounds=True)
+            label = f"{strategy}, local logit adjustment {args.logit_adjustment:g}" if args.logit_adjustment else strategy
+            rows[label] = model
             for name, m in recalibrated(model, d.sites, n, seed).items():
-                rows[f"{strategy} + {name}"] = m
+                rows[f"{label} + {name}"] = m
         for name, m in rows.items():
             t = temperature([m], val)
             p = probabilities([m], [tx], t)
@@ -192,6 +197,10 @@ def main() -> None:
     ap.add_argument("--views", default="", choices=("", *VIEW_SETS),
                     help="in-domain: also score every row with these test-time views (the shipped: turns-zooms)")
     ap.add_argument("--strategies", default="", help="in-domain: the federated rows (default: fedavg,fedmedian)")
+    ap.add_argument("--logit-adjustment", type=float, default=0.0, metavar="TAU",
+                    help="in-domain: the sites train with the loss on logits + TAU·log(their own class prior) "
+                         "instead of class weights (Menon et al.'s logit adjustment with each site's own prior, in the "
+                         "spirit of FedLC; the centralised row unchanged)")
     ap.add_argument("--arch", default="", choices=("", "tf_efficientnet_lite1", "tf_efficientnet_lite2"),
                     help="a larger EfficientNet-Lite (offline weights) instead of Lite0; new cached features")
     ap.add_argument("--top", default="", choices=("", *TOPS),
@@ -199,7 +208,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    only = {"in-domain": {"--views": args.views, "--strategies": args.strategies}, "paper": {"--no-loso": args.no_loso}}
+    only = {"in-domain": {"--views": args.views, "--strategies": args.strategies,
+                          "--logit-adjustment": args.logit_adjustment}, "paper": {"--no-loso": args.no_loso}}
     for protocol, options in only.items():  # an option the other protocol would silently ignore is an error
         misplaced = [flag for flag, value in options.items() if value and args.protocol != protocol]
         if misplaced:
