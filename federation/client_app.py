@@ -49,6 +49,24 @@ def _log(site: str, text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} [{site}] {text}", file=sys.stdout, flush=True)
 
 
+def local_train_config(config, site: str):
+    """This site's loss and optimiser settings for the round, from the server's train config."""
+    from federation.task import TrainConfig
+
+    # Logit adjustment with the site's own class prior replaces the class weights (run config
+    # logit-adjustment; docs/results.md, "Label skew: logit adjustment at the sites"). 0 = the weights.
+    tau = float(config.get("logit-adjustment", 0.0))
+    return TrainConfig(
+        epochs=int(config["local-epochs"]),
+        lr=float(config["lr"]),
+        batch_size=int(config["batch-size"]),
+        class_balanced=tau == 0,
+        logit_adjustment=tau,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # set by FedProx only
+        seed=site_seed(int(config["seed"]), int(config.get("server-round", 0)), site),
+    )
+
+
 def _setup(msg: Message, context: Context):
     import torch
 
@@ -86,19 +104,13 @@ def _setup(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     from federation.augment import named_augmentation
     from federation.site_cache import CACHE_KEY, SiteCache
-    from federation.task import TrainConfig, train_local
+    from federation.task import train_local
 
     site, config, contract, samples, model = _setup(msg, context)
     server_round = int(config.get("server-round", 0))
-    mu = float(config.get("proximal-mu", 0.0))  # set by FedProx only
+    train_config = local_train_config(config, site)
+    mu = train_config.proximal_mu
     global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad] if mu > 0 else None
-    train_config = TrainConfig(
-        epochs=int(config["local-epochs"]),
-        lr=float(config["lr"]),
-        batch_size=int(config["batch-size"]),
-        proximal_mu=mu,
-        seed=site_seed(int(config["seed"]), server_round, site),
-    )
     t0 = time.time()
     top = str(config.get("train-top", "full"))
     augment = named_augmentation(str(config.get("augment", "default")))

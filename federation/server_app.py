@@ -57,6 +57,12 @@ class RunSettings:
     # clean-view-p is then unused): the benchmark's recipe, and the trunk runs once per view and run
     # (federation.site_cache; docs/results.md, "A finite pool of views"). 0 = fresh augmentation every step.
     view_pool: int = 8
+    # Each site's loss on logits + tau·log(its own class prior) instead of class weights (Menon et al. 2021,
+    # per site as in FedLC), for consortia whose sites see very different class mixes. In-domain (one
+    # domain, Dirichlet(0.5) label skew) it lifts plain FedMedian as far as the server's recalibration does;
+    # across hospitals it bought nothing at Barcelona, so 0 (off) ships (docs/results.md, "Label skew:
+    # logit adjustment at the sites").
+    logit_adjustment: float = 0.0
     seed: int = 0
     min_nodes: int = 3
     round_timeout: float = 1800.0  # seconds to wait for replies per train/evaluate step, and for nodes
@@ -126,6 +132,8 @@ class RunSettings:
             problems.append(f"temperature-rule {self.temperature_rule!r} is not one of soften-only, fitted")
         if not 0.0 <= self.clean_view_p <= 1.0:
             problems.append(f"clean-view-p {self.clean_view_p} is not within [0, 1]")
+        if not 0.0 <= self.logit_adjustment <= 5.0:
+            problems.append(f"logit-adjustment {self.logit_adjustment} is not within [0, 5]")
         if not 0 <= self.view_pool <= 64:
             problems.append(f"view-pool {self.view_pool} is not within 0-64 views")
         if not 0.0 <= self.size_weight <= 10.0:
@@ -247,6 +255,27 @@ def main(grid: Grid, context: Context) -> None:
         events.emit(ev.RUN_FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         raise
     events.emit(ev.RUN_FINISHED, seconds=round(time.time() - t0, 3), **summary)
+
+
+def train_config_record(settings: RunSettings, contract_json: str, layout_digest: str) -> ConfigRecord:
+    """What every site trains with each round (read back by `client_app.local_train_config`)."""
+    from federation.packing import LAYOUT_KEY
+
+    return ConfigRecord(
+        {
+            "contract": contract_json,
+            LAYOUT_KEY: layout_digest,
+            "local-epochs": settings.local_epochs,
+            "train-top": settings.train_top,
+            "augment": settings.augment,
+            "clean-view-p": settings.clean_view_p,
+            "view-pool": settings.view_pool,
+            "logit-adjustment": settings.logit_adjustment,
+            "lr": settings.lr,
+            "batch-size": settings.batch_size,
+            "seed": settings.seed,
+        }
+    )
 
 
 def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLog) -> dict[str, Any]:
@@ -436,20 +465,7 @@ def _run(grid: Grid, context: Context, settings: RunSettings, events: ev.EventLo
             book.publish_accepted(checkpoint.pending_publish, arrays, record)
             book.close_round(checkpoint.pending_publish, record)
     contract_json = contract.to_json()
-    train_config = ConfigRecord(
-        {
-            "contract": contract_json,
-            LAYOUT_KEY: layout.digest,
-            "local-epochs": settings.local_epochs,
-            "train-top": settings.train_top,
-            "augment": settings.augment,
-            "clean-view-p": settings.clean_view_p,
-            "view-pool": settings.view_pool,
-            "lr": settings.lr,
-            "batch-size": settings.batch_size,
-            "seed": settings.seed,
-        }
-    )
+    train_config = train_config_record(settings, contract_json, layout.digest)
     evaluate_config = ConfigRecord(
         {"contract": contract_json, LAYOUT_KEY: layout.digest, "batch-size": settings.batch_size,
          "train-top": settings.train_top}  # a frozen trunk's test-view outputs may come from the site cache

@@ -205,7 +205,8 @@ class TrainConfig:
     class_weight_cap: float = 3.0
     # Logit adjustment (Menon et al. 2021) with the local label prior: the loss sees logits + tau·log(prior),
     # so the network learns what does not depend on how common a class is at this site; a class absent
-    # here gets log(prior) ≈ -14 and is neither pushed up nor down. 0 = off.
+    # here gets log(prior) ≈ -14, so its gradient is near zero (AdamW's scaling still moves it a little,
+    # less than plain cross-entropy does). 0 = off.
     logit_adjustment: float = 0.0
     # BatchNorm layers of the trained part keep their pretrained statistics (affine still trained). With
     # it off, each site's running mean/var follow its own cells and FedAvg averages them: the averaged

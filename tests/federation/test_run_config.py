@@ -43,6 +43,8 @@ def test_declared_defaults_pass_the_checks(tmp_path: Path):
         RunSettings.from_run_config({**_declared(), **paths, "augment": "sepia"})
     with pytest.raises(ValueError, match="clean-view-p 1.5 is not within"):
         RunSettings.from_run_config({**_declared(), **paths, "clean-view-p": 1.5})
+    with pytest.raises(ValueError, match="logit-adjustment -1.0 is not within"):
+        RunSettings.from_run_config({**_declared(), **paths, "logit-adjustment": -1.0})
     with pytest.raises(ValueError, match="detail must be"):
         RunSettings.from_run_config({**_declared(), **paths, "detail": 4})
     with pytest.raises(ValueError, match="test-views 'sideways'"):
@@ -56,3 +58,20 @@ def test_test_views_reach_the_contract(tmp_path: Path):
     for views in ("none", "flips", "dihedral", "turns-zooms"):
         settings = RunSettings.from_run_config({**_declared(), **paths, "test-views": views})
         assert build_contract_from_settings(settings).test_views == views
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_logit_adjustment_reaches_every_sites_loss(tmp_path: Path, tau: float):
+    """The server's train config, as a site reads it back: logit adjustment replaces the class weights."""
+    from federation.client_app import local_train_config, site_seed
+    from federation.server_app import train_config_record
+
+    paths = {"run-dir": str(tmp_path / "run"), "registry": str(tmp_path / "reg"), "parity-images": str(tmp_path)}
+    settings = RunSettings.from_run_config({**_declared(), **paths, "logit-adjustment": tau, "seed": 7})
+    record = train_config_record(settings, "{}", "layout")
+    record["server-round"] = 3
+    config = local_train_config(record, "bccd")
+    assert config.logit_adjustment == tau
+    assert config.class_balanced is (tau == 0.0)
+    assert (config.epochs, config.lr, config.batch_size) == (settings.local_epochs, settings.lr, settings.batch_size)
+    assert config.seed == site_seed(7, 3, "bccd") and config.proximal_mu == 0.0

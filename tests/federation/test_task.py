@@ -148,6 +148,26 @@ def test_batchnorm_statistics_follow_the_site_unless_frozen(frozen: bool) -> Non
         assert bn.running_mean.mean() > 3.0
 
 
+def test_logit_adjustment_keeps_the_sites_class_prior_out_of_the_model() -> None:
+    # A site with nine cells of class 0 for each of class 1 and none of class 2, on features that barely
+    # tell 0 and 1 apart. Plain cross-entropy puts the site's prior into the biases (class 0 up by about
+    # log 9, the absent class pushed down); with logit adjustment the loss already holds the prior, so the
+    # model keeps what the features say. The absent class's gradient is near zero there, but AdamW rescales
+    # small gradients, so it still drifts down, less than without.
+    torch.manual_seed(0)
+    y = torch.tensor([0] * 180 + [1] * 20)
+    x = torch.randn(200, 2) + 0.3 * y[:, None]
+    biases = {}
+    for tau in (0.0, 1.0):
+        model = nn.Linear(2, 3)
+        nn.init.zeros_(model.bias)
+        cfg = TrainConfig(epochs=200, lr=0.05, class_balanced=False, logit_adjustment=tau, label_smoothing=0.0)
+        fit(model, list(model.parameters()), lambda _e: [(x, y)], 1, y.tolist(), 3, cfg)
+        biases[tau] = model.bias.detach()
+    assert biases[0.0][0] - biases[0.0][1] > 1.5 and biases[0.0][2] < -0.5
+    assert abs(biases[1.0][0] - biases[1.0][1]) < 0.5 and biases[1.0][2] > biases[0.0][2] + 0.5
+
+
 def test_fedprox_term_keeps_weights_near_the_global_ones() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
