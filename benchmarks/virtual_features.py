@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --arch tf_efficientnet_lite2 --top two-stages --rounds 20
     .venv/bin/python benchmarks/virtual_features.py --arch tf_efficientnet_lite2 --seeds 0,1,2 --no-loso
     .venv/bin/python benchmarks/virtual_features.py --protocol in-domain --top two-stages --rounds 20 --logit-adjustment 1
+    .venv/bin/python benchmarks/virtual_features.py --seeds 0,1,2 --logit-adjustment 1
 
 FedAvg's sites see very different class mixes (`bccd` has 3 basophils, `jiangxi-tecom` 1, `tehran-lisc`
 most of them), so each site's last layer drifts toward its own classes and the average is a compromise:
@@ -115,6 +116,12 @@ def variants(model: RowModel, sites: dict[str, SiteFeatures], n_classes: int, se
     return {"served (mean of the last 5 rounds)": served} | recalibrated(served, sites, n_classes, seed)
 
 
+def sites_recipe(recipe, logit_adjustment: float):
+    """The federated rows' recipe: with logit adjustment (the run config's `logit-adjustment`), each site's
+    loss on logits + tau·log(its own class prior) instead of class weights."""
+    return replace(recipe, logit_adjustment=logit_adjustment, class_balanced=False) if logit_adjustment else recipe
+
+
 def test_view_features(arm, layout, d, views: str, cache: Path) -> list[np.ndarray]:
     """The test split's trunk outputs for each of the contract's test-time views (`models.test_views`), the
     views the exported graph averages when a contract carries them."""
@@ -138,9 +145,7 @@ def in_domain(args, seeds: list[int]) -> None:
         arm = replace(arm, name=f"{arm.name}, {args.input_size} px", input_size=args.input_size)
     if args.top:
         arm = replace(arm, name=f"{arm.name}, top {args.top}", top=args.top)
-    local = arm.recipe  # the sites' recipe; with --logit-adjustment, FedLC's local loss instead of class weights
-    if args.logit_adjustment:
-        local = replace(arm.recipe, logit_adjustment=args.logit_adjustment, class_balanced=False)
+    local = sites_recipe(arm.recipe, args.logit_adjustment)
     t0 = time.time()
     d = arm_features(arm, layout, args.cache)
     n = d.contract.num_classes
@@ -198,7 +203,7 @@ def main() -> None:
                     help="in-domain: also score every row with these test-time views (the shipped: turns-zooms)")
     ap.add_argument("--strategies", default="", help="in-domain: the federated rows (default: fedavg,fedmedian)")
     ap.add_argument("--logit-adjustment", type=float, default=0.0, metavar="TAU",
-                    help="in-domain: the sites train with the loss on logits + TAU·log(their own class prior) "
+                    help="the sites train with the loss on logits + TAU·log(their own class prior) "
                          "instead of class weights (Menon et al.'s logit adjustment with each site's own prior, in the "
                          "spirit of FedLC; the centralised row unchanged)")
     ap.add_argument("--arch", default="", choices=("", "tf_efficientnet_lite1", "tf_efficientnet_lite2"),
@@ -208,8 +213,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    only = {"in-domain": {"--views": args.views, "--strategies": args.strategies,
-                          "--logit-adjustment": args.logit_adjustment}, "paper": {"--no-loso": args.no_loso}}
+    only = {"in-domain": {"--views": args.views, "--strategies": args.strategies}, "paper": {"--no-loso": args.no_loso}}
     for protocol, options in only.items():  # an option the other protocol would silently ignore is an error
         misplaced = [flag for flag, value in options.items() if value and args.protocol != protocol]
         if misplaced:
@@ -219,6 +223,7 @@ def main() -> None:
     t0 = time.time()
     b = prepare(args.cache, "turns-zooms", args.rounds, input_size=args.input_size, top=args.top, arch=args.arch)
     d, layout, n = b.data, b.layout, len(b.classes)
+    local = sites_recipe(b.arm.recipe, args.logit_adjustment)
     print(f"[{time.time() - t0:.0f} s] features, views and sizes ready", flush=True)
 
     scores: Scores = {}
@@ -226,14 +231,14 @@ def main() -> None:
         for seed in seeds:
             for held in layout.train:
                 rest = {s: d.sites[s] for s in layout.train if s != held}
-                model = train_federated("fedavg", d.contract, b.arm.top, rest, b.arm.recipe, seed, keep_rounds=True)
+                model = train_federated("fedavg", d.contract, b.arm.top, rest, local, seed, keep_rounds=True)
                 for name, m in variants(model, rest, n, seed).items():
                     score_held_out(b, [m], held, name, scores)
             print(f"[{time.time() - t0:.0f} s] LOSO seed {seed}: " + ", ".join(
                 f"{k[0]} {np.mean(v[-3:]):.3f}" for k, v in scores.items() if k[1] == "loso"), flush=True)
 
     for seed in seeds:
-        model = train_federated("fedavg", d.contract, b.arm.top, d.sites, b.arm.recipe, seed, keep_rounds=True)
+        model = train_federated("fedavg", d.contract, b.arm.top, d.sites, local, seed, keep_rounds=True)
         pooled = train_pooled(d.contract, b.arm.top, np.concatenate([s.train_x for s in d.sites.values()]),
                               np.concatenate([s.train_y for s in d.sites.values()]),
                               [(s.val_x, s.val_y) for s in d.sites.values()], b.arm.recipe, seed)
@@ -242,7 +247,8 @@ def main() -> None:
             print(f"[{time.time() - t0:.0f} s] seed {seed} {name}: internal {scores[name, 'internal'][-1]:.3f}, "
                   f"Barcelona {scores[name, 'external'][-1]:.3f}", flush=True)
 
-    print_table(f"FedAvg ({b.arm.name}, views, size w = 2)", scores)
+    la = f", local logit adjustment {args.logit_adjustment:g}" if args.logit_adjustment else ""
+    print_table(f"FedAvg ({b.arm.name}{la}, views, size w = 2)", scores)
     print(f"[{time.time() - t0:.0f} s]")
 
 
