@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from federation.augment import AugmentConfig, CellAugment  # noqa: E402
-from federation.losses import class_weights  # noqa: E402
+from federation.losses import class_weights, logit_adjustment  # noqa: E402
 from models.calibration import CalibrationSummary, expected_calibration_error, softmax  # noqa: E402
 from models.evaluate import compute_metrics  # noqa: E402
 
@@ -142,7 +142,7 @@ class Normalised(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):  # a CPU run stays in fp32
             return self.net(x).float()
 
 
@@ -156,10 +156,12 @@ def new_model(arch: str, weights: dict, num_classes: int, device) -> Normalised:
 
 
 def train(model: Normalised, data: DataLoader, targets, num_classes: int, epochs: int, lr: float, *,
-          mu: float = 0.0, device) -> float:
+          mu: float = 0.0, tau: float = 0.0, device) -> float:
     """federation.task.fit on a GPU: AdamW, cosine over all steps, label smoothing 0.1, capped class
-    weights, optional FedProx term over every parameter."""
-    weights = class_weights(targets, num_classes, 3.0).to(device)
+    weights, optional FedProx term over every parameter. tau > 0: logit adjustment with these cells' own
+    class prior instead of the class weights (run config `logit-adjustment`, as the sites do it)."""
+    weights = None if tau else class_weights(targets, num_classes, 3.0).to(device)
+    adjust = logit_adjustment(targets, num_classes, tau).to(device) if tau else None
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if mu > 0 else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -170,7 +172,9 @@ def train(model: Normalised, data: DataLoader, targets, num_classes: int, epochs
     for _ in range(epochs):
         for x, y in data:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y, weight=weights, label_smoothing=0.1)
+            logits = model(x)
+            loss = F.cross_entropy(logits + adjust if adjust is not None else logits, y, weight=weights,
+                                   label_smoothing=0.1)
             if anchors is not None:
                 loss = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
             opt.zero_grad(set_to_none=True)
@@ -216,8 +220,10 @@ def aggregate(states: list[dict], sizes: list[int], rule: str) -> dict:
 
 
 class Runner:
-    def __init__(self, pack: Pack, arch: str, out: Path, deadline: float, side: int, workers: int, batch: int):
+    def __init__(self, pack: Pack, arch: str, out: Path, deadline: float, side: int, workers: int, batch: int,
+                 tau: float = 0.0):
         self.pack, self.arch, self.out, self.deadline = pack, arch, out, deadline
+        self.tau = tau  # logit adjustment instead of class weights in every training run (0: off)
         self.side, self.workers, self.batch = side, workers, batch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.weights = torch.load(pack.folder / f"{arch}.pt", map_location="cpu")
@@ -284,10 +290,11 @@ class Runner:
         idx = [i for s in sites for i in layout["train"][s]]
         dl, y = self._data(idx, classes, recipe, seed)
         model = new_model(self.arch, self.weights, len(classes), self.device)
-        loss = train(model, dl, y, len(classes), epochs, lr, device=self.device)
+        loss = train(model, dl, y, len(classes), epochs, lr, tau=self.tau, device=self.device)
         row = {"row": f"{layout_name}/central/{recipe}" + (f"/loso-{held_out}" if held_out else ""),
                "layout": layout_name, "kind": "loso" if held_out else "centralised", "recipe": recipe,
-               "epochs": epochs, "lr": lr, "seed": seed, "train_loss": round(loss, 4), "sites": sites}
+               "epochs": epochs, "lr": lr, "seed": seed, "train_loss": round(loss, 4), "sites": sites,
+               "logit_adjustment": self.tau}
         if held_out:  # every image of the left-out site: its own cells were never seen
             all_idx = [i for part in ("train", "val") for i in layout[part][held_out]] + [
                 i for i in layout["evaluation"]["internal"] if self.pack.meta["sites"][i] == held_out]
@@ -308,12 +315,14 @@ class Runner:
         sites = list(layout["train"])
         data = {s: self._data(layout["train"][s], classes, recipe, seed + k) for k, s in enumerate(sites)}
         global_model = new_model(self.arch, self.weights, len(classes), self.device)
-        curve, best = [], (-1.0, None, 0)
+        curve, test_curve, best = [], [], (-1.0, None, 0)
+        test_idx = layout["evaluation"].get("test")
         for r in range(1, rounds + 1):
             states, sizes = [], []
             for s in sites:
                 local = copy.deepcopy(global_model)
-                train(local, data[s][0], data[s][1], len(classes), local_epochs, lr, mu=mu, device=self.device)
+                train(local, data[s][0], data[s][1], len(classes), local_epochs, lr, mu=mu, tau=self.tau,
+                      device=self.device)
                 states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
                 sizes.append(len(data[s][1]))
             global_model.load_state_dict(aggregate(states, sizes, rule))
@@ -322,11 +331,21 @@ class Runner:
                         for logits, y in (self._logits(global_model, layout["val"][s], classes, recipe) for s in sites)]
             pooled = sum(per_site[1:], per_site[0]).balanced_accuracy  # Metrics.__add__ sums the confusions
             curve.append(round(pooled, 4))
+            # For the record only (the round is chosen by validation): where the test score is at each round,
+            # so one long run shows how many rounds the recipe needs.
+            test_ba = None
+            if test_idx:
+                test_logits, test_y = self._logits(global_model, test_idx, classes, recipe)
+                test_ba = compute_metrics(classes, test_y, softmax(test_logits)).balanced_accuracy
+            test_curve.append(None if test_ba is None else round(test_ba, 4))
+            print(f"[{time.strftime('%H:%M:%S')}]   round {r}/{rounds}: pooled val {pooled:.4f}, test {test_ba} "
+                  f"({time.monotonic() - t0:.0f} s)", flush=True)  # rounds take minutes on a CPU
             if pooled > best[0]:
                 best = (pooled, copy.deepcopy(global_model.state_dict()), r)
         row = {"row": f"{layout_name}/{'fedprox' if mu else {'mean': 'fedavg', 'median': 'fedmedian'}[rule]}/{recipe}", "layout": layout_name,
                "kind": "federated", "rule": rule, "mu": mu, "recipe": recipe, "rounds": rounds,
-               "local_epochs": local_epochs, "lr": lr, "seed": seed, "val_curve": curve}
+               "local_epochs": local_epochs, "lr": lr, "seed": seed, "logit_adjustment": self.tau,
+               "val_curve": curve, "test_curve": test_curve}
         row["last_round"] = self._evaluate(global_model, layout, recipe)
         global_model.load_state_dict(best[1])
         row["best_val_round"] = best[2]
@@ -352,8 +371,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--in-domain-epochs", type=int, default=20)
     parser.add_argument("--in-domain-rounds", type=int, default=15)
+    parser.add_argument("--in-domain-local-epochs", type=int, default=2)
+    parser.add_argument("--in-domain-rule", choices=("mean", "median"), default="mean")
+    parser.add_argument("--logit-adjustment", type=float, default=0.0, metavar="TAU",
+                        help="every training run's loss on logits + TAU·log(its own class prior) instead of class "
+                             "weights (the run config `logit-adjustment`); 0 = class weights")
     parser.add_argument("--recipes", default="default,texture,strong-colour,gray,none")
-    parser.add_argument("--only", default="", help="comma list of steps: headline,loso,recipes,chosen,in-domain,seeds")
+    parser.add_argument("--only", default="", help="comma list of steps: headline,loso,recipes,chosen,in-domain,"
+                                                    "in-domain-fed (its federated row alone),seeds")
     args = parser.parse_args()
     start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -362,7 +387,8 @@ def main() -> None:
     print(f"pack: {pack.images.shape[0]} cells in {time.monotonic() - start:.1f} s; "
           f"torch {torch.__version__}, timm {timm.__version__}, "
           f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}", flush=True)
-    run = Runner(pack, args.arch, args.out, start + args.budget_s, args.side, args.workers, args.batch)
+    run = Runner(pack, args.arch, args.out, start + args.budget_s, args.side, args.workers, args.batch,
+                 tau=args.logit_adjustment)
     steps = set(args.only.split(",")) if args.only else {"headline", "loso", "recipes", "chosen", "in-domain", "seeds"}
     recipes = args.recipes.split(",")
     estimate = {}  # seconds a row of each kind took, to decide whether the next one fits
@@ -413,8 +439,10 @@ def main() -> None:
     if "in-domain" in steps:
         if fits("central", 3.0):
             timed("id-central", run.centralised, "in-domain", "default", args.in_domain_epochs, args.lr, 0)
-        if fits("id-central", 1.5):
-            timed("id-fed", run.federated, "in-domain", "default", args.in_domain_rounds, 2, args.lr, 0)
+    if "in-domain" in steps or "in-domain-fed" in steps:
+        if "in-domain-fed" in steps or fits("id-central", 1.5):
+            timed("id-fed", run.federated, "in-domain", "default", args.in_domain_rounds, args.in_domain_local_epochs,
+                  args.lr, 0, rule=args.in_domain_rule)
     if "seeds" in steps:  # the headline rows as mean ± sd over 3 seeds, while time allows
         for seed in (1, 2):
             for recipe in dict.fromkeys(["default", chosen]):
