@@ -1,0 +1,59 @@
+"""Per-round curves of `benchmarks/gpu_finetune.py`'s federated rows: pooled validation (what chooses the
+round) and test (recorded, never used to choose), one colour per run.
+
+    .venv/bin/python benchmarks/finetune_curves.py var/ft-a/rows.jsonl var/ft-b/rows.jsonl --out curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def label_of(row: dict) -> str:
+    parts = [row["row"].split("/")[1], f"{row['rounds']} rounds x {row['local_epochs']} epoch"]
+    if row.get("logit_adjustment"):
+        parts.append(f"logit adjustment {row['logit_adjustment']:g}")
+    if row.get("round_decay"):
+        parts.append("lr cosine over rounds")
+    return ", ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rows", type=Path, nargs="+", help="rows.jsonl files")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k, path in enumerate(args.rows):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("kind") != "federated" or not row.get("test_curve"):
+                continue
+            colour = f"C{k}"
+            rounds = range(1, len(row["val_curve"]) + 1)
+            ax.plot(rounds, row["val_curve"], color=colour, label=f"{label_of(row)}: pooled val")
+            ax.plot(rounds, row["test_curve"], color=colour, linestyle="--", label="  test (not used to choose)")
+            ax.plot(row["best_val_round"], row["test"]["balanced_accuracy"], "o", color=colour)
+    ax.axhline(0.98, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("round")
+    ax.set_ylabel("balanced accuracy (clean cell)")
+    ax.set_ylim(0.6, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("In-domain PBC, 4 skewed sites, every layer trained (dot: the round validation chose)")
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
