@@ -18,6 +18,12 @@ new rows when the budget would be overrun):
   5. seeds 1 and 2 of the headline rows
 Federated rows simulate the rounds in one process (each site trains a copy of the global model on its
 own cells only; the server averages): the algorithm of the deployment, not its transport.
+
+It runs on the CPU too (fp32 there): the in-domain federated row alone fits the 2-core machine, ~90 s a round
+(docs/results.md, "Full fine-tuning on this CPU"):
+
+    .venv/bin/python benchmarks/gpu_finetune.py --pack .gpu --out var/ft --only in-domain-fed \
+        --in-domain-rounds 24 --in-domain-local-epochs 1 --logit-adjustment 1 --workers 1
 """
 
 from __future__ import annotations
