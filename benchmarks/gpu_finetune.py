@@ -450,7 +450,8 @@ def main() -> None:
             timed("fed", run.federated, "paper", chosen, args.rounds, args.local_epochs, args.lr, 0, rule="median")
     if "in-domain" in steps:
         if fits("central", 3.0):
-            timed("id-central", run.centralised, "in-domain", "default", args.in_domain_epochs, args.lr, 0)
+            timed("id-central", run.centralised, "in-domain", "default", args.in_domain_epochs, args.lr, 0,
+                  save="in-domain-central.pt")
     if "in-domain" in steps or "in-domain-fed" in steps:
         if "in-domain-fed" in steps or fits("id-central", 1.5):
             # saved for benchmarks/finetuned_product_path.py, which scores it as the service would answer
