@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from federation.benchmark.protocols import in_domain_layout, paper_layout  # noqa: E402
 from federation.sites import DataRoot, resolve_data_root  # noqa: E402
 from federation.task import build_contract, create_model_from_contract  # noqa: E402
-from models.calibration import CalibrationSummary, expected_calibration_error, softmax  # noqa: E402
-from models.evaluate import compute_metrics  # noqa: E402
+from models.calibration import CalibrationSummary  # noqa: E402
 from models.export import export_onnx  # noqa: E402
 from service.evaluation import evaluate_classifier  # noqa: E402
 from service.inference import Classifier, SessionConfig  # noqa: E402
+
+from gpu_finetune import scores  # noqa: E402  (this folder: the same score record as the packed rows)
 
 
 def answers(classifier: Classifier, samples, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -67,16 +68,9 @@ def main() -> None:
         record = {"weights": str(args.weights), "layout": args.layout, "views": args.views, "temperature": t}
         for name, idx in layout.evaluation.items():
             logits, y = answers(classifier, [layout.samples[i] for i in idx], name)
-            m = compute_metrics(classes, y, softmax(logits, t))
-            record[name] = {
-                "balanced_accuracy": round(m.balanced_accuracy, 4),
-                "macro_f1": round(m.macro_f1, 4),
-                "recall": {c: (None if r is None else round(r, 3)) for c, r in m.as_dict()["recall"].items()},
-                "ece_calibrated": round(expected_calibration_error(softmax(logits, t), y), 4),
-                "n": int(len(y)),
-            }
-            print(f"{name}: balanced accuracy {m.balanced_accuracy:.4f}, macro-F1 {m.macro_f1:.4f}, "
-                  f"ECE {record[name]['ece_calibrated']:.4f} (T {t:.2f})", flush=True)
+            record[name] = r = scores(logits, y, classes, t)
+            print(f"{name}: balanced accuracy {r['balanced_accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
+                  f"ECE {r['ece_calibrated']:.4f} (T {t:.2f})", flush=True)
             print("  recall " + ", ".join(f"{c} {r}" for c, r in record[name]["recall"].items()), flush=True)
     out = args.out or args.weights.with_suffix(f".{args.views}.json")
     out.write_text(json.dumps(record, indent=1))
