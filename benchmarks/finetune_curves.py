@@ -1,5 +1,6 @@
 """Per-round curves of `benchmarks/gpu_finetune.py`'s federated rows: pooled validation (what chooses the
-round) and test (recorded, never used to choose), one colour per run.
+round) and test (recorded, never used to choose), one colour per run; a star where the run's folder also
+holds `benchmarks/finetuned_ccvr.py`'s record (the chosen round's last layer recalibrated on the server).
 
     .venv/bin/python benchmarks/finetune_curves.py var/ft-a/rows.jsonl var/ft-b/rows.jsonl --out curves.png
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 
 def label_of(row: dict) -> str:
-    parts = [row["row"].split("/")[1], f"{row['rounds']} rounds x {row['local_epochs']} epoch"]
+    parts = [row["row"].split("/")[1], f"{row['rounds']} rounds x {row['local_epochs']} epoch", f"seed {row['seed']}"]
     if row.get("logit_adjustment"):
         parts.append(f"logit adjustment {row['logit_adjustment']:g}")
     if row.get("round_decay"):
@@ -42,13 +43,18 @@ def main() -> None:
             ax.plot(rounds, row["val_curve"], color=colour, label=f"{label_of(row)}: pooled val")
             ax.plot(rounds, row["test_curve"], color=colour, linestyle="--", label="  test (not used to choose)")
             ax.plot(row["best_val_round"], row["test"]["balanced_accuracy"], "o", color=colour)
+            ccvr = path.parent / "in-domain-fed-ccvr.json"
+            if ccvr.exists():
+                test = json.loads(ccvr.read_text())["rows"]["virtual, balanced (CCVR)"]["test"]
+                ax.plot(row["best_val_round"], test["balanced_accuracy"], "*", color=colour, markersize=12,
+                        markeredgecolor="black", label="  its last layer recalibrated (CCVR)")
     ax.axhline(0.98, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("round")
     ax.set_ylabel("balanced accuracy (clean cell)")
     ax.set_ylim(0.6, 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("In-domain PBC, 4 skewed sites, every layer trained (dot: the round validation chose)")
+    ax.set_title("In-domain PBC, 4 skewed sites, every layer trained (dot: the round validation chose)", fontsize=10)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
