@@ -43,12 +43,15 @@ from gpu_finetune import RECIPES, Cells, Normalised, Pack, Runner, new_model  # 
 
 @torch.no_grad()
 def penultimate(model: Normalised, x: torch.Tensor, batch: int = 256) -> np.ndarray:
-    """The classifier's inputs for uint8 NHWC cells (timm's pre-logits: pooled, after the last conv)."""
+    """The classifier's inputs for uint8 NHWC cells (pooled, after the last conv), through the model's own forward."""
     model.eval()
-    out = []
-    for i in range(0, len(x), batch):
-        v = x[i : i + batch].permute(0, 3, 1, 2).float().div_(255.0).sub_(model.mean).div_(model.std)
-        out.append(model.net.forward_head(model.net.forward_features(v), pre_logits=True))
+    out: list[torch.Tensor] = []
+    hook = model.net.get_classifier().register_forward_hook(lambda m, i, o: out.append(i[0].float().cpu()))
+    try:
+        for i in range(0, len(x), batch):
+            model(x[i : i + batch])
+    finally:
+        hook.remove()
     return torch.cat(out).numpy().astype(np.float64)
 
 
