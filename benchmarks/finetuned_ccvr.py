@@ -121,8 +121,7 @@ def main() -> None:
         print(f"{name:<48} test {test['balanced_accuracy']:.4f}  ECE(T) {test['ece_calibrated']:.4f}  "
               f"recall {test['recall']}", flush=True)
     out = args.weights.with_name(f"{args.weights.stem}-ccvr.pt")
-    state = models["virtual, balanced (CCVR)"].net.state_dict()
-    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}, out)
+    run._save(models["virtual, balanced (CCVR)"], out.name)  # gpu_finetune's format, beside the weights (run.out)
     record = {"weights": str(args.weights), "views": args.views, "per_class": args.per_class, "seed": args.seed,
               "rows": rows, "seconds": round(time.monotonic() - t0, 1)}
     args.weights.with_name(f"{args.weights.stem}-ccvr.json").write_text(json.dumps(record, indent=1))
