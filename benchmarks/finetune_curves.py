@@ -1,6 +1,7 @@
 """Per-round curves of `benchmarks/gpu_finetune.py`'s federated rows: pooled validation (what chooses the
 round) and test (recorded, never used to choose), one colour per run; a star where the run's folder also
-holds `benchmarks/finetuned_ccvr.py`'s record (the chosen round's last layer recalibrated on the server).
+holds `benchmarks/finetuned_ccvr.py`'s record (the chosen round's last layer recalibrated on the server); a
+diamond at the last round for a run's mean of its last global models (`--in-domain-average-last`).
 
     .venv/bin/python benchmarks/finetune_curves.py var/ft-a/rows.jsonl var/ft-b/rows.jsonl --out curves.png
 """
@@ -12,8 +13,9 @@ import json
 from pathlib import Path
 
 
-def label_of(row: dict) -> str:
-    parts = [row["row"].split("/")[1], f"{row['rounds']} rounds x {row['local_epochs']} epoch", f"seed {row['seed']}"]
+def label_of(row: dict, arch: str) -> str:
+    parts = [arch.removeprefix("tf_efficientnet_"), row["row"].split("/")[1],
+             f"{row['rounds']} x {row['local_epochs']}", f"seed {row['seed']}"]
     if row.get("logit_adjustment"):
         parts.append(f"logit adjustment {row['logit_adjustment']:g}")
     if row.get("round_decay"):
@@ -34,13 +36,19 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for k, path in enumerate(args.rows):
+        summary = path.parent / "summary.json"  # the run's arguments, the backbone among them
+        arch = json.loads(summary.read_text())["args"]["arch"] if summary.exists() else "tf_efficientnet_lite0"
+        colour = f"C{k}"
         for line in path.read_text().splitlines():
             row = json.loads(line)
+            if row.get("average_last"):  # the mean of the last global models, scored once after the last round
+                ax.plot(row["rounds"], row["test"]["balanced_accuracy"], "D", color=colour, markeredgecolor="black",
+                        label=f"  mean of the last {row['average_last']} global models")
+                continue
             if row.get("kind") != "federated" or not row.get("test_curve"):
                 continue
-            colour = f"C{k}"
             rounds = range(1, len(row["val_curve"]) + 1)
-            ax.plot(rounds, row["val_curve"], color=colour, label=f"{label_of(row)}: pooled val")
+            ax.plot(rounds, row["val_curve"], color=colour, label=f"{label_of(row, arch)}: pooled val")
             ax.plot(rounds, row["test_curve"], color=colour, linestyle="--", label="  test (not used to choose)")
             ax.plot(row["best_val_round"], row["test"]["balanced_accuracy"], "o", color=colour)
             ccvr = path.parent / "in-domain-fed-ccvr.json"
