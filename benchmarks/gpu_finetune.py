@@ -373,8 +373,8 @@ class Runner:
         self._emit(row)
         if average_last:
             # The server's own average of its last global models (no extra message to the sites): the late rounds
-            # swing by ±0.02 as each site pulls the model towards its classes, and the mean of the swings
-            # sits between them. The number of rounds is fixed before the run, not chosen on test. Measured (Lite2,
+            # swing by ±0.02 as each site pulls the model towards its classes; the hope was that their mean
+            # sits above them. The number of rounds is fixed before the run, not chosen on test. Measured (Lite2,
             # seed 2, K = 6): 0.960 against 0.969 for the chosen round; the averaged batch-norm statistics no
             # longer match the averaged features, so this stays a probe.
             global_model.load_state_dict(aggregate(last_states, [1] * len(last_states), "mean"))
