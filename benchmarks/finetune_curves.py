@@ -1,8 +1,8 @@
 """Per-round curves of `benchmarks/gpu_finetune.py`'s federated rows: pooled validation (what chooses the
 round) and test (recorded, never used to choose; across hospitals the training sites' internal test cells), one
-colour per run; a star where the run's folder also
-holds `benchmarks/finetuned_ccvr.py`'s record (the chosen round's last layer recalibrated on the server); a
-diamond at the last round for a run's mean of its last global models (`--in-domain-average-last`).
+colour per run; a star where the run's folder also holds `benchmarks/finetuned_ccvr.py`'s record (the chosen
+round's last layer recalibrated on the server); a diamond at the last round for a run's mean of its last global
+models (`--in-domain-average-last`).
 
     .venv/bin/python benchmarks/finetune_curves.py var/ft-a/rows.jsonl var/ft-b/rows.jsonl --out curves.png
 """
