@@ -12,7 +12,8 @@ are scored with it. This is the figure comparable to the CPU benchmark's rows sc
 
 Given several weights (an ensemble of separately trained federated models, each exported as its own graph), every
 member is scored alone and the ensemble answers the mean of the members' probabilities (each graph at temperature
-1, its views already averaged), with one temperature fitted on that mean over the validation cells.
+1, its views already averaged), with one temperature fitted on that mean over the validation cells; it also counts
+the cells each member, every member and the ensemble get wrong (do the members fail on the same cells?).
 """
 
 from __future__ import annotations
@@ -59,6 +60,20 @@ def score_all(record: dict, key: str, val: tuple, evaluation: dict, classes) -> 
         print("  recall " + ", ".join(f"{c} {v}" for c, v in r["recall"].items()), flush=True)
 
 
+def shared_mistakes(members: list[dict], mean: dict, split: str, classes) -> dict:
+    """Cells each member gets wrong, those all get wrong, and the ensemble's, per class (the top answer)."""
+    y = members[0][split][1]
+    wrong = [m[split][0].argmax(1) != y for m in members]
+    rows = {"all": np.ones_like(y, dtype=bool)} | {c: y == k for k, c in enumerate(classes)}
+    counts = {name: {"cells": int(r.sum()), "members": [int((w & r).sum()) for w in wrong],
+                     "all_members": int((np.logical_and.reduce(wrong) & r).sum()),
+                     "ensemble": int(((mean[split][0].argmax(1) != y) & r).sum())} for name, r in rows.items()}
+    for name, c in counts.items():
+        print(f"  {split} {name}: {c['cells']} cells, wrong: members {c['members']}, all of them {c['all_members']}, "
+              f"ensemble {c['ensemble']}", flush=True)
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights", type=Path, nargs="+",
@@ -101,6 +116,7 @@ def main() -> None:
         mean = {name: (np.log(np.mean([np.exp(m[name][0]) for m in members], axis=0)), members[0][name][1])
                 for name in splits}
         score_all(record, "ensemble", mean["val"], {n: a for n, a in mean.items() if n != "val"}, classes)
+        record["mistakes"] = {name: shared_mistakes(members, mean, name, classes) for name in splits if name != "val"}
     if len(members) == 1:  # the single model's record keeps its earlier shape
         record |= record.pop("scores")
     out = args.out or args.weights[0].with_suffix(f".{args.views}{'.ensemble' if len(members) > 1 else ''}.json")
