@@ -53,9 +53,10 @@ def score_all(record: dict, key: str, val: tuple, evaluation: dict, classes) -> 
     """Fit the temperature on the validation answers, score every evaluation split with it into record[key]."""
     t = CalibrationSummary.from_logits(*val).best_temperature()
     record[key] = {"temperature": t}
+    label = "" if key == "scores" else f"{key} "  # a single model prints its splits bare, as it always did
     for name, (logits, y) in evaluation.items():
         record[key][name] = r = scores(logits, y, classes, t)
-        print(f"{key} {name}: balanced accuracy {r['balanced_accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
+        print(f"{label}{name}: balanced accuracy {r['balanced_accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
               f"ECE {r['ece_calibrated']:.4f} (T {t:.2f})", flush=True)
         print("  recall " + ", ".join(f"{c} {v}" for c, v in r["recall"].items()), flush=True)
 
