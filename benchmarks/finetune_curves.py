@@ -5,6 +5,8 @@ round's last layer recalibrated on the server); a diamond at the last round for 
 models (`--in-domain-average-last`).
 
     .venv/bin/python benchmarks/finetune_curves.py var/ft-a/rows.jsonl var/ft-b/rows.jsonl --out curves.png
+
+`--test-only` draws the test curve alone, for plots of many runs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rows", type=Path, nargs="+", help="rows.jsonl files")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--test-only", action="store_true",
+                        help="draw the test curve alone (many runs in one plot stay readable)")
     args = parser.parse_args()
 
     import matplotlib
@@ -35,7 +39,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5) if args.test_only else (8, 4.5))
     layouts = set()
     for k, path in enumerate(args.rows):
         summary = path.parent / "summary.json"  # the run's arguments: the backbone and input side among them
@@ -53,8 +57,11 @@ def main() -> None:
             split = row.get("test_curve_split", "test")
             layouts.add(row["layout"])
             rounds = range(1, len(row["val_curve"]) + 1)
-            ax.plot(rounds, row["val_curve"], color=colour, label=f"{label_of(row, arch, side)}: pooled val")
-            ax.plot(rounds, row["test_curve"], color=colour, linestyle="--", label=f"  {split} (not used to choose)")
+            if args.test_only:
+                ax.plot(rounds, row["test_curve"], color=colour, label=f"{label_of(row, arch, side)}: {split}")
+            else:
+                ax.plot(rounds, row["val_curve"], color=colour, label=f"{label_of(row, arch, side)}: pooled val")
+                ax.plot(rounds, row["test_curve"], color=colour, linestyle="--", label=f"  {split} (not used to choose)")
             ax.plot(row["best_val_round"], row[split]["balanced_accuracy"], "o", color=colour)
             ccvr = path.parent / ("in-domain-fed-ccvr.json" if row["layout"] == "in-domain" else "paper-fed-ccvr.json")
             if ccvr.exists():
@@ -67,7 +74,10 @@ def main() -> None:
     ax.set_ylabel("balanced accuracy (clean cell)")
     ax.set_ylim(0.6, 1.0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if args.test_only:  # many runs: the legend beside the plot, not over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_title(("Across hospitals, the 3 training sites" if across else "In-domain PBC, 4 skewed sites")
                  + ", every layer trained (dot: the round validation chose)", fontsize=10)
     fig.tight_layout()
