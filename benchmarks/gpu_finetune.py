@@ -25,9 +25,10 @@ It runs on the CPU too (fp32 there): the in-domain federated row alone fits the 
     .venv/bin/python benchmarks/gpu_finetune.py --pack .gpu --out var/ft --only in-domain-fed \
         --in-domain-rounds 24 --in-domain-local-epochs 1 --logit-adjustment 1 --workers 1
 
-and so does the across-hospital FedAvg row alone (1,379 training cells at the three sites, ~45 s a round; seed 0:
-internal 0.877, 0.897 with `finetuned_ccvr.py --layout paper`, under the frozen trunk's 0.905; docs/results.md,
-"Across hospitals, every layer trained on this CPU"):
+and so does the across-hospital FedAvg row alone (1,379 training cells at the three sites, ~36-45 s a round; seed
+0: internal 0.877 packed clean, 0.897 with `finetuned_ccvr.py --layout paper`; over three seeds with CCVR and
+`finetuned_product_path.py --layout paper` (the contract's views) 0.952 ± 0.001 internal but 0.58 at Barcelona;
+docs/results.md, "Across hospitals, every layer trained on this CPU" and "...: three seeds"):
 
     .venv/bin/python benchmarks/gpu_finetune.py --pack .gpu --out var/ft-paper --only paper-fed \
         --rounds 20 --local-epochs 1 --workers 1 [--paper-seed 1]
