@@ -14,6 +14,10 @@ Given several weights (an ensemble of separately trained federated models, each 
 member is scored alone and the ensemble answers the mean of the members' probabilities (each graph at temperature
 1, its views already averaged), with one temperature fitted on that mean over the validation cells; it also counts
 the cells each member, every member and the ensemble get wrong (do the members fail on the same cells?).
+
+`--opinions` also scores each split as the shipped service answers: the network at the fitted temperature, then the
+relative-size and granule-density opinions (`models.size_prior`, `models.granule_prior`) fitted from the training
+sites' cells at the deployment's weights, each evaluated site against its own reference (`service.evaluation`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,32 +38,85 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from federation.benchmark.protocols import in_domain_layout, paper_layout  # noqa: E402
 from federation.sites import DataRoot, resolve_data_root  # noqa: E402
 from federation.task import build_contract, create_model_from_contract  # noqa: E402
-from models.calibration import CalibrationSummary  # noqa: E402
+from federation.server_app import RunSettings  # noqa: E402
+from federation.task import granule_statistics_of, load_image, size_statistics_of  # noqa: E402
+from models.calibration import CalibrationSummary, softmax  # noqa: E402
+from models.contract import ModelContract  # noqa: E402
 from models.export import export_onnx  # noqa: E402
-from service.evaluation import evaluate_classifier  # noqa: E402
+from models.granule_prior import fit_granule_prior  # noqa: E402
+from models.preprocess import prepare_sized  # noqa: E402
+from models.size_prior import anchor_of, fit_prior  # noqa: E402
+from service.evaluation import NetworkAnswers, network_answers, with_opinions  # noqa: E402
 from service.inference import Classifier, SessionConfig  # noqa: E402
 
 from gpu_finetune import scores  # noqa: E402  (this folder: the same score record as the packed rows)
 
 
-def answers(classifier: Classifier, samples, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """Log of the graph's probabilities (its view average at temperature 1) and the targets."""
+def answers(classifier: Classifier, samples, label: str) -> NetworkAnswers:
+    """The graph's probabilities (its view average at temperature 1), targets and each cell's measures."""
     t0 = time.monotonic()
-    _, probs, targets = evaluate_classifier(classifier, samples, batch_size=32)
-    print(f"  {label}: {len(targets)} cells in {time.monotonic() - t0:.0f} s", flush=True)
-    return np.log(np.clip(probs, 1e-12, None)), targets
+    answered = network_answers(classifier, samples, batch_size=32)
+    print(f"  {label}: {len(answered.targets)} cells in {time.monotonic() - t0:.0f} s", flush=True)
+    return answered
 
 
-def score_all(record: dict, key: str, val: tuple, evaluation: dict, classes) -> None:
-    """Fit the temperature on the validation answers, score every evaluation split with it into record[key]."""
+def log_probs(answered: NetworkAnswers) -> tuple[np.ndarray, np.ndarray]:
+    return np.log(np.clip(answered.probabilities, 1e-12, None)), answered.targets
+
+
+def with_site_opinions(contract: ModelContract, layout, classes) -> ModelContract:
+    """The contract with the size and granule opinions a federation would put in it: each training site's
+    per-class statistics of its training cells' measures (relative to its labelled neutrophils), pooled at
+    the deployment's weights (`RunSettings`)."""
+    index = {c: k for k, c in enumerate(classes)}
+    t0 = time.monotonic()
+    sizes, granules = [], []
+    for site, idx in layout.train.items():
+        samples = [layout.samples[i] for i in idx]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            measures = list(pool.map(lambda sample: measure(sample, contract), samples))
+        targets = [index[sample.label] for sample in samples]
+        sizes.append(size_statistics_of([m.diameter for m in measures], targets, contract))
+        granules.append(granule_statistics_of([m.granules for m in measures], targets, contract))
+    settings, anchor = RunSettings(), anchor_of(classes)
+    size = fit_prior([s for s in sizes if s is not None], settings.size_weight, anchor=anchor)
+    granule = fit_granule_prior([g for g in granules if g is not None], settings.granule_weight, classes, anchor)
+    print(f"opinions from {sum(len(i) for i in layout.train.values())} training cells in "
+          f"{time.monotonic() - t0:.0f} s: size weight {settings.size_weight}, granule weight "
+          f"{settings.granule_weight}", flush=True)
+    return contract.with_updates(size_prior=None if size is None else size.model_dump(),
+                                 granule_prior=None if granule is None else granule.model_dump())
+
+
+def measure(sample, contract: ModelContract):
+    return prepare_sized(load_image(sample.path), contract)[1]  # as a site's training data measures it
+
+
+def score_all(record: dict, key: str, val: tuple, evaluation: dict, classes, opinions=None) -> None:
+    """Fit the temperature on the validation answers, score every evaluation split with it into record[key].
+
+    `opinions` (contract with the size and granule priors, split name → NetworkAnswers): also each split as
+    the service answers with them: the network at the fitted temperature, then the opinions (record[key +
+    " + opinions"]); the temperature stays the network's, fitted before the opinions, as registration fits it."""
     t = CalibrationSummary.from_logits(*val).best_temperature()
     record[key] = {"temperature": t}
     label = "" if key == "scores" else f"{key} "  # a single model prints its splits bare, as it always did
     for name, (logits, y) in evaluation.items():
         record[key][name] = r = scores(logits, y, classes, t)
-        print(f"{label}{name}: balanced accuracy {r['balanced_accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
-              f"ECE {r['ece_calibrated']:.4f} (T {t:.2f})", flush=True)
-        print("  recall " + ", ".join(f"{c} {v}" for c, v in r["recall"].items()), flush=True)
+        report(f"{label}{name}", r, t)
+    if opinions is not None:
+        contract, answered = opinions
+        record[f"{key} + opinions"] = {"temperature": t}
+        for name, (logits, y) in evaluation.items():
+            p = with_opinions(answered[name], contract, probabilities=softmax(logits, t))
+            record[f"{key} + opinions"][name] = r = scores(np.log(np.clip(p, 1e-12, None)), y, classes, 1.0)
+            report(f"{label}{name} + opinions", r, t)
+
+
+def report(label: str, r: dict, t: float) -> None:
+    print(f"{label}: balanced accuracy {r['balanced_accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
+          f"ECE {r['ece_calibrated']:.4f} (T {t:.2f})", flush=True)
+    print("  recall " + ", ".join(f"{c} {v}" for c, v in r["recall"].items()), flush=True)
 
 
 def shared_mistakes(members: list[dict], mean: dict, split: str, classes) -> dict:
@@ -83,6 +141,9 @@ def main() -> None:
     parser.add_argument("--arch", default="tf_efficientnet_lite0", help="one, or one per weights file (comma list)")
     parser.add_argument("--side", type=int, default=128)
     parser.add_argument("--views", default="turns-zooms", help="the contract's test views (none: the clean cell)")
+    parser.add_argument("--opinions", action="store_true",
+                        help="also score with the size and granule opinions, fitted from the training sites' "
+                             "cells as a federation fits them (the service's answer with its site references)")
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", type=Path, default=None, help="JSON with the scores (default: beside the weights)")
     args = parser.parse_args()
@@ -101,6 +162,7 @@ def main() -> None:
     record = {"weights": named if len(named) > 1 else named[0], "archs": archs, "layout": args.layout,
               "views": args.views}
     members = []  # per member: split -> (log probabilities, targets)
+    answered = []  # per member: split -> NetworkAnswers (the measures the opinions need)
     for weights, arch in zip(args.weights, archs):
         contract = build_contract(arch, args.side, class_names=classes, test_views=args.views)
         model = create_model_from_contract(contract, pretrained=False)
@@ -109,18 +171,25 @@ def main() -> None:
             path = export_onnx(model.eval(), contract, Path(tmp) / "model.onnx")
             classifier = Classifier(path, SessionConfig(intra_op_threads=torch.get_num_threads()))
             print(f"{weights} ({arch}):", flush=True)
-            members.append({name: answers(classifier, samples, name) for name, samples in splits.items()})
-    for k, (weights, answered) in enumerate(zip(args.weights, members)):
+            answered.append({name: answers(classifier, samples, name) for name, samples in splits.items()})
+            members.append({name: log_probs(a) for name, a in answered[-1].items()})
+    opinion_contract = with_site_opinions(contract, layout, classes) if args.opinions else None
+    for k, (weights, logged) in enumerate(zip(args.weights, members)):
         key = "scores" if len(members) == 1 else f"member {k}: {weights}"
-        score_all(record, key, answered["val"], {n: a for n, a in answered.items() if n != "val"}, classes)
+        score_all(record, key, logged["val"], {n: a for n, a in logged.items() if n != "val"}, classes,
+                  None if opinion_contract is None else (opinion_contract, answered[k]))
     if len(members) > 1:
         mean = {name: (np.log(np.mean([np.exp(m[name][0]) for m in members], axis=0)), members[0][name][1])
                 for name in splits}
-        score_all(record, "ensemble", mean["val"], {n: a for n, a in mean.items() if n != "val"}, classes)
+        score_all(record, "ensemble", mean["val"], {n: a for n, a in mean.items() if n != "val"}, classes,
+                  None if opinion_contract is None else (opinion_contract, answered[0]))
         record["mistakes"] = {name: shared_mistakes(members, mean, name, classes) for name in splits if name != "val"}
     if len(members) == 1:  # the single model's record keeps its earlier shape
         record |= record.pop("scores")
-    out = args.out or args.weights[0].with_suffix(f".{args.views}{'.ensemble' if len(members) > 1 else ''}.json")
+        if "scores + opinions" in record:
+            record["opinions"] = record.pop("scores + opinions")
+    suffix = f".{args.views}{'.ensemble' if len(members) > 1 else ''}{'.opinions' if args.opinions else ''}.json"
+    out = args.out or args.weights[0].with_suffix(suffix)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")
 

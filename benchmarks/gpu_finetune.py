@@ -427,6 +427,10 @@ def main() -> None:
                              "weights (the run config `logit-adjustment`); 0 = class weights")
     parser.add_argument("--paper-seed", type=int, default=0,
                         help="seed of the paper-fed step (the across-hospital FedAvg row alone)")
+    parser.add_argument("--paper-recipe", default="default", choices=[r for r, (_, color) in RECIPES.items()
+                                                                       if color == "rgb"],
+                        help="augmentation of the paper-fed step (the product's contract colour only, so "
+                             "finetuned_product_path.py scores it); saved as paper-fed[-RECIPE].pt")
     parser.add_argument("--recipes", default="default,texture,strong-colour,gray,none")
     parser.add_argument("--only", default="", help="comma list of steps: headline,loso,recipes,chosen,in-domain,"
                                                     "in-domain-fed (its federated row alone),paper-fed (the "
@@ -463,8 +467,9 @@ def main() -> None:
             timed("fed", run.federated, "paper", "default", args.rounds, args.local_epochs, args.lr, 0,
                   save="fedavg-default.pt")
     if "paper-fed" in steps:  # saved for finetuned_ccvr.py / finetuned_product_path.py --layout paper
-        timed("fed", run.federated, "paper", "default", args.rounds, args.local_epochs, args.lr, args.paper_seed,
-              save="paper-fed.pt")
+        suffix = "" if args.paper_recipe == "default" else f"-{args.paper_recipe}"
+        timed("fed", run.federated, "paper", args.paper_recipe, args.rounds, args.local_epochs, args.lr,
+              args.paper_seed, save=f"paper-fed{suffix}.pt")
     loso = {}
     if "loso" in steps:
         sites = list(pack.layout("paper")["train"])

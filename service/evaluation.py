@@ -4,6 +4,7 @@ contract preprocessing (`models.preprocess`), on labelled site data."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from federation.sites import Sample
 from models.cellcrop import CellMeasures
+from models.contract import ModelContract
 from models.evaluate import Metrics, compute_metrics
 from models.granule_prior import anchored_granule_reference
 from models.preprocess import preprocess_sized
@@ -40,13 +42,39 @@ def evaluate_classifier(
     reference among the evaluated ones, measured as a deployed site would (`anchored_reference`: labels
     unused either way). A granule prior likewise, against `site_granule_references[site]` or the median
     granule density of the cells the network calls the prior's anchor (`anchored_granule_reference`)."""
+    answered = network_answers(classifier, samples, batch_size=batch_size, progress=progress)
+    p = with_opinions(answered, classifier.contract, site_cell_diameters=site_cell_diameters,
+                      site_granule_references=site_granule_references)
+    return compute_metrics(classifier.contract.class_names, answered.targets, p), p, answered.targets
+
+
+@dataclass(frozen=True)
+class NetworkAnswers:
+    """The graph's answers (view average at the contract's temperature) for the cells whose label the model
+    knows, with what the opinions need: each cell's measures and site."""
+
+    probabilities: np.ndarray  # (N, C)
+    targets: np.ndarray  # (N,)
+    measures: list[CellMeasures]
+    sites: np.ndarray  # (N,)
+
+
+def network_answers(
+    classifier: Classifier,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> NetworkAnswers:
+    """The network alone on the samples, decoded and prepared as the service does (the next chunk decodes
+    while this one runs)."""
     contract = classifier.contract
     index = {name: i for i, name in enumerate(contract.class_names)}
     known = [s for s in samples if s.label in index]
     probs, targets, measures = [], [], []
     chunks = [known[i : i + batch_size] for i in range(0, len(known), batch_size)]
     done = 0
-    with ThreadPoolExecutor(max_workers=2) as pool:  # the next chunk decodes while this one runs
+    with ThreadPoolExecutor(max_workers=2) as pool:
         pending = [pool.submit(_load, s, contract) for s in chunks[0]] if chunks else []
         for k, chunk in enumerate(chunks):
             loaded = [f.result() for f in pending]
@@ -58,21 +86,36 @@ def evaluate_classifier(
             if progress:
                 progress(done, len(known))
     p = np.concatenate(probs) if probs else np.zeros((0, contract.num_classes), np.float32)
-    network = p  # the anchors are the cells the network alone calls so, as a deployed site measures them
-    sites = np.asarray([s.site for s in known])
-    if contract.size_prior is not None and contract.size_prior.weight > 0 and len(known):
+    return NetworkAnswers(p, np.asarray(targets, dtype=np.int64), measures, np.asarray([s.site for s in known]))
+
+
+def with_opinions(
+    answered: NetworkAnswers,
+    contract: ModelContract,
+    *,
+    probabilities: np.ndarray | None = None,
+    site_cell_diameters: dict[str, float] | None = None,
+    site_granule_references: dict[str, float] | None = None,
+) -> np.ndarray:
+    """The network's probabilities (`probabilities`, default the answered ones: e.g. the same answers at
+    another temperature) combined with the contract's size and granule opinions, each site's cells against
+    its given reference or the one its cells give (`evaluate_classifier`)."""
+    p = answered.probabilities if probabilities is None else probabilities
+    # the anchors are the cells the network alone calls so, as a deployed site measures them
+    network = answered.probabilities
+    sites, measures = answered.sites, answered.measures
+    if contract.size_prior is not None and contract.size_prior.weight > 0 and len(p):
         d = np.asarray([m.diameter for m in measures], dtype=np.float64)
         r = _relative_per_site(d, sites, site_cell_diameters, relative_log_size, lambda here: anchored_reference(
             d[here], network[here], contract.class_names, contract.size_prior.anchor))
         p = apply_size_prior(p, r, contract.size_prior)
-    if contract.granule_prior is not None and contract.granule_prior.weight > 0 and len(known):
+    if contract.granule_prior is not None and contract.granule_prior.weight > 0 and len(p):
         g = np.asarray([m.granules for m in measures], dtype=np.float64)
         relative = _relative_per_site(g, sites, site_granule_references, np.subtract,
                                       lambda here: anchored_granule_reference(
                                           g[here], network[here], contract.class_names, contract.granule_prior.anchor))
         p = apply_size_prior(p, relative, contract.granule_prior)
-    t = np.asarray(targets, dtype=np.int64)
-    return compute_metrics(contract.class_names, t, p), p, t
+    return p
 
 
 def _relative_per_site(values: np.ndarray, sites: np.ndarray, given: dict[str, float] | None,

@@ -136,6 +136,41 @@ def test_site_scale_and_evaluation_size_against_the_cells_the_model_calls_the_an
     np.testing.assert_allclose(probs, want, rtol=1e-4, atol=1e-6)
 
 
+def test_opinions_on_other_probabilities_keep_the_networks_own_reference(
+        tmp_path: Path, exported_onnx: Path, model_contract: ModelContract, data_root: DataRoot) -> None:
+    """`with_opinions(probabilities=...)` (a benchmark's network at its own fitted temperature): the opinion
+    combines the probabilities given, while the site's reference stays the one the network's own answers
+    pick, as a deployed site measures it."""
+    from models.size_prior import anchored_reference
+    from service.evaluation import network_answers, with_opinions
+    from service.inference import Classifier
+
+    samples = data_root.select(["bccd"], ["test"])[:40]
+    plain = model_contract.with_updates(cell_crop={"scale": 1.3})
+    Registry(tmp_path, "wbc-plain").register(exported_onnx, plain, {"lineage": {"run_id": "plain"}})
+    answered = network_answers(Classifier(Registry(tmp_path, "wbc-plain").resolve("latest").onnx_path), samples,
+                               batch_size=8)
+    network = answered.probabilities
+    anchor = PRIOR_CLASSES[int(np.bincount(network.argmax(axis=1), minlength=5).argmax())]
+    contract = plain.with_updates(size_prior=PRIOR.model_copy(update={"anchor": anchor}).model_dump())
+    d = np.array([m.diameter for m in answered.measures])
+    # Another answer, which calls the anchor exactly the 15 largest cells: its own reference would differ.
+    other = np.full_like(network, 0.1)
+    a = PRIOR_CLASSES.index(anchor)
+    largest = np.argsort(np.nan_to_num(d, nan=-1.0))[-15:]
+    other[:, (a + 1) % 5] = 0.6
+    other[largest, (a + 1) % 5], other[largest, a] = 0.1, 0.6
+
+    got = with_opinions(answered, contract, probabilities=other)
+    reference = anchored_reference(d, network, PRIOR_CLASSES, anchor)
+    assert reference != anchored_reference(d, other, PRIOR_CLASSES, anchor)
+    np.testing.assert_allclose(got, apply_size_prior(other, relative_log_size(d, reference), contract.size_prior),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(with_opinions(answered, contract),
+                               apply_size_prior(network, relative_log_size(d, reference), contract.size_prior),
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_site_scale_says_which_version_is_missing(tmp_path: Path, data_root: DataRoot) -> None:
     from typer.testing import CliRunner
 
