@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4, help="augmented views per training cell for the statistics")
     parser.add_argument("--per-class", type=int, default=2000, help="virtual cells per class")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--without", default=None, metavar="SITE",
+                        help="a training site left out of the federation (gpu_finetune.py --paper-held-out): "
+                             "the other sites send statistics")
     args = parser.parse_args()
 
     t0 = time.monotonic()
@@ -92,6 +95,8 @@ def main() -> None:
 
     site_stats, real = [], []
     for s, idx in layout["train"].items():  # at each site: its own cells, its own statistics
+        if s == args.without:
+            continue
         y = pack.targets(idx, classes)
         f, fy = site_features(trained, pack, idx, y, args.side, args.views, args.seed)
         site_stats.append(ClassStatistics.of(f, fy, n_classes))

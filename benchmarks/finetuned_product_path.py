@@ -17,12 +17,14 @@ the cells each member, every member and the ensemble get wrong (do the members f
 
 `--opinions` also scores each split as the shipped service answers: the network at the fitted temperature, then the
 relative-size and granule-density opinions (`models.size_prior`, `models.granule_prior`) fitted from the training
-sites' cells at the deployment's weights, each evaluated site against its own reference (`service.evaluation`).
+sites' cells at the deployment's weights, each evaluated site against its own reference (`service.evaluation`),
+under both of the product's temperature rules (fitted; soften-only, never below 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -35,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from federation.benchmark.protocols import in_domain_layout, paper_layout  # noqa: E402
+from federation.benchmark.protocols import Layout, in_domain_layout, paper_layout  # noqa: E402
 from federation.sites import DataRoot, resolve_data_root  # noqa: E402
 from federation.task import build_contract, create_model_from_contract  # noqa: E402
 from federation.server_app import RunSettings  # noqa: E402
@@ -96,21 +98,38 @@ def score_all(record: dict, key: str, val: tuple, evaluation: dict, classes, opi
     """Fit the temperature on the validation answers, score every evaluation split with it into record[key].
 
     `opinions` (contract with the size and granule priors, split name → NetworkAnswers): also each split as
-    the service answers with them: the network at the fitted temperature, then the opinions (record[key +
-    " + opinions"]); the temperature stays the network's, fitted before the opinions, as registration fits it."""
+    the service answers with them: the network at the temperature, then the opinions (record[key + " +
+    opinions"]); the temperature is the network's, fitted before the opinions as registration fits it, under
+    either of the product's rules (`temperature-rule`): fitted, and soften-only (never below 1; key suffix
+    ", soften-only"). The rule decides how loud the network is beside the opinions."""
     t = CalibrationSummary.from_logits(*val).best_temperature()
     record[key] = {"temperature": t}
     label = "" if key == "scores" else f"{key} "  # a single model prints its splits bare, as it always did
     for name, (logits, y) in evaluation.items():
         record[key][name] = r = scores(logits, y, classes, t)
         report(f"{label}{name}", r, t)
-    if opinions is not None:
-        contract, answered = opinions
-        record[f"{key} + opinions"] = {"temperature": t}
+    if opinions is None:
+        return
+    contract, answered = opinions
+    for rule, t_rule in (("", t), (", soften-only", max(1.0, t))):
+        record[f"{key} + opinions{rule}"] = {"temperature": t_rule}
         for name, (logits, y) in evaluation.items():
-            p = with_opinions(answered[name], contract, probabilities=softmax(logits, t))
-            record[f"{key} + opinions"][name] = r = scores(np.log(np.clip(p, 1e-12, None)), y, classes, 1.0)
-            report(f"{label}{name} + opinions", r, t)
+            p = with_opinions(answered[name], contract, probabilities=softmax(logits, t_rule))
+            record[f"{key} + opinions{rule}"][name] = r = scores(np.log(np.clip(p, 1e-12, None)), y, classes, 1.0)
+            report(f"{label}{name} + opinions{rule}", r, t_rule)
+
+
+def without_site(layout: Layout, held: str) -> Layout:
+    """The paper layout with `held` left out of training: its every cell is the evaluation set "held-out", the
+    other sites' test cells "internal" (leave one site out, Barcelona untouched)."""
+    if held not in layout.train:
+        raise SystemExit(f"--without {held}: not a training site ({', '.join(layout.train)})")
+    every = layout.train[held] + layout.val[held] + [i for i in layout.evaluation["internal"]
+                                                      if layout.samples[i].site == held]
+    internal = [i for i in layout.evaluation["internal"] if layout.samples[i].site != held]
+    return dataclasses.replace(layout, train={s: v for s, v in layout.train.items() if s != held},
+                               val={s: v for s, v in layout.val.items() if s != held},
+                               evaluation={"held-out": every, "internal": internal})
 
 
 def report(label: str, r: dict, t: float) -> None:
@@ -144,6 +163,11 @@ def main() -> None:
     parser.add_argument("--opinions", action="store_true",
                         help="also score with the size and granule opinions, fitted from the training sites' "
                              "cells as a federation fits them (the service's answer with its site references)")
+    parser.add_argument("--without", default=None, metavar="SITE",
+                        help="paper layout: a training site left out of the federation (gpu_finetune.py "
+                             "--paper-held-out): the others' val cells fit the temperature and their training "
+                             "cells the opinions; every cell of SITE is scored as a new hospital's ('held-out'), "
+                             "beside the others' test cells (Barcelona is not scored)")
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", type=Path, default=None, help="JSON with the scores (default: beside the weights)")
     args = parser.parse_args()
@@ -155,6 +179,8 @@ def main() -> None:
 
     data = DataRoot(resolve_data_root(args.data))
     layout = in_domain_layout(data, seed=0)[0] if args.layout == "in-domain" else paper_layout(data)
+    if args.without:
+        layout = without_site(layout, args.without)
     classes = layout.class_names
     splits = {"val": [layout.samples[i] for v in layout.val.values() for i in v]}
     splits |= {name: [layout.samples[i] for i in idx] for name, idx in layout.evaluation.items()}
@@ -186,9 +212,11 @@ def main() -> None:
         record["mistakes"] = {name: shared_mistakes(members, mean, name, classes) for name in splits if name != "val"}
     if len(members) == 1:  # the single model's record keeps its earlier shape
         record |= record.pop("scores")
-        if "scores + opinions" in record:
-            record["opinions"] = record.pop("scores + opinions")
-    suffix = f".{args.views}{'.ensemble' if len(members) > 1 else ''}{'.opinions' if args.opinions else ''}.json"
+        for rule in ("", ", soften-only"):
+            if f"scores + opinions{rule}" in record:
+                record[f"opinions{rule}"] = record.pop(f"scores + opinions{rule}")
+    suffix = (f".{args.views}{'.ensemble' if len(members) > 1 else ''}{'.opinions' if args.opinions else ''}"
+              f"{'.without-' + args.without if args.without else ''}.json")
     out = args.out or args.weights[0].with_suffix(suffix)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")

@@ -294,7 +294,8 @@ class Runner:
         ext = row.get("external", row.get("test", row.get("held_out", {})))
         print(f"[{time.strftime('%H:%M:%S')}] {row['row']:<40} {row['seconds']:6.1f} s  "
               f"internal/test {row.get('internal', row.get('test', {})).get('balanced_accuracy', '-')}  "
-              f"external {ext.get('balanced_accuracy', '-')}  T {row.get('temperature', '-')}", flush=True)
+              f"external {ext.get('balanced_accuracy', '-')}  T {row.get('temperature', '-')}"
+              + (f"  held out {row['held_out']['balanced_accuracy']}" if "held_out" in row else ""), flush=True)
         return row
 
     def centralised(self, layout_name: str, recipe: str, epochs: int, lr: float, seed: int,
@@ -313,9 +314,8 @@ class Runner:
                "epochs": epochs, "lr": lr, "seed": seed, "train_loss": round(loss, 4), "sites": sites,
                "logit_adjustment": self.tau}
         if held_out:  # every image of the left-out site: its own cells were never seen
-            all_idx = [i for part in ("train", "val") for i in layout[part][held_out]] + [
-                i for i in layout["evaluation"]["internal"] if self.pack.meta["sites"][i] == held_out]
-            row["held_out"] = scores(*self._logits(model, all_idx, classes, recipe), classes, 1.0)
+            row["held_out"] = scores(*self._logits(model, self._every_cell(layout, held_out), classes, recipe),
+                                     classes, 1.0)
         else:
             row.update(self._evaluate(model, layout, recipe))
         if save:
@@ -323,14 +323,19 @@ class Runner:
         row["seconds"] = round(time.monotonic() - t0, 1)
         return self._emit(row)
 
+    def _every_cell(self, layout: dict, site: str) -> list[int]:
+        return [i for part in ("train", "val") for i in layout[part][site]] + [
+            i for i in layout["evaluation"]["internal"] if self.pack.meta["sites"][i] == site]
+
     def federated(self, layout_name: str, recipe: str, rounds: int, local_epochs: int, lr: float, seed: int,
                   rule: str = "mean", mu: float = 0.0, save: str | None = None, round_decay: bool = False,
-                  average_last: int = 0) -> dict:
+                  average_last: int = 0, held_out: str | None = None) -> dict:
+        """`held_out`: a training site left out of the federation (the others train; its every cell scored)."""
         t0 = time.monotonic()
         torch.manual_seed(seed)
         layout = self.pack.layout(layout_name)
         classes = layout["class_names"]
-        sites = list(layout["train"])
+        sites = [s for s in layout["train"] if s != held_out]
         data = {s: self._data(layout["train"][s], classes, recipe, seed + k) for k, s in enumerate(sites)}
         global_model = new_model(self.arch, self.weights, len(classes), self.device)
         curve, test_curve, best = [], [], (-1.0, None, 0)
@@ -368,7 +373,8 @@ class Runner:
                   f"({time.monotonic() - t0:.0f} s)", flush=True)  # rounds take minutes on a CPU
             if pooled > best[0]:
                 best = (pooled, copy.deepcopy(global_model.state_dict()), r)
-        row = {"row": f"{layout_name}/{'fedprox' if mu else {'mean': 'fedavg', 'median': 'fedmedian'}[rule]}/{recipe}", "layout": layout_name,
+        row = {"row": f"{layout_name}/{'fedprox' if mu else {'mean': 'fedavg', 'median': 'fedmedian'}[rule]}/{recipe}"
+                      + (f"/loso-{held_out}" if held_out else ""), "layout": layout_name, "sites": sites,
                "kind": "federated", "rule": rule, "mu": mu, "recipe": recipe, "rounds": rounds,
                "local_epochs": local_epochs, "lr": lr, "round_decay": round_decay, "seed": seed,
                "logit_adjustment": self.tau,
@@ -377,6 +383,9 @@ class Runner:
         global_model.load_state_dict(best[1])
         row["best_val_round"] = best[2]
         row.update(self._evaluate(global_model, layout, recipe))
+        if held_out:
+            row["held_out"] = scores(*self._logits(global_model, self._every_cell(layout, held_out), classes, recipe),
+                                     classes, row["temperature"])
         if save:
             self._save(global_model, save)
         row["seconds"] = round(time.monotonic() - t0, 1)
@@ -431,6 +440,9 @@ def main() -> None:
                                                                        if color == "rgb"],
                         help="augmentation of the paper-fed step (the product's contract colour only, so "
                              "finetuned_product_path.py scores it); saved as paper-fed[-RECIPE].pt")
+    parser.add_argument("--paper-held-out", default=None, metavar="SITE",
+                        help="the paper-fed step without this training site (leave one site out: the other two "
+                             "train, every cell of SITE is scored); saved as paper-fed[-RECIPE]-without-SITE.pt")
     parser.add_argument("--recipes", default="default,texture,strong-colour,gray,none")
     parser.add_argument("--only", default="", help="comma list of steps: headline,loso,recipes,chosen,in-domain,"
                                                     "in-domain-fed (its federated row alone),paper-fed (the "
@@ -468,8 +480,9 @@ def main() -> None:
                   save="fedavg-default.pt")
     if "paper-fed" in steps:  # saved for finetuned_ccvr.py / finetuned_product_path.py --layout paper
         suffix = "" if args.paper_recipe == "default" else f"-{args.paper_recipe}"
+        suffix += f"-without-{args.paper_held_out}" if args.paper_held_out else ""
         timed("fed", run.federated, "paper", args.paper_recipe, args.rounds, args.local_epochs, args.lr,
-              args.paper_seed, save=f"paper-fed{suffix}.pt")
+              args.paper_seed, save=f"paper-fed{suffix}.pt", held_out=args.paper_held_out)
     loso = {}
     if "loso" in steps:
         sites = list(pack.layout("paper")["train"])
