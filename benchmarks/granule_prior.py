@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--colour-classes", default="lymphocyte,monocyte")
     ap.add_argument("--colour-scaled", action="store_true",
                     help="the hue also divided by the site's own spread (all its cells, no label)")
+    ap.add_argument("--soften-only", action="store_true",
+                    help="the product's temperature-rule soften-only (T = max(1, fitted)) for every row and the "
+                         "LOSO check: a softer network lets the opinions say more")
     ap.add_argument("--single", action="store_true",
                     help="also each training site alone, its size and granule Gaussians from its own cells only")
     args = ap.parse_args()
@@ -190,6 +193,11 @@ def main() -> None:
                   + ", ".join(f"{c} {np.nanmedian(v):+.2f}" for c, v in of.items() if len(v)))
     trainers = _TopTrainers(arm, d)
 
+    def temperature(model) -> float:
+        """The network's temperature under the product's rule (`--soften-only`: never below 1)."""
+        t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+        return max(1.0, t) if args.soften_only else t
+
     def opinions(priors, logits, t, dia_, gran_, blue_):
         """(size ll, granule ll, colour ll) of a site without labels: anchored on the cells its network calls
         neutrophils."""
@@ -210,7 +218,7 @@ def main() -> None:
         for held in layout.train:
             rest = [s for s in layout.train if s != held]
             model = trainers.pooled(rest, seed)
-            t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+            t = temperature(model)
             fit_idx = [i for s in rest for i in layout.train[s]]
             priors = fit_all(fit_idx)
             h = d.sites[held]
@@ -247,7 +255,7 @@ def main() -> None:
         if args.single:
             models |= {f"{s} alone": trainers.pooled([s], seed) for s in layout.train}
         for row, model in models.items():
-            t = model.val_calibration.best_temperature() if model.val_calibration else 1.0
+            t = temperature(model)
             if row.endswith(" alone"):  # a site alone has only its own cells' statistics
                 prior_r, prior_g, prior_b = fit_all(list(layout.train[row.removesuffix(" alone")]))
             else:
