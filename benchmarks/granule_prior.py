@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/granule_prior.py --seeds 0,1,2            # 15 min cold (caches), 3 min warm
     .venv/bin/python benchmarks/granule_prior.py --seeds 0,1,2 --single   # and each training site alone
     .venv/bin/python benchmarks/granule_prior.py --seeds 0,1,2 --single --colour-weights 0,0.5,1,2
+    .venv/bin/python benchmarks/granule_prior.py --seeds 0,1,2 --soften-only   # the T = max(1, fitted) rule
 
 What is left at Barcelona is eosinophils called neutrophils. `benchmarks/nucleus_shape.py` showed the
 training sites teach a compact nucleus for eosinophils, which Barcelona's do not have. Their granules are
