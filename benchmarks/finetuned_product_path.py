@@ -210,8 +210,11 @@ def main() -> None:
     if len(members) > 1:
         mean = {name: (np.log(np.mean([np.exp(m[name][0]) for m in members], axis=0)), members[0][name][1])
                 for name in splits}
+        # the ensemble's own answers pick each site's reference, as a site served by the ensemble would measure it
+        together = {name: dataclasses.replace(answered[0][name], probabilities=np.exp(mean[name][0]))
+                    for name in splits}
         score_all(record, "ensemble", mean["val"], {n: a for n, a in mean.items() if n != "val"}, classes,
-                  None if opinion_contract is None else (opinion_contract, answered[0]))
+                  None if opinion_contract is None else (opinion_contract, together))
         record["mistakes"] = {name: shared_mistakes(members, mean, name, classes) for name in splits if name != "val"}
     if len(members) == 1:  # the single model's record keeps its earlier shape
         record |= record.pop("scores")
