@@ -57,6 +57,16 @@ from service.inference import Classifier, SessionConfig  # noqa: E402
 from gpu_finetune import scores  # noqa: E402  (this folder: the same score record as the packed rows)
 
 
+def load_weights(path: Path) -> dict:
+    """gpu_finetune.py's state dict, or a registered version's `weights.safetensors` (the served network, e.g. the
+    frozen-trunk model README command 1 registers, as an ensemble member beside a fully trained one)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu")
+
+
 def answers(classifier: Classifier, samples, label: str) -> NetworkAnswers:
     """The graph's probabilities (its view average at temperature 1), targets and each cell's measures."""
     t0 = time.monotonic()
@@ -158,7 +168,8 @@ def shared_mistakes(members: list[dict], mean: dict, split: str, classes) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights", type=Path, nargs="+",
-                        help="state dicts saved by gpu_finetune.py (timm names); several: an ensemble")
+                        help="state dicts saved by gpu_finetune.py (timm names) or a registered version's "
+                             "weights.safetensors; several: an ensemble")
     parser.add_argument("--layout", choices=("in-domain", "paper"), default="in-domain")
     parser.add_argument("--arch", default="tf_efficientnet_lite0", help="one, or one per weights file (comma list)")
     parser.add_argument("--side", type=int, default=128)
@@ -195,7 +206,7 @@ def main() -> None:
     for weights, arch in zip(args.weights, archs):
         contract = build_contract(arch, args.side, class_names=classes, test_views=args.views)
         model = create_model_from_contract(contract, pretrained=False)
-        model.load_state_dict({k: v.float() for k, v in torch.load(weights, map_location="cpu").items()})
+        model.load_state_dict({k: v.float() for k, v in load_weights(weights).items()})
         with tempfile.TemporaryDirectory() as tmp:
             path = export_onnx(model.eval(), contract, Path(tmp) / "model.onnx")
             classifier = Classifier(path, SessionConfig(intra_op_threads=torch.get_num_threads()))
