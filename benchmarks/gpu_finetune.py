@@ -506,9 +506,7 @@ def main() -> None:
         suffix = "" if args.paper_recipe == "default" else f"-{args.paper_recipe}"
         suffix += "-init" if args.paper_init else ""
         suffix += f"-without-{args.paper_held_out}" if args.paper_held_out else ""
-        init = None
-        if args.paper_init:
-            init = load_weights(args.paper_init)
+        init = load_weights(args.paper_init) if args.paper_init else None
         timed("fed", run.federated, "paper", args.paper_recipe, args.rounds, args.local_epochs, args.lr,
               args.paper_seed, save=f"paper-fed{suffix}.pt", held_out=args.paper_held_out, init=init)
     loso = {}

@@ -23,12 +23,9 @@ Writes `<weights stem>-wise<α>.pt` beside the weights, in `gpu_finetune.py`'s f
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def starting_weights(pack: Path, arch: str, fine_tuned: dict) -> dict:
